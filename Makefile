@@ -1,0 +1,33 @@
+# Quick start: `make demo` runs the built-in comparison, `make test` runs the test suite.
+# Both create .venv and install what they need on first use (torch pinned to 2.13.0, CPU build,
+# through constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench fixture clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/parity diff
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: install
+	$(BIN)/python bench/compare_memory.py
+
+fixture: install
+	$(BIN)/python scripts/build_tiny_model.py
+
+clean:
+	rm -rf $(VENV) parity-out .pytest_cache

@@ -1,0 +1,1 @@
+"""Running models under a backend SPEC (see :mod:`parity.backends.spec`)."""

@@ -1,0 +1,118 @@
+"""Running a Hugging Face transformers causal LM under a :class:`~parity.backends.spec.Spec`.
+
+:func:`run_and_capture` loads a local model folder (never downloads: ``HF_HUB_OFFLINE=1`` is set
+unless the caller set it), applies the spec (dtype, attention implementation, torch.compile,
+device), and runs one forward pass per prompt (each prompt is one step, batch 1, no padding)
+under :func:`parity.capture`, so every step's token ids and positions are stored with it.
+
+Defaults: the built-in model :data:`DEFAULT_MODEL` and prompt set :data:`DEFAULT_PROMPTS`
+shipped in ``parity/assets``; the tap set of :data:`parity.capture.taps.DECODER_LM_TAPS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from parity.backends.spec import Spec
+from parity.errors import BackendError, UsageError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "tiny-llama"
+DEFAULT_PROMPTS = ASSETS / "prompts.txt"
+
+
+def read_prompts(path: str | os.PathLike[str] | None) -> list[str]:
+    """Prompts from a text file, one per non-empty line (default: the built-in prompt set)."""
+    path = Path(path) if path is not None else DEFAULT_PROMPTS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no non-empty line")
+    return prompts
+
+
+def model_identity(model_dir: Path) -> dict[str, object]:
+    """Path, architecture and a hash of config.json + weight file sizes: what the header records."""
+    config = model_dir / "config.json"
+    digest = hashlib.sha256(config.read_bytes())
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return {"path": str(model_dir), "config_sha256": digest.hexdigest()[:16]}
+
+
+def check_model_dir(model_dir: str | os.PathLike[str]) -> Path:
+    """Resolve and check a local HF model folder (it must hold config.json)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UsageError(f"model directory {path} does not exist",
+                         hint="give a local Hugging Face model folder; nothing is downloaded")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a Hugging Face model folder: no config.json in it")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer loaded under a spec."""
+
+    model: object
+    tokenizer: object
+    spec: Spec
+    path: Path
+
+
+def load(model_dir: str | os.PathLike[str], spec: Spec) -> LoadedModel:
+    """Load ``model_dir`` with transformers under ``spec`` (eval mode, no grad needed)."""
+    path = check_model_dir(model_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"spec asks for device={spec.device} but torch sees no CUDA device")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, spec.dtype), attn_implementation=spec.attn)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise BackendError(f"cannot load model from {path} under {spec}: {type(exc).__name__}: {exc}") from None
+    model.eval().to(spec.device)
+    if spec.compile:
+        model.forward = torch.compile(model.forward)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def run_and_capture(loaded: LoadedModel, prompts: Sequence[str], out_dir: str | os.PathLike[str], *,
+                    taps: Sequence[str] | None = None, mode: str = "full",
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+    """One forward pass per prompt under capture into ``out_dir``; returns a short summary.
+
+    Raises :class:`BackendError` when capture turned itself off (the dump would be incomplete).
+    """
+    import torch
+
+    from parity.capture.hooks import capture
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    info = {**model_identity(loaded.path), "architecture": type(model).__name__}
+    with capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info) as session:
+        with torch.inference_mode():
+            for index, prompt in enumerate(prompts):
+                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.spec.device)
+                model(input_ids=ids, use_cache=False)
+                if progress is not None:
+                    progress(index + 1, len(prompts))
+    if session.error is not None:
+        raise BackendError(f"capture into {out_dir} failed: {session.error}")
+    return {"records": session.records_written, "steps": len(prompts)}

@@ -1,0 +1,102 @@
+"""The SPEC grammar: a short string that says how to run a model.
+
+Grammar::
+
+    SPEC  := ""  |  PAIR ( "," PAIR )*
+    PAIR  := KEY "=" VALUE                 (whitespace around keys and values is ignored)
+
+Keys and values (defaults in brackets):
+
+- ``engine``  : ``hf`` [hf] — Hugging Face transformers.
+- ``dtype``   : ``float32`` | ``bfloat16`` | ``float16`` | ``float64`` [float32];
+  aliases ``fp32``, ``bf16``, ``fp16``, ``fp64``.
+- ``attn``    : ``eager`` | ``sdpa`` [eager] — transformers ``attn_implementation``.
+- ``compile`` : ``0`` | ``1`` [0] — wrap the model in ``torch.compile``.
+- ``device``  : ``cpu`` | ``cuda`` | ``cuda:N`` [cpu].
+
+A key given twice, an unknown key or an unknown value is a :class:`~parity.errors.SpecError`
+that names the valid choices. Parsing imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from parity.errors import SpecError
+
+DTYPE_ALIASES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+ENGINES = ("hf",)
+ATTN = ("eager", "sdpa")
+BOOL = {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True}
+KEYS = ("engine", "dtype", "attn", "compile", "device")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed backend SPEC. Defaults: ``engine=hf, dtype=float32, attn=eager, compile=0, device=cpu``."""
+
+    engine: str = "hf"
+    dtype: str = "float32"
+    attn: str = "eager"
+    compile: bool = False
+    device: str = "cpu"
+
+    def __str__(self) -> str:
+        return (f"engine={self.engine},dtype={self.dtype},attn={self.attn},"
+                f"compile={int(self.compile)},device={self.device}")
+
+    def to_dict(self) -> dict[str, object]:
+        """The spec as JSON-ready data (``compile`` as 0/1, as written in a SPEC)."""
+        return {**asdict(self), "compile": int(self.compile)}
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> SpecError:
+    return SpecError(f"unknown value {value!r} for SPEC key {key!r}; valid: {', '.join(valid)}")
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse a SPEC string such as ``dtype=bfloat16,attn=sdpa,compile=1`` into a :class:`Spec`."""
+    values: dict[str, object] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            if text.strip():
+                raise SpecError(f"empty item in SPEC {text!r}; write KEY=VALUE pairs separated by commas")
+            continue
+        if "=" not in item:
+            raise SpecError(f"SPEC item {item!r} is not KEY=VALUE; valid keys: {', '.join(KEYS)}")
+        key, value = (part.strip() for part in item.split("=", 1))
+        key = key.lower()
+        if key not in KEYS:
+            raise SpecError(f"unknown SPEC key {key!r}; valid keys: {', '.join(KEYS)}")
+        if key in values:
+            raise SpecError(f"SPEC key {key!r} given twice in {text!r}")
+        low = value.lower()
+        if key == "engine":
+            if low not in ENGINES:
+                raise _choice(key, value, ENGINES)
+            values[key] = low
+        elif key == "dtype":
+            if low not in DTYPE_ALIASES:
+                raise _choice(key, value, sorted(set(DTYPE_ALIASES)))
+            values[key] = DTYPE_ALIASES[low]
+        elif key == "attn":
+            if low not in ATTN:
+                raise _choice(key, value, ATTN)
+            values[key] = low
+        elif key == "compile":
+            if low not in BOOL:
+                raise _choice(key, value, ("0", "1"))
+            values[key] = BOOL[low]
+        elif key == "device":
+            if not _DEVICE.match(low):
+                raise _choice(key, value, ("cpu", "cuda", "cuda:N"))
+            values[key] = low
+    return Spec(**values)  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""``parity.capture``: record module outputs of any torch model with forward hooks.
+
+Usage::
+
+    with parity.capture(model, "dumps/baseline") as session:
+        model(input_ids)
+
+Defaults: ``taps=None`` (the decoder-LM tap set of :mod:`parity.capture.taps`, or every leaf
+module when that matches nothing), ``mode="full"`` (tensors; ``"stats"`` keeps statistics
+only), ``spec`` / ``model_info`` are stored in the run header as given.
+
+Each call of the root module's ``forward`` is one step. Its ``input_ids``, ``position_ids`` and
+``attention_mask`` (keyword or first positional argument) are stored as step metadata:
+``input_ids``, ``positions`` and ``seq_lens`` (non-padding tokens per sequence). Hooks never
+raise into the model and return nothing, so outputs are unchanged (bitwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from parity import _explicit
+from parity.capture.flatten import flatten_output, select_element
+from parity.capture.session import CaptureSession
+from parity.capture.taps import Tap, select_taps
+
+
+def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    tags: dict[str, Any] = {}
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids = args[0]
+    if isinstance(ids, torch.Tensor):
+        tags["input_ids"] = ids
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, torch.Tensor):
+        tags["positions"] = positions
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        tags["seq_lens"] = mask.sum(dim=-1)
+    elif isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        tags["seq_lens"] = [ids.shape[-1]] * (ids.shape[0] if ids.dim() == 2 else 1)
+    return tags
+
+
+def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not session.active:
+            return
+        try:
+            value = output if tap.index is None else select_element(output, tap.index)
+            found, skipped = flatten_output(name, value)
+            for message in skipped:
+                session.note_once(message)
+            for leaf_name, tensor in found:
+                session.record(leaf_name, tensor, tags={"module": module_class})
+        except Exception as exc:  # never raise into the host
+            session.fail(f"hook on {name!r}: {type(exc).__name__}: {exc}")
+    return hook
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Sequence[str] | None = None,
+            *, mode: str = "full", spec: dict[str, Any] | None = None,
+            model_info: dict[str, Any] | None = None) -> Iterator[CaptureSession]:
+    """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
+
+    Yields the :class:`~parity.capture.session.CaptureSession` (``session.error`` says why
+    capture turned itself off, if it did). ``parity.dump`` calls inside the block go to the same
+    dump. The dump is complete when the block exits.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    chosen = select_taps(names, taps, leaves)
+    info = {"class": type(model).__name__, **(model_info or {})}
+    session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info)
+    handles = []
+    modules = dict(model.named_modules())
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        try:
+            session.next_step(_step_tags(args, kwargs))
+        except Exception as exc:
+            session.fail(f"step metadata: {type(exc).__name__}: {exc}")
+
+    def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        session.end_step()
+
+    previous = _explicit._activate(session)
+    try:
+        if session.active:
+            handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            for name, tap in chosen.items():
+                module = modules[name]
+                handles.append(module.register_forward_hook(_make_hook(session, name, tap, type(module).__name__)))
+            handles.append(model.register_forward_hook(post_hook))
+        yield session
+    finally:
+        for handle in handles:
+            handle.remove()
+        _explicit._restore(previous)
+        session.close()

@@ -1,0 +1,271 @@
+"""A capture session: copies tensors out of the forward pass, writes them in the background.
+
+Policy (defaults in brackets):
+
+- The hook thread only copies a tensor (``detach`` + contiguous copy to CPU) and queues it.
+  Statistics and file writes happen on one background writer thread.
+- The queue is bounded by bytes [``max_pending_bytes`` = 512 MiB]. When the writer falls
+  behind, the hook thread **blocks** until there is room (a single item larger than the bound
+  is still accepted when the queue is empty). Memory never grows without bound; nothing is
+  dropped silently.
+- ``mode="full"`` stores tensors; ``mode="stats"`` stores only statistics.
+- Never hurt the host: any error while capturing (unwritable directory, disk full, a value
+  that cannot be copied) is logged once on the ``parity`` logger, recorded as a note in the
+  manifest when still possible, and capture turns itself off. ``session.error`` holds the
+  reason. Nothing raises into the model's forward.
+- Each completed forward pass (step) is flushed to a durable shard at its end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parity.capture.stats import tensor_stats
+from parity.capture.taps import layer_of
+from parity.store.format import DTYPES, FORMAT_VERSION, Record, RunHeader
+from parity.store.writer import SHARD_BYTES, DumpWriter
+
+log = logging.getLogger("parity")
+
+#: Default bound of queued, not yet written bytes (512 MiB).
+MAX_PENDING_BYTES = 512 * 1024 * 1024
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device facts stored in the run header."""
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "platform": platform.platform(), "threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except Exception:  # transformers is optional for capture
+        pass
+    from parity import __version__
+
+    env["parity"] = __version__
+    return env
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 65536 else f"<tensor {list(value.shape)}>"
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+class CaptureSession:
+    """Receives tensors from hooks and explicit dumps; owns the background writer."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, mode: str = "full",
+                 spec: dict[str, Any] | None = None, model_info: dict[str, Any] | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, shard_bytes: int = SHARD_BYTES) -> None:
+        if mode not in ("full", "stats"):
+            raise ValueError(f"mode must be 'full' or 'stats', not {mode!r}")
+        auto_rank, auto_world = dist_rank_world()
+        rank = auto_rank if rank is None else rank
+        world_size = auto_world if world_size is None else world_size
+        self.out_dir = Path(out_dir)
+        self.mode = mode
+        self.header = RunHeader(
+            format_version=FORMAT_VERSION, rank=rank, world_size=world_size, mode=mode,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            spec=spec or {}, model=model_info or {}, env=environment())
+        self.max_pending_bytes = max_pending_bytes
+        self.error: str | None = None
+        self.skipped: set[str] = set()
+        self.step = -1
+        self._order = 0
+        self._names: dict[str, int] = {}
+        self._queue: deque[tuple[str, Any]] = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._writer = DumpWriter(self.out_dir, self.header, shard_bytes=shard_bytes)
+        self._thread: threading.Thread | None = None
+        try:
+            self._writer.open()
+        except Exception as exc:  # never raise into the host
+            self.fail(f"cannot open dump directory: {getattr(exc, 'message', exc)}")
+            return
+        self._thread = threading.Thread(target=self._run, name="parity-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def process_wide(cls, path: str) -> "CaptureSession":
+        """The session behind ``PARITY_DUMP_DIR``: rank from the environment, subfolder per rank not needed."""
+        return cls(path, spec={"source": "PARITY_DUMP_DIR"})
+
+    # ----------------------------------------------------------------- called from the host
+    @property
+    def active(self) -> bool:
+        """False once capture turned itself off or was closed."""
+        return self.error is None and not self._closed
+
+    @property
+    def current_step(self) -> int:
+        """The step records go to now (0 before the first forward pass)."""
+        return max(self.step, 0)
+
+    def next_step(self, tags: dict[str, Any] | None = None) -> int:
+        """Start a new step (forward pass); ``tags`` are stored as its metadata."""
+        self.step += 1
+        self._order = 0
+        self._names.clear()
+        if tags and self.active:
+            self._put("step", (self.step, _jsonable(tags)), 0)
+        return self.step
+
+    def end_step(self) -> None:
+        """Mark the end of a forward pass: its records are flushed to a durable shard."""
+        if self.active:
+            self._put("flush", None, 0)
+
+    def record(self, name: str, tensor: torch.Tensor, *, step: int | None = None,
+               tags: dict[str, Any] | None = None) -> None:
+        """Copy ``tensor`` out and queue it under ``name``. Never raises."""
+        if not self.active:
+            return
+        try:
+            step = self.current_step if step is None else int(step)
+            count = self._names.get(name, 0)
+            self._names[name] = count + 1
+            unique = name if count == 0 else f"{name}#{count}"
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            if dtype not in DTYPES:
+                self.note_once(f"{name}: dtype {dtype} is not recorded")
+                return
+            copy = tensor.detach()
+            copy = copy.to("cpu", copy=True) if copy.device.type != "cpu" else copy.clone(
+                memory_format=torch.contiguous_format)
+            copy = copy.contiguous()
+            all_tags = {"layer": layer_of(name)} if layer_of(name) is not None else {}
+            if tags:
+                all_tags.update(_jsonable(tags))
+            record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
+                            shape=tuple(copy.shape), dtype=dtype, file=None,
+                            key=f"{step}/{self._order}/{unique}", stats={}, tags=all_tags)
+            self._order += 1
+            self._put("record", (record, copy), record.nbytes)
+        except Exception as exc:
+            self.fail(f"cannot record {name!r}: {exc}")
+
+    def record_explicit(self, name: str, tensor: Any, step: int | None, tags: dict[str, Any]) -> None:
+        """Entry point of :func:`parity.dump`."""
+        if not isinstance(tensor, torch.Tensor):
+            try:
+                tensor = torch.as_tensor(tensor)
+            except Exception:
+                self.note_once(f"{name}: parity.dump got a {type(tensor).__name__}, not a tensor")
+                return
+        self.record(name, tensor, step=step, tags={"explicit": True, **tags})
+
+    def note_once(self, message: str) -> None:
+        """Store a note (once per distinct message) and log it."""
+        if message in self.skipped or not self.active:
+            return
+        self.skipped.add(message)
+        log.warning("parity capture: %s", message)
+        self._put("note", message, 0)
+
+    def fail(self, reason: str) -> None:
+        """Turn capture off for good: log once; the writer thread notes it in the manifest."""
+        if self.error is not None:
+            return
+        self.error = reason
+        log.warning("parity capture turned itself off: %s", reason)
+        with self._cond:
+            self._queue.clear()
+            self._pending = 0
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Write everything queued and close the dump. Safe to call twice."""
+        if self._closed:
+            return
+        if self._thread is not None and self.error is None:
+            self._put("close", None, 0)
+            self._thread.join()
+        self._closed = True
+        try:
+            self._writer.close()
+        except Exception as exc:
+            self.fail(f"cannot close dump: {getattr(exc, 'message', exc)}")
+
+    @property
+    def records_written(self) -> int:
+        """How many records reached the manifest so far."""
+        return self._writer.records_written
+
+    # ----------------------------------------------------------------- writer thread
+    def _put(self, kind: str, payload: Any, nbytes: int) -> None:
+        with self._cond:
+            while (self._queue and self._pending + nbytes > self.max_pending_bytes
+                   and self.error is None):
+                self._cond.wait()
+            if self.error is not None:
+                return
+            self._queue.append((kind, payload))
+            self._pending += nbytes
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and self.error is None:
+                    self._cond.wait()
+                if self.error is not None:
+                    break
+                kind, payload = self._queue.popleft()
+            nbytes = 0
+            try:
+                if kind == "record":
+                    record, tensor = payload
+                    nbytes = record.nbytes
+                    stats = tensor_stats(tensor)
+                    record = Record(**{**record.__dict__, "stats": stats})
+                    self._writer.add(record, tensor if self.mode == "full" else None)
+                elif kind == "step":
+                    self._writer.add_step(*payload)
+                elif kind == "note":
+                    self._writer.add_note(payload)
+                elif kind == "flush":
+                    self._writer.flush()
+                elif kind == "close":
+                    self._writer.flush()
+                    return
+            except Exception as exc:
+                self.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._cond:
+                    self._pending = max(self._pending - nbytes, 0)
+                    self._cond.notify_all()
+        try:  # only this thread writes the manifest, so the note goes here
+            self._writer.add_note(f"capture turned itself off: {self.error}")
+        except Exception:
+            pass

@@ -1,0 +1,127 @@
+"""Choosing taps: which module outputs to record.
+
+A tap pattern matches qualified module names (``model.layers.2.mlp``):
+
+- a glob, segment-aware: ``*`` matches within one dotted segment, ``**`` matches any number of
+  segments (including none), ``?`` one character within a segment. ``**.layers.*.mlp`` matches
+  ``model.layers.2.mlp`` but not ``model.layers.2.mlp.down_proj``.
+- ``re:REGEX``: a Python regex matched against the whole name (``re.fullmatch``).
+- either may end in ``[k]`` to record only element ``k`` of a tuple output, under the module's
+  own name (``**.self_attn[0]`` records an attention module's output, not its weights).
+
+:data:`DECODER_LM_TAPS` is the default for decoder-only LMs in transformers naming (Llama,
+Qwen2, Mistral and relatives): embeddings, every decoder layer, its two norms, attention and
+MLP outputs, the final norm and the logits. When it matches nothing in a model, the default
+falls back to every leaf module (:func:`select_taps`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from parity.errors import UsageError
+
+DECODER_LM_TAPS: tuple[str, ...] = (
+    "**.embed_tokens",
+    "**.layers.*.input_layernorm",
+    "**.layers.*.self_attn[0]",
+    "**.layers.*.post_attention_layernorm",
+    "**.layers.*.mlp",
+    "**.layers.*",
+    "model.norm",
+    "lm_head",
+)
+
+_SELECTOR = re.compile(r"^(?P<pattern>.*)\[(?P<index>\d+)\]$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A compiled tap pattern: ``regex`` over module names, optional tuple ``index``."""
+
+    text: str
+    regex: re.Pattern[str]
+    index: int | None = None
+
+    def matches(self, name: str) -> bool:
+        """Whether the qualified module name matches this tap."""
+        return self.regex.fullmatch(name) is not None
+
+
+def glob_to_regex(glob: str) -> str:
+    """Translate a segment-aware glob (``**.layers.*.mlp``) to a regex string."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**.", i):
+            out.append(r"(?:[^.]+\.)*")
+            i += 3
+        elif glob.startswith(".**", i) and i + 3 == len(glob):
+            out.append(r"(?:\.[^.]+)*")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(r".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+def compile_tap(text: str) -> Tap:
+    """Compile one tap pattern; a bad regex is a :class:`UsageError`."""
+    index = None
+    found = _SELECTOR.match(text)
+    pattern = text
+    if found:
+        pattern, index = found.group("pattern"), int(found.group("index"))
+    if pattern.startswith("re:"):
+        source = pattern[3:]
+    else:
+        source = glob_to_regex(pattern)
+    try:
+        regex = re.compile(source)
+    except re.error as exc:
+        raise UsageError(f"tap pattern {text!r} is not a valid regex: {exc}") from None
+    return Tap(text=text, regex=regex, index=index)
+
+
+def select_taps(names: Iterable[str], patterns: Sequence[str] | None,
+                leaf_names: Iterable[str] = ()) -> dict[str, Tap]:
+    """Map each tapped module name to the first tap that matches it.
+
+    ``patterns=None`` means :data:`DECODER_LM_TAPS`, or, when those match nothing, every name in
+    ``leaf_names`` (the model's leaf modules).
+    """
+    names = list(names)
+    taps = [compile_tap(p) for p in (patterns if patterns is not None else DECODER_LM_TAPS)]
+    chosen: dict[str, Tap] = {}
+    for name in names:
+        for tap in taps:
+            if tap.matches(name):
+                chosen[name] = tap
+                break
+    if not chosen and patterns is None:
+        leaf_tap = Tap(text="<leaf modules>", regex=re.compile(".*"))
+        chosen = {name: leaf_tap for name in leaf_names}
+    return chosen
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a qualified name (``model.layers.3.mlp`` -> 3), or None."""
+    found = _LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def tap_kind(name: str) -> str:
+    """The name with its layer index replaced by ``{i}`` (``model.layers.{i}.mlp``)."""
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "{i}", 1), name, count=1)

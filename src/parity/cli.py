@@ -1,0 +1,245 @@
+"""The ``parity`` command: parse, call, render, exit code. Thin by design.
+
+Exit codes: 0 everything within tolerance, 1 a divergence was found, 2 the command could not
+run (bad arguments or inputs: one line on stderr, never a traceback; set PARITY_DEBUG=1 to see
+one). ``parity --help`` imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from parity import __version__
+from parity.errors import ParityError, UsageError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write the full report as JSON to this file (schema: docs/json-schema.md)."),
+        click.option("--rename", multiple=True, metavar="REGEX=TEMPLATE",
+                     help="Rename target records before pairing (re.sub syntax). Repeatable, applied in order."),
+        click.option("--allow-missing", multiple=True, metavar="PATTERN",
+                     help="Records matching PATTERN may be missing on one side without failing. Repeatable."),
+        click.option("--allow-failed", multiple=True, metavar="PATTERN",
+                     help="Known-noisy taps: non-pass outcomes are reported but do not fail. Repeatable."),
+        click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair without a --tol match."),
+        click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
+        click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
+                     help="Tolerance for pairs whose name matches PATTERN. Repeatable; first match wins."),
+        click.option("--tol-file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML file of [[tolerance]] entries: pattern, rtol, atol, note."),
+        click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
+                     help="Rows of the worst-pairs table."),
+        click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _policy(rtol: float | None, atol: float | None, tol: Sequence[str], tol_file: str | None):
+    from parity.compare.tolerance import TolerancePolicy, load_tolerance_file, parse_override
+
+    for name, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{name} must be >= 0, got {value}")
+    return TolerancePolicy(cli_overrides=[parse_override(t) for t in tol],
+                           file_overrides=load_tolerance_file(tol_file) if tol_file else [],
+                           rtol=rtol, atol=atol)
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def task(self, description: str, total: int | None = None) -> Callable[..., None]:
+        """Start a task; returns ``update(done, total, *_)``."""
+        if self.bar is None:
+            return lambda *args: None
+        task_id = self.bar.add_task(description, total=total)
+
+        def update(done: int, total: int | None = None, *_: Any) -> None:
+            self.bar.update(task_id, completed=done, total=total)  # type: ignore[union-attr]
+        return update
+
+
+def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename: Sequence[str],
+                        allow_missing: Sequence[str], allow_failed: Sequence[str], rtol: float | None,
+                        atol: float | None, tol: Sequence[str], tol_file: str | None, show: int,
+                        show_all: bool, progress: _Progress, extra_json: str | None = None) -> int:
+    from parity.compare.engine import compare
+    from parity.compare.pairing import parse_rename
+    from parity.report.json_report import write_json
+    from parity.report.terminal import make_console, render
+
+    policy = _policy(rtol, atol, tol, tol_file)
+    renames = [parse_rename(r) for r in rename]
+    report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
+                     allow_failed=allow_failed, progress=progress.task("comparing"))
+    progress.__exit__(None, None, None)
+    for path in (json_path, extra_json):
+        if path:
+            write_json(report, path)
+    render(report, make_console(), show=show, show_all=show_all)
+    return 0 if report.verdict == "pass" else 1
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="parity")
+def cli() -> None:
+    """Find where and why two runs of the same model on different backends disagree.
+
+    \b
+    parity diff                      run the built-in tiny model fp32/eager vs bf16/sdpa
+    parity compare BASE TARGET       compare two dump directories
+    parity inspect DUMP              list what a dump holds
+
+    Exit codes: 0 within tolerance, 1 divergence found, 2 could not run.
+    """
+
+
+@cli.command("compare", context_settings=CONTEXT)
+@click.argument("base_dir", type=click.Path(file_okay=False))
+@click.argument("target_dir", type=click.Path(file_okay=False))
+@_compare_options
+def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
+    """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
+
+    Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
+    |t - b| <= max(atol, rtol*|b|) and reports the first divergence in execution order.
+    """
+    with _Progress() as progress:
+        return _compare_and_report(base_dir, target_dir, progress=progress, **options)
+
+
+def _prepare_out(out: Path) -> tuple[Path, Path]:
+    """Create ``out/baseline`` and ``out/target``, replacing earlier parity dumps there only."""
+    dirs = (out / "baseline", out / "target")
+    for d in dirs:
+        if d.exists():
+            entries = {p.name for p in d.iterdir()}
+            if entries and not all(n == "data" or (n.startswith("manifest-rank") and n.endswith(".jsonl"))
+                                   for n in entries):
+                raise UsageError(f"{d} exists and is not a parity dump; refusing to overwrite it",
+                                 hint="choose another --out")
+            shutil.rmtree(d)
+    return dirs
+
+
+@cli.command("diff", context_settings=CONTEXT)
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
+              metavar="SPEC", help="Backend SPEC of the reference run.")
+@click.option("--target", "target_spec", default="dtype=bfloat16,attn=sdpa", show_default=True,
+              metavar="SPEC", help="Backend SPEC of the run under test.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Text file, one prompt per line. Default: the built-in prompt set.")
+@click.option("--out", type=click.Path(file_okay=False), default="parity-out", show_default=True,
+              help="Where the dumps (OUT/baseline, OUT/target) and OUT/report.json go.")
+@click.option("--taps", multiple=True, metavar="PATTERN",
+              help="Modules to capture (segment-aware glob or re:REGEX). Default: the decoder-LM tap set.")
+@_compare_options
+def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
+             taps: Sequence[str], **options: Any) -> int:
+    """Run a model under two backend SPECs, capture every tap, compare, report.
+
+    \b
+    SPEC grammar: comma-separated KEY=VALUE pairs (defaults in brackets):
+      engine=hf [hf]   dtype=float32|bfloat16|float16|float64 [float32]
+      attn=eager|sdpa [eager]   compile=0|1 [0]   device=cpu|cuda|cuda:N [cpu]
+    Example: --target dtype=bfloat16,attn=sdpa,compile=1
+    """
+    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.spec import parse_spec
+
+    specs = parse_spec(baseline_spec), parse_spec(target_spec)
+    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    prompt_list = read_prompts(prompts)
+    out_path = Path(out)
+    base_dir, target_dir = _prepare_out(out_path)
+    from parity.backends.hf import load, run_and_capture
+
+    with _Progress() as progress:
+        for spec, where, label in ((specs[0], base_dir, "baseline"), (specs[1], target_dir, "target")):
+            update = progress.task(f"loading {label} ({spec.dtype}, {spec.attn})")
+            loaded = load(model_path, spec)
+            update(1, 1)
+            run_and_capture(loaded, prompt_list, where, taps=list(taps) or None,
+                            progress=progress.task(f"capturing {label}", len(prompt_list)))
+            del loaded
+        return _compare_and_report(base_dir, target_dir, progress=progress,
+                                   extra_json=str(out_path / "report.json"), **options)
+
+
+@cli.command("inspect", context_settings=CONTEXT)
+@click.argument("dump_dir", type=click.Path(file_okay=False))
+@click.option("--name", "pattern", default=None, metavar="PATTERN", help="Only records matching PATTERN.")
+@click.option("--step", type=int, default=None, help="Only records of this step.")
+def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None) -> int:
+    """List what a dump holds: header, steps, and per record its shape, dtype and statistics."""
+    from parity.report.inspect_view import render_inspect
+    from parity.report.terminal import make_console
+    from parity.store.reader import load_run
+
+    run = load_run(dump_dir)
+    render_inspect(run, make_console(), pattern=pattern, step=step)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: run the CLI, turn every error into one stderr line and exit code 2."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="parity",
+                        standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("parity: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "parity"
+        message = " ".join(exc.format_message().split())
+        click.echo(f"{command}: error: {message} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except ParityError as exc:
+        click.echo(f"parity: error: {exc.one_line()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("parity: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: no traceback for users
+        if os.environ.get("PARITY_DEBUG"):
+            raise
+        click.echo(f"parity: internal error: {type(exc).__name__}: {exc} (set PARITY_DEBUG=1 for a traceback)",
+                   err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

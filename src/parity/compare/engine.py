@@ -1,0 +1,174 @@
+"""The comparison engine: pair two runs, evaluate every pair, build the :class:`Report`.
+
+One pair is read and evaluated at a time (tensors are memory-mapped and processed in chunks),
+so peak memory does not grow with the number of records. Defaults of :func:`compare`: no
+rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from parity.capture.taps import Tap, compile_tap, layer_of, tap_kind
+from parity.compare.metrics import pair_metrics
+from parity.compare.pairing import Pair, RenameRule, pair_records
+from parity.compare.result import LayerError, Outcome, Report, Side
+from parity.compare.tolerance import TolerancePolicy
+from parity.errors import DumpError
+from parity.store.format import FLOAT_DTYPES, Record
+from parity.store.reader import Run, load_run
+
+Progress = Callable[[int, int, str], None]
+
+
+def _matches(taps: Sequence[Tap], name: str) -> bool:
+    return any(tap.matches(name) for tap in taps)
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
+                  allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = ()) -> Outcome:
+    """Evaluate one pair: metrics, tolerance, outcome kind and a one-line reason."""
+    b, t = pair.baseline, pair.target
+    some = b or t
+    assert some is not None
+    layer = some.layer if some.layer is not None else layer_of(pair.name)
+    sides = (Side(list(b.shape), b.dtype) if b else None, Side(list(t.shape), t.dtype) if t else None)
+    if b is None or t is None:
+        kind = "missing_in_baseline" if b is None else "missing_in_target"
+        where = "target" if b is None else "baseline"
+        outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind,
+                          f"present in the {where} run only", *sides)
+        outcome.allowed = _matches(allow_missing, pair.name)
+        return outcome
+    tolerance = policy.resolve(pair.name, b.dtype, t.dtype)
+    notes: list[str] = []
+    if b.dtype != t.dtype:
+        notes.append(f"dtypes differ ({b.dtype} vs {t.dtype}): compared in float64")
+    shape = b.shape
+    if b.shape != t.shape:
+        if _squeezed(b.shape) != _squeezed(t.shape) or b.numel != t.numel:
+            outcome = Outcome(pair.name, pair.step, pair.rank, layer, "shape_mismatch",
+                              f"shapes differ: baseline {list(b.shape)} vs target {list(t.shape)}",
+                              *sides, tolerance=tolerance, notes=notes)
+            outcome.allowed = _matches(allow_failed, pair.name)
+            return outcome
+        shape = _squeezed(b.shape)
+        notes.append(f"shapes {list(b.shape)} and {list(t.shape)} differ only in size-1 dims: "
+                     f"compared as {list(shape)}")
+    base_arr = base.raw(b).reshape(shape)
+    target_arr = target.raw(t).reshape(shape)
+    if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
+        notes.append("integer/bool data: compared as float64")
+    metrics = pair_metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
+    m = metrics
+    at = f"max |Δ| {_fmt(m.max_abs)} at {m.max_abs_index}"
+    if m.max_abs_index:
+        at += f" (baseline {_fmt(m.baseline_at_max)}, target {_fmt(m.target_at_max)})"
+    if m.nonfinite_mismatch:
+        kind = "nonfinite"
+        reason = (f"NaN/Inf disagree at {m.nonfinite_mismatch} elements (baseline {m.nan_baseline} NaN "
+                  f"{m.inf_baseline} Inf; target {m.nan_target} NaN {m.inf_target} Inf)")
+    elif m.mismatched == 0:
+        kind = "pass"
+        reason = f"within tolerance; {at}"
+    else:
+        degenerate = None
+        for side, zero, const, other_zero, other_const in (
+                ("target", m.all_zero_target, m.constant_target, m.all_zero_baseline, m.constant_baseline),
+                ("baseline", m.all_zero_baseline, m.constant_baseline, m.all_zero_target, m.constant_target)):
+            if zero and not other_zero:
+                degenerate = f"{side} is all zeros while the other side is not"
+            elif const and not other_const:
+                degenerate = f"{side} is constant while the other side is not"
+            if degenerate:
+                break
+        kind = "degenerate" if degenerate else "fail"
+        reason = (f"{degenerate}; " if degenerate else "") + (
+            f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; {at}")
+    outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind, reason, *sides,
+                      metrics=metrics, tolerance=tolerance, notes=notes)
+    outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
+    return outcome
+
+
+def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
+    """Worst error per layer index over taps and steps, with growth from the previous layer."""
+    by_layer: dict[int, list[Outcome]] = {}
+    for o in outcomes:
+        if o.layer is not None and o.metrics is not None:
+            by_layer.setdefault(o.layer, []).append(o)
+    profile: list[LayerError] = []
+    previous: float | None = None
+    for layer in sorted(by_layer):
+        items = by_layer[layer]
+        worst = max(items, key=lambda o: o.metrics.rel_l2)  # type: ignore[union-attr]
+        kinds: dict[str, float] = {}
+        for o in items:
+            kind = tap_kind(o.name)
+            kinds[kind] = max(kinds.get(kind, 0.0), o.metrics.rel_l2)  # type: ignore[union-attr]
+        rel = worst.metrics.rel_l2  # type: ignore[union-attr]
+        growth = rel / previous if previous not in (None, 0.0) else None
+        profile.append(LayerError(
+            layer=layer, rel_l2=rel, max_abs=max(o.metrics.max_abs for o in items),  # type: ignore[union-attr]
+            cosine=min(o.metrics.cosine for o in items), worst_name=worst.name,  # type: ignore[union-attr]
+            growth=growth, by_kind=kinds))
+        previous = rel
+    return profile
+
+
+def describe_run(run: Run) -> dict[str, object]:
+    """What the report says about one run: path, header facts, record count."""
+    h = run.header
+    return {"path": str(run.path), "format_version": h.format_version, "created": h.created,
+            "mode": h.mode, "world_size": h.world_size, "spec": h.spec, "model": h.model,
+            "env": h.env, "records": len(run.records), "notes": run.notes}
+
+
+def compare(baseline: str | Path | Run, target: str | Path | Run, *,
+            policy: TolerancePolicy | None = None, renames: Sequence[RenameRule] = (),
+            allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
+            progress: Progress | None = None) -> Report:
+    """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
+
+    ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
+    outcomes are reported but do not fail the verdict. ``progress(done, total, name)`` is called
+    after each pair.
+    """
+    base_run = baseline if isinstance(baseline, Run) else load_run(baseline)
+    target_run = target if isinstance(target, Run) else load_run(target)
+    for run in (base_run, target_run):
+        if not run.records:
+            raise DumpError(f"dump {run.path} holds no records", hint="did the capture run any forward pass?")
+        if run.mode != "full":
+            raise DumpError(f"dump {run.path} is statistics-only; comparing needs tensor data",
+                            hint="capture with mode='full'")
+    policy = policy or TolerancePolicy()
+    missing_taps = [compile_tap(p) for p in allow_missing]
+    failed_taps = [compile_tap(p) for p in allow_failed]
+    pairs = pair_records(base_run.records, target_run.records, renames)
+    outcomes: list[Outcome] = []
+    try:
+        for index, pair in enumerate(pairs):
+            outcomes.append(evaluate_pair(pair, base_run, target_run, policy,
+                                          allow_missing=missing_taps, allow_failed=failed_taps))
+            if progress is not None:
+                progress(index + 1, len(pairs), pair.name)
+    finally:
+        base_run.close()
+        target_run.close()
+    notes = [f"baseline: {n}" for n in base_run.notes] + [f"target: {n}" for n in target_run.notes]
+    tolerance = policy.describe()
+    tolerance["allow_missing"] = list(allow_missing)
+    tolerance["allow_failed"] = list(allow_failed)
+    tolerance["renames"] = [f"{r.regex.pattern}={r.template}" for r in renames]
+    return Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
+                  outcomes=outcomes, layers=depth_profile(outcomes), notes=notes)

@@ -1,0 +1,195 @@
+"""Metrics of one pair of tensors, computed in one chunked pass with float64 accumulation.
+
+For baseline ``b`` (the reference) and target ``t``, over the elements finite on both sides:
+
+- ``max_abs``: max |t−b|, with its index and both values there; ``mean_abs``: mean |t−b|.
+- ``max_rel``: max |t−b| / |b| over elements with b ≠ 0 (``inf`` if some b = 0 has t ≠ 0).
+- ``rel_l2``: ‖t−b‖₂ / ‖b‖₂ (0 when both are 0, ``inf`` when only b is 0).
+- ``cosine``: ⟨t,b⟩ / (‖t‖‖b‖) (1 when both are all-zero, 0 when only one is).
+- ``sqnr_db``: 10·log10(‖b‖² / ‖t−b‖²) (``inf`` when identical).
+- ``mismatched`` / ``mismatch_fraction``: elements with |t−b| > max(atol, rtol·|b|).
+- ``needed_atol``: the smallest atol that passes every element at the given rtol;
+  ``needed_rtol``: the smallest rtol that passes at the given atol (``inf`` when an element
+  with b = 0 fails the atol).
+- ``nan_*``, ``inf_*``: counts per side; ``nonfinite_mismatch``: positions where the two sides
+  are not the same non-finite value (a NaN facing a number, +inf facing −inf, …).
+- ``all_zero_*``, ``constant_*``: degenerate-tensor flags per side (constant needs ≥ 2 elements).
+
+``CHUNK_ELEMENTS`` (default 1 Mi elements) bounds the working memory per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from parity.store.safetensors_io import to_float
+
+#: Elements per chunk (default 1 Mi: ~8 MB per float64 temporary).
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class PairMetrics:
+    """Everything measured on one pair; see the module docstring for definitions."""
+
+    numel: int
+    max_abs: float
+    max_abs_index: list[int]
+    baseline_at_max: float | None
+    target_at_max: float | None
+    mean_abs: float
+    max_rel: float
+    rel_l2: float
+    cosine: float
+    sqnr_db: float
+    mismatched: int
+    mismatch_fraction: float
+    needed_rtol: float
+    needed_atol: float
+    nan_baseline: int
+    nan_target: int
+    inf_baseline: int
+    inf_target: int
+    nonfinite_mismatch: int
+    all_zero_baseline: bool
+    all_zero_target: bool
+    constant_baseline: bool
+    constant_target: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite floats become the strings ``inf``, ``-inf``, ``nan``)."""
+        return {k: json_float(v) for k, v in asdict(self).items()}
+
+
+def json_float(value: Any) -> Any:
+    """Non-finite floats as strings, everything else unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class _Side:
+    def __init__(self) -> None:
+        self.nan = 0
+        self.inf = 0
+        self.nonzero = 0
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.first: float | None = None
+        self.varies = False
+
+    def update(self, x: np.ndarray, finite: np.ndarray | None) -> None:
+        if finite is not None:
+            self.nan += int(np.isnan(x).sum())
+            self.inf += int(np.isinf(x).sum())
+        self.nonzero += int(np.count_nonzero(x))
+        if finite is not None:
+            x = x[finite]
+        if x.size:
+            lo, hi = float(np.min(x)), float(np.max(x))
+            if self.first is None:
+                self.first = float(x[0])
+            if not lo == hi == self.first:
+                self.varies = True
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+
+def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
+                 *, rtol: float, atol: float, chunk: int = CHUNK_ELEMENTS) -> PairMetrics:
+    """Compute :class:`PairMetrics` of two same-sized storage arrays (bfloat16 as uint16 bits)."""
+    b_flat = baseline.reshape(-1)
+    t_flat = target.reshape(-1)
+    n = b_flat.size
+    if t_flat.size != n:
+        raise ValueError("pair_metrics needs arrays of the same size")
+    sb, st = _Side(), _Side()
+    sum_abs = sum_dd = sum_bb = sum_tt = sum_tb = 0.0
+    max_abs, max_abs_at = -1.0, 0
+    max_rel = 0.0
+    needed_atol = needed_rtol = 0.0
+    mismatched = nonfinite_mismatch = counted = 0
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        b = to_float(b_flat[start:end], baseline_dtype)
+        t = to_float(t_flat[start:end], target_dtype)
+        b_ok = np.isfinite(b) if not math.isfinite(float(np.sum(b))) else None
+        t_ok = np.isfinite(t) if not math.isfinite(float(np.sum(t))) else None
+        sb.update(b, b_ok)
+        st.update(t, t_ok)
+        if b_ok is not None or t_ok is not None:
+            both = (b_ok if b_ok is not None else True) & (t_ok if t_ok is not None else True)
+            both = np.broadcast_to(both, b.shape)
+            same_nonfinite = ~both & ((b == t) | (np.isnan(b) & np.isnan(t)))
+            nonfinite_mismatch += int((~both & ~same_nonfinite).sum())
+            index_map = np.flatnonzero(both)
+            b, t = b[both], t[both]
+        else:
+            index_map = None
+        if b.size == 0:
+            continue
+        counted += b.size
+        d = t - b
+        ad = np.abs(d)
+        ab = np.abs(b)
+        sum_abs += float(ad.sum())
+        sum_dd += float(np.dot(d, d))
+        sum_bb += float(np.dot(b, b))
+        sum_tt += float(np.dot(t, t))
+        sum_tb += float(np.dot(t, b))
+        i = int(np.argmax(ad))
+        if ad[i] > max_abs:
+            max_abs = float(ad[i])
+            max_abs_at = start + (int(index_map[i]) if index_map is not None else i)
+        over_rel = ad > rtol * ab
+        if over_rel.any():
+            needed_atol = max(needed_atol, float(ad[over_rel].max()))
+        tol = np.maximum(atol, rtol * ab)
+        mismatched += int(np.count_nonzero(ad > tol))
+        nonzero_b = ab > 0
+        if not nonzero_b.all() and (ad[~nonzero_b] > 0).any():
+            max_rel = math.inf
+        rel = np.divide(ad, ab, out=np.zeros_like(ad), where=nonzero_b)
+        if max_rel != math.inf and rel.size:
+            max_rel = max(max_rel, float(rel.max()))
+        over_abs = ad > atol
+        if over_abs.any():
+            if not nonzero_b[over_abs].all():
+                needed_rtol = math.inf
+            elif needed_rtol != math.inf:
+                needed_rtol = max(needed_rtol, float(rel[over_abs].max()))
+    mismatched += nonfinite_mismatch
+    norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
+    if norm_b > 0:
+        rel_l2 = norm_d / norm_b
+    else:
+        rel_l2 = 0.0 if norm_d == 0 else math.inf
+    if norm_b > 0 and norm_t > 0:
+        cosine = max(-1.0, min(1.0, sum_tb / (norm_b * norm_t)))
+    else:
+        cosine = 1.0 if norm_b == norm_t == 0 else 0.0
+    if sum_dd == 0:
+        sqnr = math.inf
+    elif sum_bb == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(sum_bb / sum_dd)
+    index = [int(i) for i in np.unravel_index(max_abs_at, baseline.shape)] if n and max_abs >= 0 else []
+    b_at = t_at = None
+    if index:
+        b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], baseline_dtype)[0])
+        t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], target_dtype)[0])
+    return PairMetrics(
+        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index, baseline_at_max=b_at, target_at_max=t_at,
+        mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
+        sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
+        needed_rtol=needed_rtol, needed_atol=needed_atol,
+        nan_baseline=sb.nan, nan_target=st.nan, inf_baseline=sb.inf, inf_target=st.inf,
+        nonfinite_mismatch=nonfinite_mismatch,
+        all_zero_baseline=n > 0 and sb.nonzero == 0 and sb.nan == 0,
+        all_zero_target=n > 0 and st.nonzero == 0 and st.nan == 0,
+        constant_baseline=n > 1 and not sb.varies, constant_target=n > 1 and not st.varies,
+    )

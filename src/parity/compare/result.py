@@ -1,0 +1,151 @@
+"""Results of a comparison: one :class:`Outcome` per pair and the :class:`Report` around them.
+
+Outcome kinds (``Outcome.kind``):
+
+- ``pass``: every element within tolerance.
+- ``fail``: some element outside tolerance.
+- ``shape_mismatch``: shapes differ even after squeezing size-1 dims (both shapes given).
+- ``missing_in_target`` / ``missing_in_baseline``: the record exists on one side only.
+- ``nonfinite``: NaN/Inf on one side where the other has a different value.
+- ``degenerate``: one side all-zero or constant where the other is not, and outside tolerance.
+
+``allowed`` is true when an ``--allow-missing`` / ``--allow-failed`` pattern excused a non-pass
+outcome: it is still reported, but does not fail the verdict. ``notes`` say what was done to
+compare (dtype upcast, size-1 dims squeezed, …).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity.compare.metrics import PairMetrics, json_float
+from parity.compare.tolerance import Tolerance
+
+OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
+            "nonfinite", "degenerate")
+
+#: JSON report schema version (bumped on incompatible changes).
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Side:
+    """Shape and dtype of one side of a pair."""
+
+    shape: list[int]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"shape": self.shape, "dtype": self.dtype}
+
+
+@dataclass
+class Outcome:
+    """The verdict on one pair, with its metrics and the tolerance that applied."""
+
+    name: str
+    step: int
+    rank: int
+    layer: int | None
+    kind: str
+    reason: str
+    baseline: Side | None
+    target: Side | None
+    metrics: PairMetrics | None = None
+    tolerance: Tolerance | None = None
+    allowed: bool = False
+    notes: list[str] = field(default_factory=list)
+    statistics_based: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Passed, or excused by an allow pattern."""
+        return self.kind == "pass" or self.allowed
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form (schema in docs/json-schema.md)."""
+        return {
+            "name": self.name, "step": self.step, "rank": self.rank, "layer": self.layer,
+            "outcome": self.kind, "allowed": self.allowed, "reason": self.reason,
+            "baseline": self.baseline.to_json() if self.baseline else None,
+            "target": self.target.to_json() if self.target else None,
+            "metrics": self.metrics.to_json() if self.metrics else None,
+            "tolerance": self.tolerance.to_json() if self.tolerance else None,
+            "needed": ({"rtol": json_float(self.metrics.needed_rtol), "atol": json_float(self.metrics.needed_atol)}
+                       if self.metrics and self.kind != "pass" else None),
+            "notes": self.notes, "statistics_based": self.statistics_based,
+        }
+
+
+@dataclass
+class LayerError:
+    """Worst error of one layer index over its taps and steps (the depth profile)."""
+
+    layer: int
+    rel_l2: float
+    max_abs: float
+    cosine: float
+    worst_name: str
+    growth: float | None
+    by_kind: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"layer": self.layer, "rel_l2": json_float(self.rel_l2), "max_abs": json_float(self.max_abs),
+                "cosine": json_float(self.cosine), "worst_name": self.worst_name,
+                "growth": json_float(self.growth) if self.growth is not None else None,
+                "by_kind": {k: json_float(v) for k, v in self.by_kind.items()}}
+
+
+@dataclass
+class Report:
+    """All outcomes in execution order, first divergence, depth profile, run descriptions."""
+
+    baseline: dict[str, Any]
+    target: dict[str, Any]
+    tolerance: dict[str, Any]
+    outcomes: list[Outcome]
+    layers: list[LayerError]
+    notes: list[str] = field(default_factory=list)
+    statistics_based: bool = False
+
+    @property
+    def first_divergence(self) -> Outcome | None:
+        """The earliest outcome in execution order that is neither pass nor allowed."""
+        return next((o for o in self.outcomes if not o.ok), None)
+
+    @property
+    def verdict(self) -> str:
+        """``pass`` when every outcome passed or was allowed, else ``fail``."""
+        return "pass" if self.first_divergence is None else "fail"
+
+    def counts(self) -> dict[str, int]:
+        """Number of outcomes per kind (every kind listed), plus ``allowed``."""
+        counts = {kind: 0 for kind in OUTCOMES}
+        for outcome in self.outcomes:
+            counts[outcome.kind] += 1
+        counts["allowed"] = sum(1 for o in self.outcomes if o.allowed)
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        """The full report as JSON-ready data (schema in docs/json-schema.md)."""
+        first = self.first_divergence
+        counts = self.counts()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "summary": {
+                "verdict": self.verdict, "pairs": len(self.outcomes),
+                "passed": counts["pass"], "failed": sum(1 for o in self.outcomes if not o.ok),
+                "allowed": counts["allowed"],
+                "outcomes": {k: counts[k] for k in OUTCOMES},
+                "statistics_based": self.statistics_based,
+            },
+            "first_divergence": first.to_json() if first else None,
+            "baseline": self.baseline, "target": self.target,
+            "tolerance": self.tolerance,
+            "layers": [layer.to_json() for layer in self.layers],
+            "notes": self.notes,
+            "pairs": [o.to_json() for o in self.outcomes],
+        }

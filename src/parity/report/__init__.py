@@ -1,0 +1,1 @@
+"""Rendering reports: JSON (stable schema) and terminal (rich)."""

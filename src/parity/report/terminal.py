@@ -1,0 +1,139 @@
+"""Terminal rendering of a report with rich.
+
+Layout: run descriptions and the tolerance rule; the depth profile (worst error per layer,
+with its growth over the previous layer); the first divergence in detail; the worst non-passing
+pairs (default :data:`SHOW` = 12 rows; ``show_all`` lists every pair); a one-line verdict.
+Width is at most 100 columns; colour only when the console is a terminal. Every row of a
+table carries the layer index (``-`` for taps outside the layer stack).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from parity.compare.result import Outcome, Report
+
+#: Rows of the worst-pairs table shown by default.
+SHOW = 12
+WIDTH = 100
+
+STYLE = {"pass": "green", "fail": "red", "shape_mismatch": "magenta", "missing_in_target": "yellow",
+         "missing_in_baseline": "yellow", "nonfinite": "bold red", "degenerate": "bold red"}
+
+
+def make_console(file: Any = None) -> Console:
+    """A console of at most 100 columns; plain text when not writing to a terminal."""
+    console = Console(file=file, highlight=False, soft_wrap=False)
+    console.width = min(console.width, WIDTH) if console.is_terminal else WIDTH
+    return console
+
+
+def g(x: Any) -> str:
+    """Compact number formatting (3 significant digits)."""
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def _e(x: float) -> str:
+    """Short exponent form: 1e-05 -> 1e-5."""
+    return f"{x:g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _layer(o: Outcome) -> str:
+    return "-" if o.layer is None else str(o.layer)
+
+
+def _spec(desc: dict[str, Any]) -> str:
+    spec = desc.get("spec") or {}
+    text = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in spec.items()) if spec \
+        else "no spec recorded"
+    return f"{desc.get('path')}  [{text}]"
+
+
+def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool = False) -> None:
+    """Print ``report`` on ``console``."""
+    tol = report.tolerance
+    console.print(Text("baseline: ", style="bold") + Text(_spec(report.baseline)))
+    console.print(Text("target:   ", style="bold") + Text(_spec(report.target)))
+    console.print(Text("rule:     ", style="bold") + Text(tol["rule"]))
+    console.print(Text("defaults: ", style="bold") + Text("lower-precision dtype: " + ", ".join(
+        f"{k} {_e(v['rtol'])}/{_e(v['atol'])}" for k, v in tol["defaults"].items()) + " (rtol/atol)"))
+    for override in tol.get("overrides", []):
+        console.print(Text("override: ", style="bold") + Text(
+            f"{override['pattern']} rtol={override['rtol']:g} atol={override['atol']:g} ({override['source']})"))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))
+
+    if report.layers:
+        table = Table(title="error along depth (worst tap per layer)", box=box.SIMPLE_HEAD,
+                      title_justify="left", pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for col, justify in (("layer", "right"), ("rel L2", "right"), ("growth", "right"),
+                             ("max |Δ|", "right"), ("min cos", "right"), ("worst tap", "left")):
+            table.add_column(col, justify=justify, no_wrap=col != "worst tap", overflow="fold")
+        for layer in report.layers:
+            growth = "-" if layer.growth is None else f"x{layer.growth:.2f}"
+            table.add_row(str(layer.layer), g(layer.rel_l2), growth, g(layer.max_abs), f"{layer.cosine:.6f}",
+                          layer.worst_name)
+        console.print(table)
+
+    first = report.first_divergence
+    if first is not None:
+        console.print(Text("first divergence: ", style="bold red") + Text(
+            f"{first.name} (step {first.step}, rank {first.rank}, layer {_layer(first)}) — {first.kind}"))
+        for part in first.reason.split("; "):
+            console.print(f"  layer {_layer(first)}: {part}")
+        if first.tolerance is not None:
+            console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
+                          f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
+            if first.metrics is not None and first.kind != "pass":
+                console.print(f"  layer {_layer(first)}: would pass with atol>={g(first.metrics.needed_atol)} "
+                              f"at this rtol, or rtol>={g(first.metrics.needed_rtol)} at this atol")
+        if first.metrics is not None:
+            m = first.metrics
+            console.print(f"  layer {_layer(first)}: rel L2 {g(m.rel_l2)}, cosine {m.cosine:.6f}, "
+                          f"SQNR {g(m.sqnr_db)} dB, mean |Δ| {g(m.mean_abs)}, max rel {g(m.max_rel)}")
+        for note in first.notes:
+            console.print(f"  layer {_layer(first)}: note: {note}")
+
+    rows = report.outcomes if show_all else [o for o in report.outcomes if not o.ok]
+    if not show_all:
+        rows = sorted(rows, key=lambda o: -(o.metrics.rel_l2 if o.metrics else float("inf")))[:show]
+    if rows:
+        title = "all pairs" if show_all else f"worst non-passing pairs (top {min(show, len(rows))})"
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
+                      padding=(0, 1), collapse_padding=True)
+        table.add_column("L", justify="right", no_wrap=True)
+        table.add_column("step", justify="right", no_wrap=True)
+        table.add_column("name", overflow="fold", ratio=1)
+        table.add_column("outcome", no_wrap=True)
+        table.add_column("rel L2", justify="right", no_wrap=True)
+        table.add_column("max |Δ|", justify="right", no_wrap=True)
+        table.add_column("cosine", justify="right", no_wrap=True)
+        table.add_column("atol>=", justify="right", no_wrap=True)
+        for o in rows:
+            m = o.metrics
+            kind = o.kind + (" (allowed)" if o.allowed else "")
+            table.add_row(_layer(o), str(o.step), o.name, Text(kind, style=STYLE.get(o.kind, "")),
+                          g(m.rel_l2) if m else "-", g(m.max_abs) if m else "-",
+                          f"{m.cosine:.5f}" if m else "-",
+                          g(m.needed_atol) if m and o.kind != "pass" else "-")
+        console.print(table)
+
+    counts = report.counts()
+    failed = sum(1 for o in report.outcomes if not o.ok)
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "pass")
+    verdict = report.verdict.upper()
+    summary = Text(f"{verdict}: ", style="bold green" if verdict == "PASS" else "bold red")
+    summary.append(f"{counts['pass']} of {len(report.outcomes)} pairs passed"
+                   + (f"; {failed} failed" if failed else "") + (f" ({detail})" if detail else ""))
+    console.print(summary)
+    if first is not None:
+        console.print(f"first divergence: {first.name} (step {first.step}, layer {_layer(first)})")

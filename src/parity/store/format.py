@@ -1,0 +1,174 @@
+"""Manifest schema of a dump (format version ``1.0``) and its validation.
+
+Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
+
+``header`` (first line, exactly once)
+    ``format_version`` ("MAJOR.MINOR"), ``created`` (ISO time), ``rank``, ``world_size``,
+    ``spec`` (backend spec, free-form object), ``model`` (identity: path, class, config hash),
+    ``env`` (python / torch / transformers versions, device), ``mode`` ("full" or "stats").
+``record``
+    ``name``, ``step``, ``rank``, ``order`` (capture order within the step), ``shape``,
+    ``dtype`` (torch dtype name without prefix, e.g. ``bfloat16``), ``file`` (path of the
+    safetensors shard relative to the dump directory, or null in stats mode), ``key`` (tensor
+    key inside the shard), ``stats`` (see :data:`STAT_KEYS`) and ``tags`` (``layer``,
+    ``module`` class, anything the caller passed).
+``step``
+    ``step``, ``rank``, ``tags``: per forward pass metadata (``input_ids``, ``positions``,
+    ``seq_lens`` where known).
+``note``
+    ``message``: something capture skipped or a reason it turned itself off.
+
+Readers accept any ``1.x`` version and refuse other majors. Nothing is evaluated or unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity.errors import DumpError
+
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+
+#: Summary statistics stored per record. min/max/mean/abs_max/l2 are over the finite
+#: elements (null when there are none); nan/inf/zero count elements; numel is the size.
+STAT_KEYS = ("min", "max", "mean", "abs_max", "l2", "nan", "inf", "zero", "numel")
+
+#: dtype names (as in torch, without ``torch.``) and their safetensors codes and sizes.
+DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
+    "uint8": ("U8", 1), "bool": ("BOOL", 1),
+}
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+MANIFEST_GLOB = "manifest-rank*.jsonl"
+
+
+def manifest_name(rank: int) -> str:
+    """File name of the manifest of one rank."""
+    return f"manifest-rank{rank}.jsonl"
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """The first line of a rank's manifest: what run this is."""
+
+    format_version: str
+    rank: int = 0
+    world_size: int = 1
+    created: str = ""
+    mode: str = "full"
+    spec: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The header as a manifest line object."""
+        return {"type": "header", "format_version": self.format_version, "created": self.created,
+                "rank": self.rank, "world_size": self.world_size, "mode": self.mode,
+                "spec": self.spec, "model": self.model, "env": self.env}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One captured tensor value (one manifest ``record`` line)."""
+
+    name: str
+    step: int
+    rank: int
+    order: int
+    shape: tuple[int, ...]
+    dtype: str
+    file: str | None
+    key: str | None
+    stats: dict[str, Any]
+    tags: dict[str, Any]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor data in bytes."""
+        return self.numel * DTYPES[self.dtype][1]
+
+    @property
+    def layer(self) -> int | None:
+        """Layer index from the tags, if known."""
+        value = self.tags.get("layer")
+        return value if isinstance(value, int) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a manifest line object."""
+        return {"type": "record", "name": self.name, "step": self.step, "rank": self.rank,
+                "order": self.order, "shape": list(self.shape), "dtype": self.dtype,
+                "file": self.file, "key": self.key, "stats": self.stats, "tags": self.tags}
+
+
+def check_version(version: Any, where: str) -> None:
+    """Refuse a format version whose major this reader does not know."""
+    if not isinstance(version, str) or not version.split(".")[0].isdigit():
+        raise DumpError(f"{where}: format_version {version!r} is not MAJOR.MINOR")
+    major = int(version.split(".")[0])
+    if major != FORMAT_MAJOR:
+        raise DumpError(f"{where}: dump format version {version} is not supported "
+                        f"(this parity reads {FORMAT_MAJOR}.x)",
+                        hint="use the parity release that wrote it")
+
+
+def _int(obj: dict[str, Any], key: str, where: str, *, minimum: int = 0) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DumpError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_header(obj: dict[str, Any], where: str) -> RunHeader:
+    """Validate a ``header`` line."""
+    check_version(obj.get("format_version"), where)
+    rank = _int(obj, "rank", where)
+    world = _int(obj, "world_size", where, minimum=1)
+    if rank >= world:
+        raise DumpError(f"{where}: rank {rank} is not below world_size {world}")
+    mode = obj.get("mode", "full")
+    if mode not in ("full", "stats"):
+        raise DumpError(f"{where}: unknown mode {mode!r}")
+    dicts = {k: obj.get(k) or {} for k in ("spec", "model", "env")}
+    for k, v in dicts.items():
+        if not isinstance(v, dict):
+            raise DumpError(f"{where}: field {k!r} must be an object")
+    return RunHeader(format_version=obj["format_version"], rank=rank, world_size=world,
+                     created=str(obj.get("created", "")), mode=mode, **dicts)
+
+
+def parse_record(obj: dict[str, Any], where: str) -> Record:
+    """Validate a ``record`` line: types, dtype, shape bounds. Raises :class:`DumpError`."""
+    name = obj.get("name")
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise DumpError(f"{where}: record name must be a non-empty string")
+    shape = obj.get("shape")
+    if (not isinstance(shape, list) or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+        raise DumpError(f"{where}: record {name!r} has an invalid shape {shape!r}")
+    dtype = obj.get("dtype")
+    if dtype not in DTYPES:
+        raise DumpError(f"{where}: record {name!r} has unknown dtype {dtype!r}")
+    file, key = obj.get("file"), obj.get("key")
+    if file is not None:
+        if (not isinstance(file, str) or file.startswith(("/", "\\")) or ".." in file.split("/")
+                or not file.endswith(".safetensors")):
+            raise DumpError(f"{where}: record {name!r} has an unsafe data path {file!r}")
+        if not isinstance(key, str):
+            raise DumpError(f"{where}: record {name!r} has no tensor key")
+    stats = obj.get("stats") or {}
+    tags = obj.get("tags") or {}
+    if not isinstance(stats, dict) or not isinstance(tags, dict):
+        raise DumpError(f"{where}: record {name!r} stats and tags must be objects")
+    return Record(name=name, step=_int(obj, "step", where), rank=_int(obj, "rank", where),
+                  order=_int(obj, "order", where), shape=tuple(shape), dtype=dtype,
+                  file=file, key=key, stats=stats, tags=tags)

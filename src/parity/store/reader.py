@@ -1,0 +1,177 @@
+"""Loading a dump directory: manifests validated up front, tensor data read lazily (mmap).
+
+:func:`load_run` reads every ``manifest-rank*.jsonl`` of a directory, validates each line
+(:mod:`parity.store.format`) and returns a :class:`Run`. Tensor bytes are not touched until
+:meth:`Run.array` is called; data files are validated when first opened
+(:mod:`parity.store.safetensors_io`). A final manifest line cut short by a crash is ignored and
+noted (``Run.notes``); any other malformed line is a :class:`~parity.errors.DumpError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from parity.errors import CorruptDataError, DumpError
+from parity.store.format import MANIFEST_GLOB, Record, RunHeader, parse_header, parse_record
+from parity.store.safetensors_io import SafetensorsFile, to_float
+
+#: How many data files a Run keeps open at once (default 8).
+OPEN_FILES = 8
+
+
+@dataclass
+class Run:
+    """One dump directory: headers per rank, records in execution order, step metadata, notes."""
+
+    path: Path
+    headers: dict[int, RunHeader]
+    records: list[Record]
+    steps: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _files: OrderedDict[str, SafetensorsFile] = field(default_factory=OrderedDict, repr=False)
+
+    @property
+    def header(self) -> RunHeader:
+        """The header of the lowest rank (rank 0 for a single-process run)."""
+        return self.headers[min(self.headers)]
+
+    @property
+    def world_size(self) -> int:
+        """World size recorded in the header."""
+        return self.header.world_size
+
+    @property
+    def mode(self) -> str:
+        """``full`` (tensor data stored) or ``stats`` (statistics only)."""
+        return self.header.mode
+
+    def step_tags(self, step: int, rank: int = 0) -> dict[str, Any]:
+        """Per-step metadata (``input_ids``, ``positions``, ``seq_lens``) or ``{}``."""
+        return self.steps.get((step, rank), {})
+
+    def _file(self, rel: str) -> SafetensorsFile:
+        handle = self._files.get(rel)
+        if handle is None:
+            path = (self.path / rel).resolve()
+            if self.path.resolve() not in path.parents:
+                raise CorruptDataError(f"data path {rel!r} escapes the dump directory {self.path}")
+            if not path.is_file():
+                raise CorruptDataError(f"data file {path} named in the manifest is missing")
+            handle = SafetensorsFile(path)
+            self._files[rel] = handle
+            while len(self._files) > OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(rel)
+        return handle
+
+    def raw(self, record: Record) -> np.ndarray:
+        """The record's data as a read-only array of its storage dtype (bfloat16 as uint16 bits)."""
+        if record.file is None or record.key is None:
+            raise DumpError(f"record {record.name!r} (step {record.step}) has no tensor data: "
+                            f"{self.path} is a statistics-only dump")
+        handle = self._file(record.file)
+        info = handle.tensors.get(record.key)
+        if info is None:
+            raise CorruptDataError(f"data file {handle.path} lacks tensor {record.key!r} "
+                                   f"of record {record.name!r}")
+        if info.shape != record.shape or info.dtype != record.dtype:
+            raise CorruptDataError(
+                f"record {record.name!r} says {record.dtype}{list(record.shape)} but "
+                f"{handle.path} holds {info.dtype}{list(info.shape)}")
+        return handle.raw(record.key)
+
+    def array(self, record: Record, dtype: type = np.float64) -> np.ndarray:
+        """The record's data widened to ``dtype`` (default float64). Copies; small tensors only."""
+        return to_float(self.raw(record), record.dtype, dtype)
+
+    def close(self) -> None:
+        """Close every open data file."""
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise DumpError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    lines = text.split(b"\n")
+    complete = text.endswith(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        is_last = number == len(lines)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if is_last and not complete:
+                notes.append(f"{path.name}: ignored a final line cut short (the writer was interrupted)")
+                return
+            raise DumpError(f"{path}:{number}: manifest line is not valid JSON (corrupted dump)") from None
+        if not isinstance(obj, dict):
+            raise DumpError(f"{path}:{number}: manifest line is not a JSON object")
+        yield number, obj
+
+
+def load_run(path: str | Path) -> Run:
+    """Read and validate a dump directory. Raises :class:`DumpError` if it is not a usable dump."""
+    root = Path(path)
+    if not root.exists():
+        raise DumpError(f"dump directory {root} does not exist")
+    if not root.is_dir():
+        raise DumpError(f"{root} is not a directory (expected a parity dump directory)")
+    manifests = sorted(root.glob(MANIFEST_GLOB))
+    if not manifests:
+        raise DumpError(f"{root} is not a parity dump: no {MANIFEST_GLOB} in it")
+    headers: dict[int, RunHeader] = {}
+    records: list[Record] = []
+    steps: dict[tuple[int, int], dict[str, Any]] = {}
+    notes: list[str] = []
+    seen: set[tuple[str, int, int]] = set()
+    for manifest in manifests:
+        header: RunHeader | None = None
+        for number, obj in _lines(manifest, notes):
+            where = f"{manifest}:{number}"
+            kind = obj.get("type")
+            if header is None:
+                if kind != "header":
+                    raise DumpError(f"{where}: first manifest line must be the run header")
+                header = parse_header(obj, where)
+                if header.rank in headers:
+                    raise DumpError(f"{where}: two manifests claim rank {header.rank}")
+                headers[header.rank] = header
+            elif kind == "record":
+                record = parse_record(obj, where)
+                if record.rank != header.rank:
+                    raise DumpError(f"{where}: record of rank {record.rank} in the manifest of rank {header.rank}")
+                ident = (record.name, record.step, record.rank)
+                if ident in seen:
+                    raise DumpError(f"{where}: record {record.name!r} step {record.step} appears twice")
+                seen.add(ident)
+                records.append(record)
+            elif kind == "step":
+                step, tags = obj.get("step"), obj.get("tags")
+                if not isinstance(step, int) or not isinstance(tags, dict):
+                    raise DumpError(f"{where}: malformed step line")
+                steps[(step, header.rank)] = tags
+            elif kind == "note":
+                notes.append(f"rank {header.rank}: {obj.get('message', '')}")
+            elif kind == "header":
+                raise DumpError(f"{where}: a second header line")
+            else:
+                raise DumpError(f"{where}: unknown manifest line type {kind!r}")
+        if header is None:
+            raise DumpError(f"{manifest} is empty: the capture wrote no header")
+    worlds = {h.world_size for h in headers.values()}
+    if len(worlds) > 1:
+        raise DumpError(f"{root}: ranks disagree on world_size ({sorted(worlds)})")
+    records.sort(key=lambda r: (r.step, r.order, r.rank))
+    return Run(path=root, headers=headers, records=records, steps=steps, notes=notes)
