@@ -21,7 +21,7 @@ __all__ = ["capture", "dump", "next_step", "load_run", "compare", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "capture":
-        from parity.capture.hooks import capture
+        from parity.capturing.hooks import capture
 
         return capture
     if name == "load_run":

@@ -46,7 +46,7 @@ class _ProcessSession:
 
     def _get(self) -> Any:
         if self._session is None:
-            from parity.capture.session import CaptureSession
+            from parity.capturing.session import CaptureSession
 
             self._session = CaptureSession.process_wide(self.path)
             atexit.register(self._session.close)

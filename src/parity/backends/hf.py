@@ -6,7 +6,7 @@ device), and runs one forward pass per prompt (each prompt is one step, batch 1,
 under :func:`parity.capture`, so every step's token ids and positions are stored with it.
 
 Defaults: the built-in model :data:`DEFAULT_MODEL` and prompt set :data:`DEFAULT_PROMPTS`
-shipped in ``parity/assets``; the tap set of :data:`parity.capture.taps.DECODER_LM_TAPS`.
+shipped in ``parity/assets``; the tap set of :data:`parity.capturing.taps.DECODER_LM_TAPS`.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def run_and_capture(loaded: LoadedModel, prompts: Sequence[str], out_dir: str | 
     """
     import torch
 
-    from parity.capture.hooks import capture
+    from parity.capturing.hooks import capture
 
     model, tokenizer = loaded.model, loaded.tokenizer
     info = {**model_identity(loaded.path), "architecture": type(model).__name__}

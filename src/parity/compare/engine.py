@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from parity.capture.taps import Tap, compile_tap, layer_of, tap_kind
+from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind
 from parity.compare.metrics import pair_metrics
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side

@@ -167,7 +167,9 @@ def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, 
         rel_l2 = norm_d / norm_b
     else:
         rel_l2 = 0.0 if norm_d == 0 else math.inf
-    if norm_b > 0 and norm_t > 0:
+    if sum_dd == 0 and nonfinite_mismatch == 0:
+        cosine = 1.0  # identical: exactly 1, not 1 - rounding
+    elif norm_b > 0 and norm_t > 0:
         cosine = max(-1.0, min(1.0, sum_tb / (norm_b * norm_t)))
     else:
         cosine = 1.0 if norm_b == norm_t == 0 else 0.0

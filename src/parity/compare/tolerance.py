@@ -11,7 +11,7 @@ Resolution order for a pair named N whose lower-precision side has dtype D:
 3. ``--rtol`` / ``--atol`` given on the command line (each replaces its half of the default);
 4. the default for D in :data:`DEFAULTS`.
 
-Patterns are the segment-aware globs of :mod:`parity.capture.taps` (or ``re:REGEX``).
+Patterns are the segment-aware globs of :mod:`parity.capturing.taps` (or ``re:REGEX``).
 
 Defaults (rtol, atol) per dtype of the lower-precision side, sized for whole-model
 activation comparisons (errors accumulate over layers, so they are looser than
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from parity.capture.taps import compile_tap
+from parity.capturing.taps import compile_tap
 from parity.errors import UsageError
 
 RULE = "|t - b| <= max(atol, rtol * |b|)  (b = baseline, the reference)"

@@ -12,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from parity.capture.taps import compile_tap
+from parity.capturing.taps import compile_tap
 from parity.report.terminal import g
 from parity.store.reader import Run
 

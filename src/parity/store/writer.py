@@ -114,9 +114,14 @@ class DumpWriter:
         tmp = final.with_name(final.name + ".tmp")
         records = []
         tensors = {}
+        storages: set[int] = set()
         for record, tensor in self._pending:
             if tensor is not None:
                 record = Record(**{**record.__dict__, "file": rel})
+                storage = tensor.untyped_storage().data_ptr()
+                if storage in storages:  # safetensors refuses tensors that share memory
+                    tensor = tensor.clone()
+                storages.add(tensor.untyped_storage().data_ptr())
                 tensors[record.key] = tensor
             records.append(record)
         try:

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from parity.capture.stats import tensor_stats
-from parity.capture.taps import layer_of
+from parity.capturing.stats import tensor_stats
+from parity.capturing.taps import layer_of
 from parity.store.format import DTYPES, FORMAT_VERSION, Record, RunHeader
 from parity.store.writer import SHARD_BYTES, DumpWriter
 
@@ -134,7 +134,7 @@ class CaptureSession:
 
     def next_step(self, tags: dict[str, Any] | None = None) -> int:
         """Start a new step (forward pass); ``tags`` are stored as its metadata."""
-        self.step += 1
+        self.step = 0 if self.step < 0 and self._order == 0 else self.current_step + 1
         self._order = 0
         self._names.clear()
         if tags and self.active:

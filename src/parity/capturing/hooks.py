@@ -5,7 +5,7 @@ Usage::
     with parity.capture(model, "dumps/baseline") as session:
         model(input_ids)
 
-Defaults: ``taps=None`` (the decoder-LM tap set of :mod:`parity.capture.taps`, or every leaf
+Defaults: ``taps=None`` (the decoder-LM tap set of :mod:`parity.capturing.taps`, or every leaf
 module when that matches nothing), ``mode="full"`` (tensors; ``"stats"`` keeps statistics
 only), ``spec`` / ``model_info`` are stored in the run header as given.
 
@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from parity import _explicit
-from parity.capture.flatten import flatten_output, select_element
-from parity.capture.session import CaptureSession
-from parity.capture.taps import Tap, select_taps
+from parity.capturing.flatten import flatten_output, select_element
+from parity.capturing.session import CaptureSession
+from parity.capturing.taps import Tap, select_taps
 
 
 def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
             model_info: dict[str, Any] | None = None) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
 
-    Yields the :class:`~parity.capture.session.CaptureSession` (``session.error`` says why
+    Yields the :class:`~parity.capturing.session.CaptureSession` (``session.error`` says why
     capture turned itself off, if it did). ``parity.dump`` calls inside the block go to the same
     dump. The dump is complete when the block exits.
     """

@@ -1,0 +1,335 @@
+"""Benchmark: does ``parity compare`` keep its peak memory bounded as dumps grow?
+
+What it measures
+    It writes pairs of synthetic dumps (baseline and target) that hold N float32 tensors of the
+    same shape each (default ``[512, 1024]``, 2 MiB per tensor; N = 50, 200, 800, so the dumps
+    differ 16x in size), the target being the baseline times ``1 + noise * randn`` (relative
+    noise 1e-6, well inside the float32 default tolerance, so every compare passes). For each N
+    it then runs ``python -m parity.cli compare BASE TARGET --json OUT.json`` in a fresh
+    process and reports its wall time (process start and imports included), throughput (bytes
+    of tensor data read on both sides per second) and peak resident set size.
+
+    The compare engine reads one pair at a time from memory-mapped shards, in chunks, so its
+    peak RSS should not grow with N. The last lines print the ratio of the peak RSS at the
+    largest N to the one at the smallest N and ``bounded: yes`` when the largest peak is within
+    ``1.25 x smallest + 50 MB``.
+
+How peak memory is measured
+    Each compare runs under a tiny Python wrapper process that executes the CLI in-process
+    (``runpy``, exactly what ``python -m parity.cli`` does) and, at exit, reads
+    ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the kernel's high-water mark of the RSS).
+    ``RUSAGE_CHILDREN`` is not used: it is the maximum over all children ever waited for, so it
+    cannot tell one compare from the next. On Linux the wrapper also samples
+    ``/proc/self/status`` every few milliseconds to split the peak into anonymous memory (heap,
+    numpy buffers) and file-backed pages (the memory-mapped shards, which count in RSS while
+    mapped and touched but are page cache the kernel can drop). These "peak anon" / "peak file"
+    columns are sampled, so they can miss a spike shorter than the sampling period.
+
+Page cache
+    The figures are for dumps in the page cache (the usual case right after a capture). The
+    data files are read once after writing, and one unmeasured compare runs first (the smallest
+    N), so no measured run pays for disk reads or a cold import.
+
+Running it
+    ``.venv/bin/python bench/compare_memory.py`` (or ``make bench``). Options:
+    ``--records 50,200,800`` (record counts), ``--shape 512,1024`` (tensor shape),
+    ``--noise 1e-6`` (relative noise of the target), ``--repeat 1`` (measured runs per N: best
+    wall time, highest peak RSS), ``--profile`` (also run the largest compare once under
+    cProfile and print the top functions by cumulative time), ``--workdir DIR`` (where the dumps
+    go; default a fresh temporary directory removed at the end; a given DIR is kept).
+    With the defaults it writes about 4.4 GB of dumps (needs that much free disk, and RAM to
+    keep them cached) and finishes in well under two minutes on a two-core machine.
+
+    Exit status: 0 when bounded, 1 when not, 2 when a compare failed to run.
+
+Figures vary from run to run, and much more on a shared machine (other processes compete for
+CPU, memory bandwidth and page cache); compare figures taken on the same machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MB = 1_000_000
+GB = 1_000_000_000
+#: First argument of the internal child that writes one pair of dumps.
+WRITE_COMMAND = "_write-pair"
+
+#: Run in the measuring subprocess: argv = [result_json, *cli_args]. Runs the CLI as
+#: ``python -m parity.cli`` would, then writes exit code, in-process wall time and peak RSS.
+WRAPPER = r"""
+import json, os, resource, runpy, sys, threading, time
+
+result_path, cli_args = sys.argv[1], sys.argv[2:]
+peak = {"anon_kb": 0, "file_kb": 0, "hwm_kb": 0}
+stop = threading.Event()
+
+def status_kb():
+    out = {}
+    with open("/proc/self/status", "rb") as fh:
+        for line in fh:
+            if line.startswith((b"RssAnon:", b"RssFile:", b"RssShmem:", b"VmHWM:")):
+                key, value = line.split(b":", 1)
+                out[key.decode()] = int(value.split()[0])
+    return out
+
+def sample():
+    while True:
+        s = status_kb()
+        peak["anon_kb"] = max(peak["anon_kb"], s.get("RssAnon", 0))
+        peak["file_kb"] = max(peak["file_kb"], s.get("RssFile", 0) + s.get("RssShmem", 0))
+        if stop.wait(0.005):
+            return
+
+sampler = None
+if os.path.exists("/proc/self/status"):
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+sys.argv = ["parity", *cli_args]
+start = time.perf_counter()
+code = 0
+try:
+    runpy.run_module("parity.cli", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+wall = time.perf_counter() - start
+if sampler is not None:
+    stop.set()
+    sampler.join()
+    peak["hwm_kb"] = status_kb().get("VmHWM", 0)
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+maxrss_bytes = maxrss if sys.platform == "darwin" else maxrss * 1024  # macOS: bytes, else KiB
+with open(result_path, "w") as fh:
+    json.dump({"code": code, "inner_wall_s": wall, "maxrss_bytes": maxrss_bytes,
+               "hwm_bytes": peak["hwm_kb"] * 1024 if sampler else None,
+               "peak_anon_bytes": peak["anon_kb"] * 1024 if sampler else None,
+               "peak_file_bytes": peak["file_kb"] * 1024 if sampler else None}, fh)
+"""
+
+#: Like WRAPPER but under cProfile; prints the top functions by cumulative time.
+PROFILE_WRAPPER = r"""
+import cProfile, pstats, runpy, sys
+top, cli_args = int(sys.argv[1]), sys.argv[2:]
+sys.argv = ["parity", *cli_args]
+profiler = cProfile.Profile()
+profiler.enable()
+try:
+    runpy.run_module("parity.cli", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+profiler.disable()
+pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(top)
+"""
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=lambda s: _ints(s, "--records"), default=[50, 200, 800],
+                        help="record counts per dump, comma-separated (default 50,200,800)")
+    parser.add_argument("--shape", type=lambda s: tuple(_ints(s, "--shape")), default=(512, 1024),
+                        help="shape of every tensor, comma-separated (default 512,1024: 2 MiB float32)")
+    parser.add_argument("--noise", type=float, default=1e-6,
+                        help="relative noise of the target against the baseline (default 1e-6)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measured runs per record count (default 1)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="directory for the dumps (kept); default a temporary one, removed at the end")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the largest compare with cProfile (top 10 by cumulative time)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    return args
+
+
+def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: int) -> tuple[Path, Path]:
+    """Write baseline and target dumps of ``n`` float32 records of ``shape`` under ``root``."""
+    import torch
+
+    from parity.store.format import FORMAT_VERSION, Record, RunHeader
+    from parity.store.writer import DumpWriter
+
+    base_dir, target_dir = root / f"n{n}-baseline", root / f"n{n}-target"
+    header = RunHeader(format_version=FORMAT_VERSION, rank=0, world_size=1, mode="full",
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S"), spec={"bench": "compare_memory"},
+                       model={"name": "synthetic"}, env={"torch": torch.__version__})
+    writers = [DumpWriter(d, header, durable=False) for d in (base_dir, target_dir)]
+    for w in writers:
+        w.open()
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for i in range(n):
+            # Activation-like: unit normal, a per-row scale, a few large outlier channels.
+            base = torch.randn(shape, generator=gen)
+            if len(shape) >= 2:
+                base *= torch.rand(shape[:-1] + (1,), generator=gen) * 2 + 0.1
+                base[..., : max(1, shape[-1] // 256)] *= 20
+            target = base * (1 + noise * torch.randn(shape, generator=gen))
+            for w, tensor in zip(writers, (base, target)):
+                record = Record(name=f"model.layers.{i}.mlp", step=0, rank=0, order=i, shape=tuple(shape),
+                                dtype="float32", file=None, key=f"model.layers.{i}.mlp/step0",
+                                stats={}, tags={"layer": i})
+                w.add(record, tensor.contiguous())
+    finally:
+        for w in writers:
+            w.close()
+    return base_dir, target_dir
+
+
+def write_pair_in_child(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: int) -> tuple[Path, Path]:
+    """:func:`write_pair` in a child process, so that this process never imports torch.
+
+    The measuring processes are started from this one; a large parent would not change what
+    they measure (VmHWM starts afresh at exec) but would inflate ``ru_maxrss``, which Linux
+    carries over exec from the forked copy of the parent."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), WRITE_COMMAND, str(root), str(n),
+           ",".join(map(str, shape)), repr(noise), str(seed)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"writing the N={n} dumps failed: {proc.stderr.strip()[-2000:]}")
+    base, target = proc.stdout.split()
+    return Path(base), Path(target)
+
+
+def warm_page_cache(*dirs: Path) -> int:
+    """Read every file of ``dirs`` once; returns the bytes read."""
+    total = 0
+    for d in dirs:
+        for path in sorted(d.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(16 << 20):
+                        total += len(chunk)
+    return total
+
+
+def data_bytes(*dirs: Path) -> int:
+    """Bytes of the shard files (tensor data plus safetensors headers) under ``dirs``."""
+    return sum(p.stat().st_size for d in dirs for p in d.rglob("*.safetensors"))
+
+
+def run_compare(base: Path, target: Path, out: Path) -> dict:
+    """Run one compare in a fresh wrapped process; returns its measurements."""
+    result = out.with_suffix(".rusage.json")
+    cmd = [sys.executable, "-c", WRAPPER, str(result), "compare", str(base), str(target), "--json", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"wrapper failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    measured = json.loads(result.read_text())
+    if measured["code"] not in (0, 1):  # 1: a divergence was found, still a full compare
+        raise RuntimeError(f"parity compare exited {measured['code']}: {proc.stderr.strip()[-2000:]}")
+    report = json.loads(out.read_text())
+    measured["wall_s"] = wall
+    measured["verdict"] = report["summary"]["verdict"]
+    measured["pairs"] = report["summary"]["pairs"]
+    return measured
+
+
+def profile_compare(base: Path, target: Path, out: Path, top: int = 10) -> str:
+    cmd = [sys.executable, "-c", PROFILE_WRAPPER, str(top), "compare", str(base), str(target), "--json", str(out)]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = sorted(set(args.records))
+    shape = tuple(args.shape)
+    own_workdir = args.workdir is None
+    root = Path(tempfile.mkdtemp(prefix="parity-bench-")) if own_workdir else args.workdir
+    root.mkdir(parents=True, exist_ok=True)
+    tensor_mib = 4 * __import__("math").prod(shape) / (1 << 20)
+    print(f"parity compare memory benchmark: float32 {list(shape)} tensors ({tensor_mib:.3g} MiB each), "
+          f"records {counts}, relative noise {args.noise:g}, repeat {args.repeat}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {root}")
+    try:
+        t0 = time.perf_counter()
+        pairs: dict[int, tuple[Path, Path]] = {}
+        for index, n in enumerate(counts):
+            if (root / f"n{n}-baseline").exists() or (root / f"n{n}-target").exists():
+                raise SystemExit(f"{root} already holds dumps for N={n}; choose an empty --workdir")
+            pairs[n] = write_pair_in_child(root, n, shape, args.noise, seed=1234 + index)
+        write_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cached = warm_page_cache(*(d for pair in pairs.values() for d in pair))
+        print(f"wrote {cached / GB:.2f} GB of dumps in {write_s:.1f} s; read back (page cache warm-up) "
+              f"in {time.perf_counter() - t0:.1f} s")
+        smallest = counts[0]
+        run_compare(*pairs[smallest], root / "warmup.json")  # unmeasured: imports, .pyc, page cache
+
+        rows = []
+        for n in counts:
+            runs = [run_compare(*pairs[n], root / f"n{n}-report.json") for _ in range(args.repeat)]
+            size = data_bytes(*pairs[n])
+            best = min(r["wall_s"] for r in runs)
+            rows.append({
+                "n": n, "gb": size / GB, "wall_s": best, "gbps": size / GB / best,
+                "rss_mb": max(r["hwm_bytes"] or r["maxrss_bytes"] for r in runs) / MB,
+                "maxrss_mb": max(r["maxrss_bytes"] for r in runs) / MB,
+                "anon_mb": (max(r["peak_anon_bytes"] for r in runs) / MB
+                            if runs[0]["peak_anon_bytes"] is not None else None),
+                "file_mb": (max(r["peak_file_bytes"] for r in runs) / MB
+                            if runs[0]["peak_file_bytes"] is not None else None),
+                "verdict": runs[-1]["verdict"], "pairs": runs[-1]["pairs"],
+            })
+
+        print()
+        print(f"{'records':>8} {'input GB':>9} {'wall s':>7} {'GB/s':>6} {'peak RSS MB':>12} "
+              f"{'peak anon MB':>13} {'peak file MB':>13}  verdict")
+        for r in rows:
+            anon = f"{r['anon_mb']:13.0f}" if r["anon_mb"] is not None else f"{'n/a':>13}"
+            file_ = f"{r['file_mb']:13.0f}" if r["file_mb"] is not None else f"{'n/a':>13}"
+            print(f"{r['n']:>8} {r['gb']:9.2f} {r['wall_s']:7.2f} {r['gbps']:6.2f} {r['rss_mb']:12.0f} "
+                  f"{anon} {file_}  {r['verdict']} ({r['pairs']} pairs)")
+        for r in rows:
+            if r["pairs"] != r["n"]:
+                print(f"warning: N={r['n']}: the report has {r['pairs']} pairs, expected {r['n']}")
+        lo, hi = rows[0], rows[-1]
+        ratio = hi["rss_mb"] / lo["rss_mb"]
+        limit = 1.25 * lo["rss_mb"] + 50
+        bounded = hi["rss_mb"] <= limit
+        print()
+        print(f"peak RSS ratio (N={hi['n']} / N={lo['n']}): {ratio:.2f}x for {hi['gb'] / lo['gb']:.0f}x the input "
+              f"(limit {limit:.0f} MB = 1.25 x {lo['rss_mb']:.0f} + 50)")
+        print(f"bounded: {'yes' if bounded else 'no'}")
+
+        if args.profile:
+            n = counts[-1]
+            print(f"\ncProfile of one compare at N={n} (top 10 by cumulative time):")
+            print(profile_compare(*pairs[n], root / "profile.json"))
+        return 0 if bounded else 1
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if own_workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [WRITE_COMMAND]:  # internal: see write_pair_in_child
+        _root, _n, _shape, _noise, _seed = sys.argv[2:]
+        print(*write_pair(Path(_root), int(_n), tuple(_ints(_shape, "shape")), float(_noise), int(_seed)))
+        sys.exit(0)
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Comparison verdicts on real runs of the tiny model: what a user relies on to find a divergence."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import parity
+from parity.backends.hf import run_and_capture
+from parity.compare.engine import compare
+from parity.compare.pairing import parse_rename
+from parity.compare.tolerance import TolerancePolicy, parse_override
+from parity.store.writer import DumpWriter
+from parity.store.format import FORMAT_VERSION, Record, RunHeader
+
+
+def test_identical_runs_pass_every_pair_with_zero_error(fp32_model, prompts, baseline_dump, tmp_path):
+    again = tmp_path / "again"
+    run_and_capture(fp32_model, prompts, again)
+    report = compare(baseline_dump, again)
+    assert report.verdict == "pass" and report.first_divergence is None
+    assert len(report.outcomes) == 4 * 23
+    for o in report.outcomes:
+        assert o.kind == "pass"
+        assert o.metrics.max_abs == 0.0 and o.metrics.rel_l2 == 0.0 and o.metrics.cosine == 1.0
+        assert o.metrics.sqnr_db == float("inf")
+    assert [layer.layer for layer in report.layers] == [0, 1, 2, 3]
+
+
+def test_fp32_vs_bf16_reports_a_divergence_with_sane_numbers(baseline_dump, bf16_dump):
+    report = compare(baseline_dump, bf16_dump)
+    assert report.verdict == "fail"
+    first = report.first_divergence
+    assert first is not None and first.kind == "fail" and first.step == 0
+    assert first.tolerance.source == "default for bfloat16"
+    assert "dtypes differ (float32 vs bfloat16)" in first.notes[0]
+    for o in report.outcomes:
+        m = o.metrics
+        # bf16 keeps ~3 significant digits: relative errors of 1e-3..5e-2, cosine close to 1
+        assert 1e-4 < m.rel_l2 < 5e-2, (o.name, m.rel_l2)
+        assert m.cosine > 0.999
+        assert 20 < m.sqnr_db < 70
+    # the smallest passing tolerance really passes
+    m = first.metrics
+    relaxed = TolerancePolicy(rtol=first.tolerance.rtol, atol=m.needed_atol)
+    again = compare(baseline_dump, bf16_dump, policy=relaxed)
+    same = next(o for o in again.outcomes if (o.name, o.step) == (first.name, first.step))
+    assert same.kind == "pass"
+    # error grows (weakly) along depth: the report shows it per layer
+    assert report.layers[-1].rel_l2 >= report.layers[0].rel_l2
+
+
+def test_fault_in_layer1_mlp_is_the_first_divergence(fp32_model, prompts, baseline_dump, tmp_path):
+    model = fp32_model.model
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out * 1.01)
+    try:
+        run_and_capture(fp32_model, prompts, tmp_path / "faulty")
+    finally:
+        handle.remove()
+    report = compare(baseline_dump, tmp_path / "faulty")
+    first = report.first_divergence
+    assert (first.name, first.step, first.layer, first.kind) == ("model.layers.1.mlp", 0, 1, "fail")
+    assert first.metrics.rel_l2 == pytest.approx(0.01, rel=1e-3)
+    before = [o for o in report.outcomes if o.step == 0][:report.outcomes.index(first)]
+    assert before and all(o.kind == "pass" and o.metrics.max_abs == 0 for o in before)
+    # the depth profile shows where the error jumps
+    assert report.layers[0].rel_l2 == 0.0 and report.layers[1].rel_l2 > 5e-3
+
+
+def _drop(src: Path, dst: Path, names: set[str]) -> None:
+    """Copy a dump, removing records by name from its manifest (their data stays on disk)."""
+    shutil.copytree(src, dst)
+    manifest = dst / "manifest-rank0.jsonl"
+    lines = [line for line in manifest.read_text().splitlines()
+             if not any(f'"name":"{n}"' in line for n in names)]
+    manifest.write_text("\n".join(lines) + "\n")
+
+
+def test_missing_records_on_either_side_fail_unless_allowed(baseline_dump, tmp_path):
+    _drop(baseline_dump, tmp_path / "no_head", {"lm_head"})
+    report = compare(baseline_dump, tmp_path / "no_head")
+    missing = [o for o in report.outcomes if o.kind != "pass"]
+    assert {o.kind for o in missing} == {"missing_in_target"} and len(missing) == 4
+    assert report.verdict == "fail" and report.first_divergence.name == "lm_head"
+    reverse = compare(tmp_path / "no_head", baseline_dump)
+    assert {o.kind for o in reverse.outcomes if o.kind != "pass"} == {"missing_in_baseline"}
+    assert reverse.verdict == "fail"
+    allowed = compare(baseline_dump, tmp_path / "no_head", allow_missing=["lm_head"])
+    assert allowed.verdict == "pass" and allowed.counts()["allowed"] == 4
+    assert all(o.allowed for o in allowed.outcomes if o.kind == "missing_in_target")
+
+
+def test_allow_failed_excuses_known_noisy_taps_only(baseline_dump, bf16_dump):
+    report = compare(baseline_dump, bf16_dump, allow_failed=["**.layers.*.*layernorm", "model.norm", "**.layers.*"])
+    remaining = [o for o in report.outcomes if not o.ok]
+    assert all(not o.name.endswith("layernorm") for o in remaining)
+    assert all(o.allowed for o in report.outcomes if o.name == "model.norm" and o.kind != "pass")
+
+
+def test_tolerance_overrides_say_where_they_came_from(baseline_dump, bf16_dump):
+    policy = TolerancePolicy(cli_overrides=[parse_override("**.mlp:rtol=0.5,atol=0.1")], rtol=0.2)
+    report = compare(baseline_dump, bf16_dump, policy=policy)
+    mlp = next(o for o in report.outcomes if o.name == "model.layers.0.mlp")
+    assert (mlp.tolerance.rtol, mlp.tolerance.atol) == (0.5, 0.1)
+    assert mlp.tolerance.source == "--tol **.mlp:rtol=0.5,atol=0.1"
+    norm = next(o for o in report.outcomes if o.name == "model.norm")
+    assert (norm.tolerance.rtol, norm.tolerance.atol) == (0.2, 0.01)
+    assert "--rtol 0.2" in norm.tolerance.source and "default for bfloat16" in norm.tolerance.source
+
+
+def test_rename_rules_pair_runs_whose_module_names_differ(baseline_dump, tmp_path):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(baseline_dump, renamed)
+    manifest = renamed / "manifest-rank0.jsonl"
+    manifest.write_text(manifest.read_text().replace('"name":"model.layers.', '"name":"decoder.blocks.'))
+    unpaired = compare(baseline_dump, renamed)
+    assert unpaired.verdict == "fail"
+    paired = compare(baseline_dump, renamed, renames=[parse_rename(r"^decoder\.blocks\.=model.layers.")])
+    assert paired.verdict == "pass"
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    writer = DumpWriter(path, RunHeader(format_version=FORMAT_VERSION), durable=False)
+    writer.open()
+    for order, (name, tensor) in enumerate(tensors.items()):
+        writer.add(Record(name=name, step=0, rank=0, order=order, shape=tuple(tensor.shape),
+                          dtype=str(tensor.dtype).removeprefix("torch."), file=None, key=name,
+                          stats={}, tags={}), tensor.contiguous())
+    writer.close()
+
+
+def test_shape_nonfinite_and_degenerate_outcomes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g)
+    _write(tmp_path / "b", {"squeezable": x, "shape": x, "nan": x, "zeros": x, "const": x, "ok": x})
+    nan = x.clone()
+    nan[2, 3] = float("nan")
+    _write(tmp_path / "t", {"squeezable": x[None], "shape": x[:4], "nan": nan, "zeros": torch.zeros_like(x),
+                            "const": torch.full_like(x, 0.5), "ok": x + 1e-7})
+    report = compare(tmp_path / "b", tmp_path / "t")
+    kinds = {o.name: o.kind for o in report.outcomes}
+    assert kinds == {"squeezable": "pass", "shape": "shape_mismatch", "nan": "nonfinite",
+                     "zeros": "degenerate", "const": "degenerate", "ok": "pass"}
+    by = {o.name: o for o in report.outcomes}
+    assert "size-1 dims" in by["squeezable"].notes[0]
+    assert "[5, 8]" in by["shape"].reason and "[4, 8]" in by["shape"].reason
+    assert "target is all zeros" in by["zeros"].reason
+    assert by["nan"].metrics.nan_target == 1 and by["nan"].metrics.nonfinite_mismatch == 1
+    assert report.first_divergence.name == "shape"
+
+
+def test_report_json_is_complete_and_strict(baseline_dump, bf16_dump):
+    import json
+
+    data = json.loads(json.dumps(compare(baseline_dump, bf16_dump).to_json(), allow_nan=False))
+    assert data["summary"]["verdict"] == "fail"
+    first = data["first_divergence"]
+    assert {"name", "step", "rank", "outcome", "metrics", "tolerance", "needed", "layer"} <= set(first)
+    assert len(data["pairs"]) == data["summary"]["pairs"] == 92
+    assert data["tolerance"]["rule"].startswith("|t - b| <= max(atol, rtol * |b|)")
+    assert data["layers"][0]["layer"] == 0
