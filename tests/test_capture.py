@@ -211,3 +211,14 @@ def test_process_wide_dump_from_environment_variable(tmp_path):
     assert run.records[1].stats["zero"] == 4
     header = json.loads((out / "manifest-rank0.jsonl").read_text().splitlines()[0])
     assert header["type"] == "header" and header["format_version"].startswith("1.")
+
+
+def test_non_finite_statistics_and_tags_do_not_stop_capture(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Identity())
+    with parity.capture(model, tmp_path / "d") as session:
+        model(torch.full((4,), 1e300, dtype=torch.float64))  # its L2 norm overflows float64
+        parity.dump("scaled", torch.ones(2), scale=float("nan"))
+    assert session.error is None
+    run = load_run(tmp_path / "d")
+    assert [r.name for r in run.records] == ["0", "scaled"]
+    assert run.records[0].stats["l2"] == "inf" and run.records[1].tags["scale"] == "nan"

@@ -9,6 +9,7 @@ table carries the layer index (``-`` for taps outside the layer stack).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich import box
@@ -42,9 +43,20 @@ def g(x: Any) -> str:
     return str(x)
 
 
+def g_up(x: float | None) -> str:
+    """Like :func:`g` but rounded up, for tolerances that must still pass when copied."""
+    if x is None or not isinstance(x, float) or not math.isfinite(x) or x == 0:
+        return g(x)
+    text = f"{x:.3g}"
+    if float(text) < x:
+        exponent = math.floor(math.log10(abs(x))) - 2
+        text = f"{math.ceil(x / 10 ** exponent) * 10 ** exponent:.3g}"
+    return text
+
+
 def _e(x: float) -> str:
     """Short exponent form: 1e-05 -> 1e-5."""
-    return f"{x:g}".replace("e-0", "e-").replace("e+0", "e+")
+    return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e+") if x else "0"
 
 
 def _layer(o: Outcome) -> str:
@@ -64,8 +76,10 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
     console.print(Text("baseline: ", style="bold") + Text(_spec(report.baseline)))
     console.print(Text("target:   ", style="bold") + Text(_spec(report.target)))
     console.print(Text("rule:     ", style="bold") + Text(tol["rule"]))
-    console.print(Text("defaults: ", style="bold") + Text("lower-precision dtype: " + ", ".join(
-        f"{k} {_e(v['rtol'])}/{_e(v['atol'])}" for k, v in tol["defaults"].items()) + " (rtol/atol)"))
+    short = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    console.print(Text("defaults: ", style="bold") + Text(", ".join(
+        f"{short.get(k, k)} {_e(v['rtol'])}/{_e(v['atol'])}" for k, v in tol["defaults"].items())
+        + " (rtol/atol by lower dtype)"))
     for override in tol.get("overrides", []):
         console.print(Text("override: ", style="bold") + Text(
             f"{override['pattern']} rtol={override['rtol']:g} atol={override['atol']:g} ({override['source']})"))
@@ -94,8 +108,8 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
             console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
                           f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
             if first.metrics is not None and first.kind != "pass":
-                console.print(f"  layer {_layer(first)}: would pass with atol>={g(first.metrics.needed_atol)} "
-                              f"at this rtol, or rtol>={g(first.metrics.needed_rtol)} at this atol")
+                console.print(f"  layer {_layer(first)}: would pass with atol>={g_up(first.metrics.needed_atol)} "
+                              f"at this rtol, or rtol>={g_up(first.metrics.needed_rtol)} at this atol")
         if first.metrics is not None:
             m = first.metrics
             console.print(f"  layer {_layer(first)}: rel L2 {g(m.rel_l2)}, cosine {m.cosine:.6f}, "
@@ -124,7 +138,7 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
             table.add_row(_layer(o), str(o.step), o.name, Text(kind, style=STYLE.get(o.kind, "")),
                           g(m.rel_l2) if m else "-", g(m.max_abs) if m else "-",
                           f"{m.cosine:.5f}" if m else "-",
-                          g(m.needed_atol) if m and o.kind != "pass" else "-")
+                          g_up(m.needed_atol) if m and o.kind != "pass" else "-")
         console.print(table)
 
     counts = report.counts()
