@@ -57,7 +57,6 @@ class Outcome:
     tolerance: Tolerance | None = None
     allowed: bool = False
     notes: list[str] = field(default_factory=list)
-    statistics_based: bool = False
 
     @property
     def ok(self) -> bool:
@@ -75,7 +74,7 @@ class Outcome:
             "tolerance": self.tolerance.to_json() if self.tolerance else None,
             "needed": ({"rtol": json_float(self.metrics.needed_rtol), "atol": json_float(self.metrics.needed_atol)}
                        if self.metrics and self.kind != "pass" else None),
-            "notes": self.notes, "statistics_based": self.statistics_based,
+            "notes": self.notes,
         }
 
 
@@ -109,7 +108,6 @@ class Report:
     outcomes: list[Outcome]
     layers: list[LayerError]
     notes: list[str] = field(default_factory=list)
-    statistics_based: bool = False
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -140,7 +138,6 @@ class Report:
                 "passed": counts["pass"], "failed": sum(1 for o in self.outcomes if not o.ok),
                 "allowed": counts["allowed"],
                 "outcomes": {k: counts[k] for k in OUTCOMES},
-                "statistics_based": self.statistics_based,
             },
             "first_divergence": first.to_json() if first else None,
             "baseline": self.baseline, "target": self.target,
