@@ -16,14 +16,16 @@ What it measures
 
 How peak memory is measured
     Each compare runs under a tiny Python wrapper process that executes the CLI in-process
-    (``runpy``, exactly what ``python -m parity.cli`` does) and, at exit, reads
-    ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the kernel's high-water mark of the RSS).
-    ``RUSAGE_CHILDREN`` is not used: it is the maximum over all children ever waited for, so it
-    cannot tell one compare from the next. On Linux the wrapper also samples
-    ``/proc/self/status`` every few milliseconds to split the peak into anonymous memory (heap,
-    numpy buffers) and file-backed pages (the memory-mapped shards, which count in RSS while
-    mapped and touched but are page cache the kernel can drop). These "peak anon" / "peak file"
-    columns are sampled, so they can miss a spike shorter than the sampling period.
+    (``runpy``, exactly what ``python -m parity.cli`` does) and, at exit, records its own high-water
+    mark of the RSS: ``VmHWM`` from ``/proc/self/status`` on Linux, else
+    ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. (``RUSAGE_CHILDREN`` in this process would be
+    the maximum over every child ever waited for, so it cannot tell one compare from the next;
+    and Linux carries ``ru_maxrss`` over exec from the forked copy of the parent, so the dumps
+    are written by a child process and this process never imports torch.) On Linux the
+    wrapper also samples ``/proc/self/status`` every 10 ms to split the peak into anonymous
+    memory (heap, numpy temporaries) and file-backed pages (the memory-mapped shards: touched
+    pages of a mapping count in RSS until it is unmapped, although they are page cache the
+    kernel can reclaim). These two columns are sampled and can miss a spike shorter than 10 ms.
 
 Page cache
     The figures are for dumps in the page cache (the usual case right after a capture). The
@@ -34,8 +36,8 @@ Running it
     ``.venv/bin/python bench/compare_memory.py`` (or ``make bench``). Options:
     ``--records 50,200,800`` (record counts), ``--shape 512,1024`` (tensor shape),
     ``--noise 1e-6`` (relative noise of the target), ``--repeat 1`` (measured runs per N: best
-    wall time, highest peak RSS), ``--profile`` (also run the largest compare once under
-    cProfile and print the top functions by cumulative time), ``--workdir DIR`` (where the dumps
+    wall time, highest peak RSS), ``--profile`` (also run the middle N's compare once under
+    cProfile; prints parity's top 10 functions by cumulative time and the top 10 by own time), ``--workdir DIR`` (where the dumps
     go; default a fresh temporary directory removed at the end; a given DIR is kept).
     With the defaults it writes about 4.4 GB of dumps (needs that much free disk, and RAM to
     keep them cached) and finishes in well under two minutes on a two-core machine.
@@ -61,7 +63,9 @@ from pathlib import Path
 MB = 1_000_000
 GB = 1_000_000_000
 #: First argument of the internal child that writes one pair of dumps.
-WRITE_COMMAND = "_write-pair"
+WRITE_COMMAND = "_write-pairs"
+#: Distinct random tensors drawn per dump pair; records are scaled copies of them.
+POOL = 8
 
 #: Run in the measuring subprocess: argv = [result_json, *cli_args]. Runs the CLI as
 #: ``python -m parity.cli`` would, then writes exit code, in-process wall time and peak RSS.
@@ -86,7 +90,7 @@ def sample():
         s = status_kb()
         peak["anon_kb"] = max(peak["anon_kb"], s.get("RssAnon", 0))
         peak["file_kb"] = max(peak["file_kb"], s.get("RssFile", 0) + s.get("RssShmem", 0))
-        if stop.wait(0.005):
+        if stop.wait(0.01):
             return
 
 sampler = None
@@ -114,7 +118,8 @@ with open(result_path, "w") as fh:
                "peak_file_bytes": peak["file_kb"] * 1024 if sampler else None}, fh)
 """
 
-#: Like WRAPPER but under cProfile; prints the top functions by cumulative time.
+#: Like WRAPPER but under cProfile; prints the top parity functions by cumulative time and
+#: the top functions (numpy's included) by own time, on stderr.
 PROFILE_WRAPPER = r"""
 import cProfile, pstats, runpy, sys
 top, cli_args = int(sys.argv[1]), sys.argv[2:]
@@ -126,7 +131,12 @@ try:
 except SystemExit:
     pass
 profiler.disable()
-pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(top)
+stats = pstats.Stats(profiler, stream=sys.stderr)
+# Unrestricted, the cumulative list is runpy and click frames only: list parity's functions.
+print("--- parity functions by cumulative time ---", file=sys.stderr)
+stats.sort_stats("cumulative").print_stats("/parity/", top)
+print("--- all functions by own time ---", file=sys.stderr)
+stats.sort_stats("tottime").print_stats(top)
 """
 
 
@@ -175,15 +185,22 @@ def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: i
     writers = [DumpWriter(d, header, durable=False) for d in (base_dir, target_dir)]
     for w in writers:
         w.open()
+    # Random numbers are the slow part of writing, so draw a small pool once and derive each
+    # record from it with a per-record scale (the values do not matter to memory or speed).
     gen = torch.Generator().manual_seed(seed)
+    pool = []
+    for _ in range(POOL):
+        # Activation-like: unit normal, a per-row scale, a few large outlier channels.
+        x = torch.randn(shape, generator=gen)
+        if len(shape) >= 2:
+            x *= torch.rand(shape[:-1] + (1,), generator=gen) * 2 + 0.1
+            x[..., : max(1, shape[-1] // 256)] *= 20
+        pool.append(x)
+    factors = [1 + noise * torch.randn(shape, generator=gen) for _ in range(POOL)]
     try:
         for i in range(n):
-            # Activation-like: unit normal, a per-row scale, a few large outlier channels.
-            base = torch.randn(shape, generator=gen)
-            if len(shape) >= 2:
-                base *= torch.rand(shape[:-1] + (1,), generator=gen) * 2 + 0.1
-                base[..., : max(1, shape[-1] // 256)] *= 20
-            target = base * (1 + noise * torch.randn(shape, generator=gen))
+            base = pool[i % POOL] * (0.5 + (i % 97) / 97)
+            target = base * factors[(i // POOL + i) % POOL]
             for w, tensor in zip(writers, (base, target)):
                 record = Record(name=f"model.layers.{i}.mlp", step=0, rank=0, order=i, shape=tuple(shape),
                                 dtype="float32", file=None, key=f"model.layers.{i}.mlp/step0",
@@ -195,19 +212,29 @@ def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: i
     return base_dir, target_dir
 
 
-def write_pair_in_child(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: int) -> tuple[Path, Path]:
-    """:func:`write_pair` in a child process, so that this process never imports torch.
-
-    The measuring processes are started from this one; a large parent would not change what
-    they measure (VmHWM starts afresh at exec) but would inflate ``ru_maxrss``, which Linux
-    carries over exec from the forked copy of the parent."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), WRITE_COMMAND, str(root), str(n),
-           ",".join(map(str, shape)), repr(noise), str(seed)]
+def write_pairs_in_child(root: Path, counts: list[int], shape: tuple[int, ...],
+                         noise: float) -> dict[int, tuple[Path, Path]]:
+    """:func:`write_pair` for every count, in one child process, so that this process never
+    imports torch: a large parent would not change the VmHWM of the measured processes (it
+    starts afresh at exec) but would inflate their ``ru_maxrss``, which Linux carries over
+    exec from the forked copy of the parent."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), WRITE_COMMAND, str(root),
+           ",".join(map(str, counts)), ",".join(map(str, shape)), repr(noise)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"writing the N={n} dumps failed: {proc.stderr.strip()[-2000:]}")
-    base, target = proc.stdout.split()
-    return Path(base), Path(target)
+        raise RuntimeError(f"writing the dumps failed: {proc.stderr.strip()[-2000:]}")
+    pairs = {}
+    for line in proc.stdout.splitlines():
+        n, base, target = line.split("\t")
+        pairs[int(n)] = (Path(base), Path(target))
+    return pairs
+
+
+def _write_main(argv: list[str]) -> None:
+    root, counts, shape, noise = argv
+    for index, n in enumerate(_ints(counts, "counts")):
+        base, target = write_pair(Path(root), n, tuple(_ints(shape, "shape")), float(noise), seed=1234 + index)
+        print(n, base, target, sep="\t", flush=True)
 
 
 def warm_page_cache(*dirs: Path) -> int:
@@ -265,11 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {root}")
     try:
         t0 = time.perf_counter()
-        pairs: dict[int, tuple[Path, Path]] = {}
-        for index, n in enumerate(counts):
+        for n in counts:
             if (root / f"n{n}-baseline").exists() or (root / f"n{n}-target").exists():
-                raise SystemExit(f"{root} already holds dumps for N={n}; choose an empty --workdir")
-            pairs[n] = write_pair_in_child(root, n, shape, args.noise, seed=1234 + index)
+                raise RuntimeError(f"{root} already holds dumps for N={n}; choose an empty --workdir")
+        pairs = write_pairs_in_child(root, counts, shape, args.noise)
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         cached = warm_page_cache(*(d for pair in pairs.values() for d in pair))
@@ -279,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         run_compare(*pairs[smallest], root / "warmup.json")  # unmeasured: imports, .pyc, page cache
 
         rows = []
+        print("measuring ...", flush=True)
         for n in counts:
             runs = [run_compare(*pairs[n], root / f"n{n}-report.json") for _ in range(args.repeat)]
             size = data_bytes(*pairs[n])
@@ -312,11 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"peak RSS ratio (N={hi['n']} / N={lo['n']}): {ratio:.2f}x for {hi['gb'] / lo['gb']:.0f}x the input "
               f"(limit {limit:.0f} MB = 1.25 x {lo['rss_mb']:.0f} + 50)")
+        if lo["anon_mb"] is not None:
+            print(f"of which anonymous memory: {lo['anon_mb']:.0f} MB at N={lo['n']}, {hi['anon_mb']:.0f} MB "
+                  f"at N={hi['n']}; file-backed (mapped shards): {lo['file_mb']:.0f} -> {hi['file_mb']:.0f} MB")
         print(f"bounded: {'yes' if bounded else 'no'}")
 
         if args.profile:
-            n = counts[-1]
-            print(f"\ncProfile of one compare at N={n} (top 10 by cumulative time):")
+            n = counts[len(counts) // 2]
+            print(f"\ncProfile of one compare at N={n}:")
             print(profile_compare(*pairs[n], root / "profile.json"))
         return 0 if bounded else 1
     except RuntimeError as exc:
@@ -328,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [WRITE_COMMAND]:  # internal: see write_pair_in_child
-        _root, _n, _shape, _noise, _seed = sys.argv[2:]
-        print(*write_pair(Path(_root), int(_n), tuple(_ints(_shape, "shape")), float(_noise), int(_seed)))
+    if sys.argv[1:2] == [WRITE_COMMAND]:  # internal: see write_pairs_in_child
+        _write_main(sys.argv[2:])
         sys.exit(0)
     sys.exit(main())
