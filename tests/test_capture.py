@@ -222,3 +222,15 @@ def test_non_finite_statistics_and_tags_do_not_stop_capture(tmp_path):
     run = load_run(tmp_path / "d")
     assert [r.name for r in run.records] == ["0", "scaled"]
     assert run.records[0].stats["l2"] == "inf" and run.records[1].tags["scale"] == "nan"
+
+
+def test_repeated_names_get_call_suffixes_and_never_collide(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with parity.capture(model, tmp_path / "d", taps=[]):
+        parity.dump("x", torch.ones(1), step=0)
+        parity.dump("x", torch.ones(1), step=0)
+        model(torch.ones(2))
+        model(torch.ones(2))
+        parity.dump("x", torch.ones(1), step=0)
+    run = load_run(tmp_path / "d")
+    assert sorted((r.name, r.step) for r in run.records) == [("x", 0), ("x#1", 0), ("x#2", 0)]

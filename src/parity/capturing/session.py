@@ -101,7 +101,7 @@ class CaptureSession:
         self.skipped: set[str] = set()
         self.step = -1
         self._order = 0
-        self._names: dict[str, int] = {}
+        self._names: dict[tuple[str, int], int] = {}  # (name, step) -> calls, for NAME#k
         self._queue: deque[tuple[str, Any]] = deque()
         self._pending = 0
         self._cond = threading.Condition()
@@ -136,7 +136,8 @@ class CaptureSession:
         """Start a new step (forward pass); ``tags`` are stored as its metadata."""
         self.step = 0 if self.step < 0 and self._order == 0 else self.current_step + 1
         self._order = 0
-        self._names.clear()
+        if len(self._names) > 1_000_000:  # bound memory on very long runs; keep recent steps
+            self._names = {key: n for key, n in self._names.items() if key[1] >= self.step - 1}
         if tags and self.active:
             self._put("step", (self.step, _jsonable(tags)), 0)
         return self.step
@@ -153,8 +154,8 @@ class CaptureSession:
             return
         try:
             step = self.current_step if step is None else int(step)
-            count = self._names.get(name, 0)
-            self._names[name] = count + 1
+            count = self._names.get((name, step), 0)
+            self._names[(name, step)] = count + 1
             unique = name if count == 0 else f"{name}#{count}"
             dtype = str(tensor.dtype).removeprefix("torch.")
             if dtype not in DTYPES:
@@ -164,7 +165,8 @@ class CaptureSession:
             copy = copy.to("cpu", copy=True) if copy.device.type != "cpu" else copy.clone(
                 memory_format=torch.contiguous_format)
             copy = copy.contiguous()
-            all_tags = {"layer": layer_of(name)} if layer_of(name) is not None else {}
+            layer = layer_of(name)
+            all_tags: dict[str, Any] = {} if layer is None else {"layer": layer}
             if tags:
                 all_tags.update(_jsonable(tags))
             record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
