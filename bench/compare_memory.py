@@ -37,21 +37,24 @@ Running it
     ``--records 50,200,800`` (record counts), ``--shape 512,1024`` (tensor shape),
     ``--noise 1e-6`` (relative noise of the target), ``--repeat 1`` (measured runs per N: best
     wall time, highest peak RSS), ``--profile`` (also run the middle N's compare once under
-    cProfile; prints parity's top 10 functions by cumulative time and the top 10 by own time), ``--workdir DIR`` (where the dumps
-    go; default a fresh temporary directory removed at the end; a given DIR is kept).
-    With the defaults it writes about 4.4 GB of dumps (needs that much free disk, and RAM to
-    keep them cached) and finishes in well under two minutes on a two-core machine.
+    cProfile; prints parity's top 10 functions by cumulative time and the top 10 by own
+    time), ``--workdir DIR`` (where the dumps go; default a fresh temporary directory removed
+    at the end; a given DIR is kept). With the defaults it writes about 4.4 GB of dumps (needs
+    that much free disk, and RAM to keep them cached) and takes about 30 s on a two-core
+    machine (about a minute more with ``--profile``).
 
-    Exit status: 0 when bounded, 1 when not, 2 when a compare failed to run.
+    Exit status: 0 when bounded, 1 when not, 2 when writing or a compare failed.
 
-Figures vary from run to run, and much more on a shared machine (other processes compete for
-CPU, memory bandwidth and page cache); compare figures taken on the same machine only.
+Units: MB = 10^6 bytes, GB = 10^9 bytes. Figures vary from run to run, and much more on a
+shared machine (other processes compete for CPU, memory bandwidth and page cache); compare
+figures taken on the same machine only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -62,7 +65,7 @@ from pathlib import Path
 
 MB = 1_000_000
 GB = 1_000_000_000
-#: First argument of the internal child that writes one pair of dumps.
+#: First argument of the internal child process that writes the dumps.
 WRITE_COMMAND = "_write-pairs"
 #: Distinct random tensors drawn per dump pair; records are scaled copies of them.
 POOL = 8
@@ -140,22 +143,22 @@ stats.sort_stats("tottime").print_stats(top)
 """
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=lambda s: _ints(s, "--records"), default=[50, 200, 800],
+    parser.add_argument("--records", type=_ints, default=[50, 200, 800],
                         help="record counts per dump, comma-separated (default 50,200,800)")
-    parser.add_argument("--shape", type=lambda s: tuple(_ints(s, "--shape")), default=(512, 1024),
+    parser.add_argument("--shape", type=lambda s: tuple(_ints(s)), default=(512, 1024),
                         help="shape of every tensor, comma-separated (default 512,1024: 2 MiB float32)")
     parser.add_argument("--noise", type=float, default=1e-6,
                         help="relative noise of the target against the baseline (default 1e-6)")
@@ -164,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="directory for the dumps (kept); default a temporary one, removed at the end")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile the largest compare with cProfile (top 10 by cumulative time)")
+                        help="also profile the middle record count's compare with cProfile (top 10 functions)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
@@ -232,8 +235,8 @@ def write_pairs_in_child(root: Path, counts: list[int], shape: tuple[int, ...],
 
 def _write_main(argv: list[str]) -> None:
     root, counts, shape, noise = argv
-    for index, n in enumerate(_ints(counts, "counts")):
-        base, target = write_pair(Path(root), n, tuple(_ints(shape, "shape")), float(noise), seed=1234 + index)
+    for index, n in enumerate(_ints(counts)):
+        base, target = write_pair(Path(root), n, tuple(_ints(shape)), float(noise), seed=1234 + index)
         print(n, base, target, sep="\t", flush=True)
 
 
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     own_workdir = args.workdir is None
     root = Path(tempfile.mkdtemp(prefix="parity-bench-")) if own_workdir else args.workdir
     root.mkdir(parents=True, exist_ok=True)
-    tensor_mib = 4 * __import__("math").prod(shape) / (1 << 20)
+    tensor_mib = 4 * math.prod(shape) / (1 << 20)
     print(f"parity compare memory benchmark: float32 {list(shape)} tensors ({tensor_mib:.3g} MiB each), "
           f"records {counts}, relative noise {args.noise:g}, repeat {args.repeat}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {root}")

@@ -69,6 +69,9 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
         notes.append("integer/bool data: compared as float64")
     metrics = pair_metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
+    del base_arr, target_arr
+    base.release(b)
+    target.release(t)
     m = metrics
     at = f"max |Δ| {_fmt(m.max_abs)} at {m.max_abs_index}"
     if m.max_abs_index:

@@ -15,7 +15,7 @@ For baseline ``b`` (the reference) and target ``t``, over the elements finite on
   are not the same non-finite value (a NaN facing a number, +inf facing −inf, …).
 - ``all_zero_*``, ``constant_*``: degenerate-tensor flags per side (constant needs ≥ 2 elements).
 
-``CHUNK_ELEMENTS`` (default 1 Mi elements) bounds the working memory per chunk.
+``CHUNK_ELEMENTS`` (default 64 Ki elements) bounds the working memory per chunk.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 
 from parity.store.safetensors_io import to_float
 
-#: Elements per chunk (default 1 Mi: ~8 MB per float64 temporary).
-CHUNK_ELEMENTS = 1 << 20
+#: Elements per chunk (default 64 Ki: 512 KB per float64 temporary, cache-friendly).
+CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -145,26 +145,22 @@ def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, 
         if ad[i] > max_abs:
             max_abs = float(ad[i])
             max_abs_at = start + (int(index_map[i]) if index_map is not None else i)
-        over_rel = ad > rtol * ab
+        thr = np.multiply(ab, rtol, out=d)  # d is no longer needed: reuse its memory
+        over_rel = ad > thr
         if over_rel.any():
-            needed_atol = max(needed_atol, float(ad[over_rel].max()))
-        tol = np.maximum(atol, rtol * ab)
-        mismatched += int(np.count_nonzero(ad > tol))
-        nonzero_b = ab > 0
-        if not nonzero_b.all() and (ad[~nonzero_b] > 0).any():
-            max_rel = math.inf
-        rel = np.divide(ad, ab, out=np.zeros_like(ad), where=nonzero_b)
-        if max_rel != math.inf and rel.size:
-            max_rel = max(max_rel, float(rel.max()))
+            needed_atol = max(needed_atol, float(np.max(ad, where=over_rel, initial=0.0)))
+            mismatched += int(np.count_nonzero(over_rel & (ad > atol)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.divide(ad, ab, out=thr)  # x/0 -> inf, 0/0 -> nan (ignored by fmax)
+        max_rel = max(max_rel, float(np.fmax.reduce(rel, initial=0.0)))
         over_abs = ad > atol
         if over_abs.any():
-            if not nonzero_b[over_abs].all():
-                needed_rtol = math.inf
-            elif needed_rtol != math.inf:
-                cand, ab_o, ad_o = rel[over_abs], ab[over_abs], ad[over_abs]
+            chunk_rtol = float(np.fmax.reduce(rel, where=over_abs, initial=0.0))
+            if chunk_rtol != math.inf:
                 # ad/ab can round down so that (ad/ab)*ab < ad: step up one ulp so it really passes
-                cand = np.where(cand * ab_o < ad_o, np.nextafter(cand, np.inf), cand)
-                needed_rtol = max(needed_rtol, float(cand.max()))
+                if np.any(over_abs & (chunk_rtol * ab < ad)):
+                    chunk_rtol = float(np.nextafter(chunk_rtol, math.inf))
+            needed_rtol = max(needed_rtol, chunk_rtol)
     mismatched += nonfinite_mismatch
     norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
     if norm_b > 0:

@@ -87,6 +87,11 @@ class Run:
                 f"{handle.path} holds {info.dtype}{list(info.shape)}")
         return handle.raw(record.key)
 
+    def release(self, record: Record) -> None:
+        """Give back the memory pages of a record's data after use (see ``SafetensorsFile.release``)."""
+        if record.file is not None and record.key is not None and record.file in self._files:
+            self._files[record.file].release(record.key)
+
     def array(self, record: Record, dtype: type = np.float64) -> np.ndarray:
         """The record's data widened to ``dtype`` (default float64). Copies; small tensors only."""
         return to_float(self.raw(record), record.dtype, dtype)

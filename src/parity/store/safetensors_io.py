@@ -120,6 +120,21 @@ class SafetensorsFile:
         arr = np.frombuffer(self._mmap, dtype=np_dtype, count=count, offset=self.data_start + info.begin)
         return arr.reshape(info.shape)
 
+    def release(self, key: str) -> None:
+        """Drop the pages of tensor ``key`` from this process's memory (they stay in the page
+        cache, and are read again if touched). Keeps resident memory bounded by one pair."""
+        info = self.tensors.get(key)
+        if info is None or self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        begin = (self.data_start + info.begin) // page * page
+        end = self.data_start + info.end
+        if end > begin:
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+            except (OSError, ValueError):
+                pass
+
     def close(self) -> None:
         """Release the mapping (views handed out keep it alive until they are dropped)."""
         self._mmap = None
