@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `parity diff` exits 1 when it finds a divergence (the default fp32 vs bf16 pair does): that is
+# the demo working, so only exit code 2 (could not run) fails `make demo`.
 demo: install
-	$(BIN)/parity diff
+	$(BIN)/parity diff || test $$? -eq 1
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q

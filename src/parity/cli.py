@@ -92,7 +92,8 @@ class _Progress:
 def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename: Sequence[str],
                         allow_missing: Sequence[str], allow_failed: Sequence[str], rtol: float | None,
                         atol: float | None, tol: Sequence[str], tol_file: str | None, show: int,
-                        show_all: bool, progress: _Progress, extra_json: str | None = None) -> int:
+                        show_all: bool, progress: _Progress, extra_json: str | None = None,
+                        decode: Callable[[int], str] | None = None) -> int:
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -101,7 +102,7 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
     policy = _policy(rtol, atol, tol, tol_file)
     renames = [parse_rename(r) for r in rename]
     report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                     allow_failed=allow_failed, progress=progress.task("comparing"))
+                     allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
     progress.__exit__(None, None, None)
     for path in (json_path, extra_json):
         if path:
@@ -193,9 +194,11 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
             update(1, 1)
             run_and_capture(loaded, prompt_list, where, taps=list(taps) or None,
                             progress=progress.task(f"capturing {label}", len(prompt_list)))
+            tokenizer = loaded.tokenizer
             del loaded
         return _compare_and_report(base_dir, target_dir, progress=progress,
-                                   extra_json=str(out_path / "report.json"), **options)
+                                   extra_json=str(out_path / "report.json"),
+                                   decode=lambda i: tokenizer.decode([i]), **options)
 
 
 @cli.command("inspect", context_settings=CONTEXT)

@@ -8,7 +8,7 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind
 from parity.compare.metrics import pair_metrics
@@ -103,6 +103,51 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     return outcome
 
 
+def position_errors(pair: Pair, base: Run, target: Run,
+                    decode: Callable[[int], str] | None = None) -> dict[str, Any] | None:
+    """Error per token position of a pair whose tensor has a token axis, or None.
+
+    The token axis is the last axis (before the hidden axis) whose length equals the step's
+    number of tokens (``input_ids`` of the step metadata). Per position: max |Δ| and relative L2
+    over the other axes; ``token_ids`` from the step metadata and, when ``decode`` is given,
+    ``tokens`` (decoded text of each id).
+    """
+    b, t = pair.baseline, pair.target
+    if b is None or t is None or b.shape != t.shape or len(b.shape) < 2:
+        return None
+    ids = base.step_tags(b.step, b.rank).get("input_ids")
+    flat_ids: list[int] = []
+    if isinstance(ids, list):
+        flat_ids = [i for row in ids for i in (row if isinstance(row, list) else [row]) if isinstance(i, int)]
+    axis = None
+    for candidate in range(len(b.shape) - 2, -1, -1):
+        if flat_ids and b.shape[candidate] == len(flat_ids):
+            axis = candidate
+            break
+    if axis is None:
+        return None
+    import numpy as np
+
+    from parity.store.safetensors_io import to_float
+
+    bb = np.moveaxis(to_float(base.raw(b), b.dtype), axis, 0).reshape(len(flat_ids), -1)
+    tt = np.moveaxis(to_float(target.raw(t), t.dtype), axis, 0).reshape(len(flat_ids), -1)
+    diff = tt - bb
+    norms = np.linalg.norm(bb, axis=1)
+    rel = np.divide(np.linalg.norm(diff, axis=1), norms, out=np.zeros(len(flat_ids)), where=norms > 0)
+    out: dict[str, Any] = {"axis": axis, "token_ids": flat_ids,
+                           "max_abs": [float(x) for x in np.abs(diff).max(axis=1)],
+                           "rel_l2": [float(x) for x in rel]}
+    if decode is not None:
+        try:
+            out["tokens"] = [decode(i) for i in flat_ids]
+        except Exception:  # a tokenizer that cannot decode an id must not stop the report
+            pass
+    base.release(b)
+    target.release(t)
+    return out
+
+
 def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
     """Worst error per layer index over taps and steps, with growth from the previous layer."""
     by_layer: dict[int, list[Outcome]] = {}
@@ -139,12 +184,13 @@ def describe_run(run: Run) -> dict[str, object]:
 def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             policy: TolerancePolicy | None = None, renames: Sequence[RenameRule] = (),
             allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
-            progress: Progress | None = None) -> Report:
+            progress: Progress | None = None, decode: Callable[[int], str] | None = None) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
     outcomes are reported but do not fail the verdict. ``progress(done, total, name)`` is called
-    after each pair.
+    after each pair. ``decode(token_id) -> str`` labels the per-position errors of the first
+    divergence with token text.
     """
     base_run = baseline if isinstance(baseline, Run) else load_run(baseline)
     target_run = target if isinstance(target, Run) else load_run(target)
@@ -159,10 +205,14 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     failed_taps = [compile_tap(p) for p in allow_failed]
     pairs = pair_records(base_run.records, target_run.records, renames)
     outcomes: list[Outcome] = []
+    positions = None
     try:
         for index, pair in enumerate(pairs):
-            outcomes.append(evaluate_pair(pair, base_run, target_run, policy,
-                                          allow_missing=missing_taps, allow_failed=failed_taps))
+            outcome = evaluate_pair(pair, base_run, target_run, policy,
+                                    allow_missing=missing_taps, allow_failed=failed_taps)
+            outcomes.append(outcome)
+            if positions is None and not outcome.ok and outcome.metrics is not None:
+                positions = position_errors(pair, base_run, target_run, decode) or {}
             if progress is not None:
                 progress(index + 1, len(pairs), pair.name)
     finally:
@@ -174,4 +224,5 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     tolerance["allow_failed"] = list(allow_failed)
     tolerance["renames"] = [f"{r.regex.pattern}={r.template}" for r in renames]
     return Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
-                  outcomes=outcomes, layers=depth_profile(outcomes), notes=notes)
+                  outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
+                  first_positions=positions or None)

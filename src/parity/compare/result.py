@@ -108,6 +108,8 @@ class Report:
     outcomes: list[Outcome]
     layers: list[LayerError]
     notes: list[str] = field(default_factory=list)
+    #: error per token position of the first divergence (see ``engine.position_errors``)
+    first_positions: dict[str, Any] | None = None
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -139,7 +141,8 @@ class Report:
                 "allowed": counts["allowed"],
                 "outcomes": {k: counts[k] for k in OUTCOMES},
             },
-            "first_divergence": first.to_json() if first else None,
+            "first_divergence": ({**first.to_json(), "positions": self.first_positions}
+                                 if first else None),
             "baseline": self.baseline, "target": self.target,
             "tolerance": self.tolerance,
             "layers": [layer.to_json() for layer in self.layers],
