@@ -56,6 +56,8 @@ def test_default_diff_runs_the_builtin_model_and_reports(tmp_path):
     assert report == json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["summary"]["verdict"] == "fail" and report["first_divergence"]["outcome"] == "fail"
     assert report["baseline"]["spec"]["dtype"] == "float32" and report["target"]["spec"]["attn"] == "sdpa"
+    positions = report["first_divergence"]["positions"]
+    assert positions["tokens"][0] == "<s>" and len(positions["tokens"]) == len(positions["max_abs"])
     # the same dumps compared with a tolerance that covers bf16 noise pass, exit 0
     again = run("compare", str(tmp_path / "out" / "baseline"), str(tmp_path / "out" / "target"),
                 "--rtol", "0.5", "--atol", "0.1")

@@ -69,6 +69,10 @@ def test_fault_in_layer1_mlp_is_the_first_divergence(fp32_model, prompts, baseli
     assert before and all(o.kind == "pass" and o.metrics.max_abs == 0 for o in before)
     # the depth profile shows where the error jumps
     assert report.layers[0].rel_l2 == 0.0 and report.layers[1].rel_l2 > 5e-3
+    # and the first divergence comes with its error per token position
+    positions = report.first_positions
+    assert positions["axis"] == 1 and len(positions["token_ids"]) == first.baseline.shape[1]
+    assert all(r == pytest.approx(0.01, rel=1e-3) for r in positions["rel_l2"])
 
 
 def _drop(src: Path, dst: Path, names: set[str]) -> None:
