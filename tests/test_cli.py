@@ -93,7 +93,7 @@ def test_bad_tolerance_options_and_empty_dump(baseline_dump, tmp_path):
     assert_one_line_error(run("compare", str(baseline_dump), str(baseline_dump), "--rtol", "-1"), "--rtol")
     bad = tmp_path / "tol.toml"
     bad.write_text("[[tolerance]]\npattern = 'x'\nrtl = 1\n")
-    assert_one_line_error(run("compare", str(baseline_dump), str(baseline_dump), "--tol-file", str(bad)),
+    assert_one_line_error(run("compare", str(baseline_dump), str(baseline_dump), "--profile", str(bad)),
                           "unknown keys")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -111,7 +111,7 @@ def test_tolerance_file_applies_with_provenance(baseline_dump, bf16_dump, tmp_pa
     toml = tmp_path / "tol.toml"
     toml.write_text('[[tolerance]]\npattern = "**"\nrtol = 0.5\natol = 0.1\n'
                     'note = "bf16 noise on the tiny model, measured 2026-11"\n')
-    result = run("compare", str(baseline_dump), str(bf16_dump), "--tol-file", str(toml), "--json",
+    result = run("compare", str(baseline_dump), str(bf16_dump), "--profile", str(toml), "--json",
                  str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stdout
     pair = json.loads((tmp_path / "r.json").read_text())["pairs"][0]

@@ -35,8 +35,11 @@ def _compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
         click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
                      help="Tolerance for pairs whose name matches PATTERN. Repeatable; first match wins."),
-        click.option("--tol-file", type=click.Path(dir_okay=False), default=None,
-                     help="TOML file of [[tolerance]] entries: pattern, rtol, atol, note."),
+        click.option("--profile", type=click.Path(dir_okay=False), default=None,
+                     help="Tolerance profile: TOML [[tolerance]] entries (or pyproject.toml [tool.parity]) "
+                          "with pattern, backend, dtype, rtol, atol, note. See docs/tolerances.md."),
+        click.option("--backend", default=None, metavar="NAME",
+                     help="Backend name that selects profile entries (e.g. rocm-mi300, cpu-avx512)."),
         click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
                      help="Rows of the worst-pairs table."),
         click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
@@ -46,15 +49,17 @@ def _compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _policy(rtol: float | None, atol: float | None, tol: Sequence[str], tol_file: str | None):
-    from parity.compare.tolerance import TolerancePolicy, load_tolerance_file, parse_override
+def _policy(rtol: float | None, atol: float | None, tol: Sequence[str], profile: str | None,
+            backend: str | None):
+    from parity.compare.profile import load_profile
+    from parity.compare.tolerance import TolerancePolicy, parse_override
 
     for name, value in (("--rtol", rtol), ("--atol", atol)):
         if value is not None and not value >= 0:
             raise UsageError(f"{name} must be >= 0, got {value}")
     return TolerancePolicy(cli_overrides=[parse_override(t) for t in tol],
-                           file_overrides=load_tolerance_file(tol_file) if tol_file else [],
-                           rtol=rtol, atol=atol)
+                           file_overrides=load_profile(profile) if profile else [],
+                           rtol=rtol, atol=atol, backend=backend, profile_path=profile)
 
 
 class _Progress:
@@ -91,7 +96,8 @@ class _Progress:
 
 def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename: Sequence[str],
                         allow_missing: Sequence[str], allow_failed: Sequence[str], rtol: float | None,
-                        atol: float | None, tol: Sequence[str], tol_file: str | None, show: int,
+                        atol: float | None, tol: Sequence[str], profile: str | None,
+                        backend: str | None, show: int,
                         show_all: bool, progress: _Progress, extra_json: str | None = None,
                         decode: Callable[[int], str] | None = None) -> int:
     from parity.compare.engine import compare
@@ -99,7 +105,7 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
     from parity.report.json_report import write_json
     from parity.report.terminal import make_console, render
 
-    policy = _policy(rtol, atol, tol, tol_file)
+    policy = _policy(rtol, atol, tol, profile, backend)
     renames = [parse_rename(r) for r in rename]
     report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                      allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)

@@ -7,7 +7,9 @@ when every element passes.
 Resolution order for a pair named N whose lower-precision side has dtype D:
 
 1. the first ``--tol PATTERN:rtol=R,atol=A`` on the command line whose pattern matches N;
-2. the first ``[[tolerance]]`` entry of the ``--tol-file`` TOML file whose pattern matches N;
+2. the first entry of the ``--profile`` file (:mod:`parity.compare.profile`) whose pattern
+   matches N, whose ``dtype`` (if given) is D and whose ``backend`` (if given) matches the
+   ``--backend`` name;
 3. ``--rtol`` / ``--atol`` given on the command line (each replaces its half of the default);
 4. the default for D in :data:`DEFAULTS`.
 
@@ -30,7 +32,7 @@ integer/bool  0        0        exact
 
 from __future__ import annotations
 
-import tomllib
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,15 +69,28 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Override:
-    """A per-pattern tolerance from the command line or a file."""
+    """A per-pattern tolerance from the command line or a profile entry.
+
+    ``backend`` / ``dtype`` (profile entries only; None = any) restrict where it applies:
+    ``backend`` is a glob over the ``--backend`` name, ``dtype`` the lower-precision dtype of
+    the pair. ``note`` is the provenance the entry carries.
+    """
 
     pattern: str
     rtol: float
     atol: float
     source: str
+    backend: str | None = None
+    dtype: str | None = None
+    note: str = ""
 
-    def matches(self, name: str) -> bool:
-        """Whether the pair name matches the pattern."""
+    def matches(self, name: str, *, backend: str | None = None, dtype: str | None = None) -> bool:
+        """Whether this entry applies to pair ``name`` of ``dtype`` on ``backend``."""
+        if self.dtype is not None and self.dtype != dtype:
+            return False
+        if self.backend is not None and self.backend != "*":
+            if backend is None or not fnmatch.fnmatchcase(backend, self.backend):
+                return False
         return compile_tap(self.pattern).matches(name)
 
 
@@ -111,50 +126,30 @@ def parse_override(text: str) -> Override:
     return Override(pattern=pattern, rtol=values["rtol"], atol=values["atol"], source=f"--tol {text}")
 
 
-def load_tolerance_file(path: str | Path) -> list[Override]:
-    """Read ``[[tolerance]]`` entries (``pattern``, ``rtol``, ``atol``, optional ``note``) from TOML."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read tolerance file {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"tolerance file {path} is not valid TOML: {exc}") from None
-    entries = data.get("tolerance", [])
-    if not isinstance(entries, list):
-        raise UsageError(f"tolerance file {path}: 'tolerance' must be an array of tables ([[tolerance]])")
-    out = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("pattern"), str):
-            raise UsageError(f"tolerance file {path}: entry {i + 1} needs a string 'pattern'")
-        unknown = set(entry) - {"pattern", "rtol", "atol", "note"}
-        if unknown:
-            raise UsageError(f"tolerance file {path}: entry {i + 1} has unknown keys {sorted(unknown)}; "
-                             "valid: pattern, rtol, atol, note")
-        compile_tap(entry["pattern"])
-        rtol = _number(str(entry.get("rtol", 0.0)), f"{path} entry {i + 1} rtol")
-        atol = _number(str(entry.get("atol", 0.0)), f"{path} entry {i + 1} atol")
-        note = f" ({entry['note']})" if entry.get("note") else ""
-        out.append(Override(pattern=entry["pattern"], rtol=rtol, atol=atol,
-                            source=f"{path.name}: {entry['pattern']}{note}"))
-    return out
-
-
 @dataclass
 class TolerancePolicy:
-    """Resolves the tolerance of each pair. Defaults: no overrides, :data:`DEFAULTS` per dtype."""
+    """Resolves the tolerance of each pair.
+
+    Defaults: no overrides, no profile, ``backend=None`` (profile entries that name a backend
+    then never apply), :data:`DEFAULTS` per dtype.
+    """
 
     cli_overrides: Sequence[Override] = ()
     file_overrides: Sequence[Override] = ()
     rtol: float | None = None
     atol: float | None = None
+    backend: str | None = None
+    profile_path: str | None = None
 
     def resolve(self, name: str, baseline_dtype: str, target_dtype: str) -> Tolerance:
         """The tolerance for pair ``name`` (see the module docstring for the order)."""
-        for override in (*self.cli_overrides, *self.file_overrides):
+        dtype = lower_precision(baseline_dtype, target_dtype)
+        for override in self.cli_overrides:
             if override.matches(name):
                 return Tolerance(override.rtol, override.atol, override.source)
-        dtype = lower_precision(baseline_dtype, target_dtype)
+        for override in self.file_overrides:
+            if override.matches(name, backend=self.backend, dtype=dtype):
+                return Tolerance(override.rtol, override.atol, override.source)
         rtol, atol = DEFAULTS.get(dtype, EXACT)
         source = f"default for {dtype}"
         if self.rtol is not None or self.atol is not None:
@@ -171,6 +166,8 @@ class TolerancePolicy:
             "rule": RULE,
             "defaults": {k: {"rtol": r, "atol": a} for k, (r, a) in DEFAULTS.items()},
             "rtol": self.rtol, "atol": self.atol,
-            "overrides": [{"pattern": o.pattern, "rtol": o.rtol, "atol": o.atol, "source": o.source}
+            "profile": self.profile_path, "backend": self.backend,
+            "overrides": [{"pattern": o.pattern, "rtol": o.rtol, "atol": o.atol, "source": o.source,
+                           "backend": o.backend, "dtype": o.dtype, "note": o.note}
                           for o in (*self.cli_overrides, *self.file_overrides)],
         }
