@@ -40,6 +40,10 @@ def _compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "with pattern, backend, dtype, rtol, atol, note. See docs/tolerances.md."),
         click.option("--backend", default=None, metavar="NAME",
                      help="Backend name that selects profile entries (e.g. rocm-mi300, cpu-avx512)."),
+        click.option("--oracle-m", type=float, default=2.0, show_default=True,
+                     help="Oracle mode: the target may be M times as far from the oracle as the baseline."),
+        click.option("--oracle-eps", type=float, default=None,
+                     help="Oracle mode: additive slack (default: unit roundoff of the target dtype)."),
         click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
                      help="Rows of the worst-pairs table."),
         click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
@@ -99,16 +103,29 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
                         atol: float | None, tol: Sequence[str], profile: str | None,
                         backend: str | None, show: int,
                         show_all: bool, progress: _Progress, extra_json: str | None = None,
-                        decode: Callable[[int], str] | None = None) -> int:
+                        decode: Callable[[int], str] | None = None, oracle_dir: Any = None,
+                        oracle_m: float = 2.0, oracle_eps: float | None = None) -> int:
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
     from parity.report.terminal import make_console, render
 
-    policy = _policy(rtol, atol, tol, profile, backend)
     renames = [parse_rename(r) for r in rename]
-    report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                     allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
+    if oracle_dir is not None:
+        from parity.compare.oracle import compare_with_oracle
+
+        if tol or profile or rtol is not None or atol is not None:
+            raise UsageError("oracle mode judges by --oracle-m/--oracle-eps; "
+                             "--tol, --profile, --rtol and --atol do not apply to it")
+        if not oracle_m >= 1 or (oracle_eps is not None and not oracle_eps >= 0):
+            raise UsageError("--oracle-m must be >= 1 and --oracle-eps >= 0")
+        report = compare_with_oracle(oracle_dir, base, target, m=oracle_m, eps=oracle_eps, renames=renames,
+                                     allow_missing=allow_missing, allow_failed=allow_failed,
+                                     progress=progress.task("comparing against the oracle"))
+    else:
+        policy = _policy(rtol, atol, tol, profile, backend)
+        report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
+                         allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
     progress.__exit__(None, None, None)
     for path in (json_path, extra_json):
         if path:
@@ -135,6 +152,8 @@ def cli() -> None:
 @cli.command("compare", context_settings=CONTEXT)
 @click.argument("base_dir", type=click.Path(file_okay=False))
 @click.argument("target_dir", type=click.Path(file_okay=False))
+@click.option("--oracle", "oracle_dir", type=click.Path(file_okay=False), default=None,
+              help="Oracle mode: judge both runs against this float64 dump (see docs/tolerances.md).")
 @_compare_options
 def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
@@ -146,9 +165,9 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
         return _compare_and_report(base_dir, target_dir, progress=progress, **options)
 
 
-def _prepare_out(out: Path) -> tuple[Path, Path]:
-    """Create ``out/baseline`` and ``out/target``, replacing earlier parity dumps there only."""
-    dirs = (out / "baseline", out / "target")
+def _prepare_out(out: Path) -> tuple[Path, Path, Path]:
+    """Clear ``out/baseline``, ``out/target`` and ``out/oracle``, replacing earlier parity dumps only."""
+    dirs = (out / "baseline", out / "target", out / "oracle")
     for d in dirs:
         if d.exists():
             entries = {p.name for p in d.iterdir()}
@@ -173,9 +192,11 @@ def _prepare_out(out: Path) -> tuple[Path, Path]:
               help="Where the dumps (OUT/baseline, OUT/target) and OUT/report.json go.")
 @click.option("--taps", multiple=True, metavar="PATTERN",
               help="Modules to capture (segment-aware glob or re:REGEX). Default: the decoder-LM tap set.")
+@click.option("--oracle", type=click.Choice(["fp64", "float64"]), default=None,
+              help="Oracle mode: also run the baseline in float64 (OUT/oracle) and judge both runs against it.")
 @_compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
-             taps: Sequence[str], **options: Any) -> int:
+             taps: Sequence[str], oracle: str | None, **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     \b
@@ -191,11 +212,16 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
     prompt_list = read_prompts(prompts)
     out_path = Path(out)
-    base_dir, target_dir = _prepare_out(out_path)
+    base_dir, target_dir, oracle_dir = _prepare_out(out_path)
+    from dataclasses import replace
+
     from parity.backends.hf import load, run_and_capture
 
+    runs = [(specs[0], base_dir, "baseline"), (specs[1], target_dir, "target")]
+    if oracle:
+        runs.insert(0, (replace(specs[0], dtype="float64"), oracle_dir, "oracle"))
     with _Progress() as progress:
-        for spec, where, label in ((specs[0], base_dir, "baseline"), (specs[1], target_dir, "target")):
+        for spec, where, label in runs:
             update = progress.task(f"loading {label} ({spec.dtype}, {spec.attn})")
             loaded = load(model_path, spec)
             update(1, 1)
@@ -205,7 +231,8 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
             del loaded
         return _compare_and_report(base_dir, target_dir, progress=progress,
                                    extra_json=str(out_path / "report.json"),
-                                   decode=lambda i: tokenizer.decode([i]), **options)
+                                   decode=lambda i: tokenizer.decode([i]),
+                                   oracle_dir=oracle_dir if oracle else None, **options)
 
 
 @cli.command("calibrate", context_settings=CONTEXT)

@@ -57,6 +57,8 @@ class Outcome:
     tolerance: Tolerance | None = None
     allowed: bool = False
     notes: list[str] = field(default_factory=list)
+    #: oracle mode only: baseline_error, target_error, bound, m, eps (see compare/oracle.py)
+    oracle: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,7 @@ class Outcome:
             "needed": ({"rtol": json_float(self.metrics.needed_rtol), "atol": json_float(self.metrics.needed_atol)}
                        if self.metrics and self.kind != "pass" else None),
             "notes": self.notes,
+            **({"oracle": self.oracle} if self.oracle is not None else {}),
         }
 
 
@@ -110,6 +113,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     #: error per token position of the first divergence (see ``engine.position_errors``)
     first_positions: dict[str, Any] | None = None
+    #: oracle mode only: description of the float64 oracle run
+    oracle: dict[str, Any] | None = None
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -144,6 +149,7 @@ class Report:
             "first_divergence": ({**first.to_json(), "positions": self.first_positions}
                                  if first else None),
             "baseline": self.baseline, "target": self.target,
+            **({"oracle": self.oracle} if self.oracle is not None else {}),
             "tolerance": self.tolerance,
             "layers": [layer.to_json() for layer in self.layers],
             "notes": self.notes,

@@ -76,6 +76,19 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
     console.print(Text("baseline: ", style="bold") + Text(_spec(report.baseline)))
     console.print(Text("target:   ", style="bold") + Text(_spec(report.target)))
     console.print(Text("rule:     ", style="bold") + Text(tol["rule"]))
+    if "oracle" in tol:
+        console.print(Text("oracle:   ", style="bold") + Text(
+            f"{tol['oracle']['path']}  m={tol['oracle']['m']:g}, eps=" + (
+                f"{tol['oracle']['eps']:g}" if tol['oracle']['eps'] is not None else
+                "by target dtype: " + ", ".join(f"{k} {v:.2g}" for k, v in tol['oracle']['default_eps'].items()))))
+    else:
+        _render_defaults(tol, console)
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))
+    _render_body(report, console, show=show, show_all=show_all)
+
+
+def _render_defaults(tol: dict[str, Any], console: Console) -> None:
     short = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
     console.print(Text("defaults: ", style="bold") + Text(", ".join(
         f"{short.get(k, k)} {_e(v['rtol'])}/{_e(v['atol'])}" for k, v in tol["defaults"].items())
@@ -83,11 +96,12 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
     for override in tol.get("overrides", []):
         console.print(Text("override: ", style="bold") + Text(
             f"{override['pattern']} rtol={override['rtol']:g} atol={override['atol']:g} ({override['source']})"))
-    for note in report.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
 
+
+def _render_body(report: Report, console: Console, *, show: int, show_all: bool) -> None:
     if report.layers:
-        table = Table(title="error along depth (worst tap per layer)", box=box.SIMPLE_HEAD,
+        versus = ", target vs oracle" if report.oracle is not None else ""
+        table = Table(title=f"error along depth (worst tap per layer{versus})", box=box.SIMPLE_HEAD,
                       title_justify="left", pad_edge=False, padding=(0, 1), collapse_padding=True)
         for col, justify in (("layer", "right"), ("rel L2", "right"), ("growth", "right"),
                              ("max |Δ|", "right"), ("min cos", "right"), ("worst tap", "left")):
@@ -105,9 +119,13 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
         for part in first.reason.split("; "):
             console.print(f"  layer {_layer(first)}: {part}")
         if first.tolerance is not None:
-            console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
-                          f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
-            if first.metrics is not None and first.kind != "pass":
+            if first.oracle:
+                console.print(f"  layer {_layer(first)}: oracle rule m={first.oracle['m']:g}, "
+                              f"eps={first.oracle['eps']:.2g}")
+            else:
+                console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
+                              f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
+            if first.metrics is not None and first.kind != "pass" and not first.oracle:
                 console.print(f"  layer {_layer(first)}: would pass with atol>={g_up(first.metrics.needed_atol)} "
                               f"at this rtol, or rtol>={g_up(first.metrics.needed_rtol)} at this atol")
         if first.metrics is not None:
@@ -116,6 +134,9 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
                           f"SQNR {g(m.sqnr_db)} dB, mean |Δ| {g(m.mean_abs)}, max rel {g(m.max_rel)}")
         for note in first.notes:
             console.print(f"  layer {_layer(first)}: note: {note}")
+
+    if any(o.oracle for o in report.outcomes):
+        _render_oracle(report, console)
 
     rows = report.outcomes if show_all else [o for o in report.outcomes if not o.ok]
     if not show_all:
@@ -151,3 +172,27 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
     console.print(summary)
     if first is not None:
         console.print(f"first divergence: {first.name} (step {first.step}, layer {_layer(first)})")
+
+
+def _render_oracle(report: Report, console: Console) -> None:
+    """Both sides' error against the float64 oracle, side by side, worst over steps per tap."""
+    worst: dict[str, dict[str, Any]] = {}
+    for o in report.outcomes:
+        if not o.oracle:
+            continue
+        row = worst.setdefault(o.name, {"layer": o.layer, "b": 0.0, "t": 0.0, "bound": 0.0, "ok": True})
+        row["b"] = max(row["b"], o.oracle["baseline_error"])
+        if o.oracle["target_error"] >= row["t"]:
+            row["t"], row["bound"] = o.oracle["target_error"], o.oracle["bound"]
+        row["ok"] = row["ok"] and o.ok
+    table = Table(title="error against the float64 oracle (rel L2, worst step)", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("L", "name", "baseline err", "target err", "ratio", "bound", "verdict"):
+        table.add_column(col, justify="left" if col in ("name", "verdict") else "right",
+                         no_wrap=col != "name", overflow="fold")
+    for name, row in worst.items():
+        ratio = row["t"] / row["b"] if row["b"] > 0 else float("inf") if row["t"] > 0 else 1.0
+        table.add_row("-" if row["layer"] is None else str(row["layer"]), name, g(row["b"]), g(row["t"]),
+                      g(ratio), g(row["bound"]), Text("pass" if row["ok"] else "fail",
+                                                      style="green" if row["ok"] else "red"))
+    console.print(table)
