@@ -143,6 +143,8 @@ def cli() -> None:
     parity diff                      run the built-in tiny model fp32/eager vs bf16/sdpa
     parity compare BASE TARGET       compare two dump directories
     parity inspect DUMP              list what a dump holds
+    parity explain BASE TARGET       find the root cause of a divergence (replay, drill-down)
+    parity inject --tap kv --scale S how noise at one tap propagates to logits and tokens
     parity calibrate                 measure the noise floor, write a tolerance profile
 
     Exit codes: 0 within tolerance, 1 divergence found, 2 could not run.
@@ -194,9 +196,11 @@ def _prepare_out(out: Path) -> tuple[Path, Path, Path]:
               help="Modules to capture (segment-aware glob or re:REGEX). Default: the decoder-LM tap set.")
 @click.option("--oracle", type=click.Choice(["fp64", "float64"]), default=None,
               help="Oracle mode: also run the baseline in float64 (OUT/oracle) and judge both runs against it.")
+@click.option("--explain", "explain_too", is_flag=True,
+              help="When the runs diverge, also find the root cause (as `parity explain`).")
 @_compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
-             taps: Sequence[str], oracle: str | None, **options: Any) -> int:
+             taps: Sequence[str], oracle: str | None, explain_too: bool, **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     \b
@@ -229,10 +233,132 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
                             progress=progress.task(f"capturing {label}", len(prompt_list)))
             tokenizer = loaded.tokenizer
             del loaded
-        return _compare_and_report(base_dir, target_dir, progress=progress,
+        code = _compare_and_report(base_dir, target_dir, progress=progress,
                                    extra_json=str(out_path / "report.json"),
                                    decode=lambda i: tokenizer.decode([i]),
                                    oracle_dir=oracle_dir if oracle else None, **options)
+    if explain_too and code == 1:
+        click.echo("")
+        with _Progress() as progress:
+            _explain_dumps(base_dir, target_dir, json_path=str(out_path / "explain.json"), progress=progress,
+                           policy=_policy(options["rtol"], options["atol"], options["tol"], options["profile"],
+                                          options["backend"]))
+    return code
+
+
+def _explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, json_path: str | None,
+                   progress: _Progress) -> int:
+    """Reload the models the two dumps name and explain their divergence (see parity.explain)."""
+    import json as _json
+
+    from parity.backends.hf import check_model_dir, load
+    from parity.backends.spec import Spec
+    from parity.explain.render import render_explanation
+    from parity.explain.rootcause import explain
+    from parity.report.terminal import make_console
+    from parity.store.reader import load_run
+
+    runs = load_run(base_dir), load_run(target_dir)
+    specs, paths = [], []
+    for run in runs:
+        spec, model = run.header.spec, run.header.model
+        if not model.get("path") or not {"dtype", "attn"} <= set(spec):
+            raise UsageError(f"{run.path} does not say which model and spec made it; "
+                             "explain needs dumps written by `parity diff` (or with spec/model_info)")
+        try:
+            specs.append(Spec(**{k: spec[k] for k in ("engine", "dtype", "attn", "device") if k in spec},
+                              compile=bool(spec.get("compile", 0))))
+        except TypeError:
+            raise UsageError(f"{run.path}: unreadable spec {spec}") from None
+        paths.append(check_model_dir(model["path"]))
+    steps = sorted({r.step for r in runs[0].records})
+    token_ids = []
+    for step in steps:
+        ids = runs[0].step_tags(step).get("input_ids")
+        if not (isinstance(ids, list) and len(ids) == 1 and all(isinstance(i, int) for i in ids[0])):
+            raise UsageError(f"{runs[0].path} step {step} has no single-sequence input_ids to replay")
+        token_ids.append(ids[0])
+    update = progress.task("loading models for replay")
+    base, target = load(paths[0], specs[0]), load(paths[1], specs[1])
+    update(1, 1)
+    result = explain(base, target, token_ids, policy=policy, progress=progress.task("replaying", len(token_ids)))
+    progress.__exit__(None, None, None)
+    if json_path:
+        try:
+            Path(json_path).write_text(_json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+    render_explanation(result, make_console())
+    return 0 if result.case == "pass" else 1
+
+
+@cli.command("explain", context_settings=CONTEXT)
+@click.argument("base_dir", type=click.Path(file_okay=False))
+@click.argument("target_dir", type=click.Path(file_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the explanation as JSON.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (as in compare).")
+@click.option("--atol", type=float, default=None, help="Absolute floor (as in compare).")
+@click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A", help="Per-pattern tolerance.")
+@click.option("--profile", type=click.Path(dir_okay=False), default=None, help="Tolerance profile.")
+@click.option("--backend", default=None, metavar="NAME", help="Backend name for the profile.")
+def explain_cmd(base_dir: str, target_dir: str, json_path: str | None, rtol: float | None, atol: float | None,
+                tol: Sequence[str], profile: str | None, backend: str | None) -> int:
+    """Find the root cause of a divergence: local vs inherited error per module, then drill down.
+
+    Reloads the model and specs recorded in the two dumps, replays each module of the target on the
+    baseline's inputs of that module (prompts from the dumps' token ids), and names the module whose
+    own error causes the divergence — or says that it is accumulated rounding. Exit 0 when nothing
+    diverges, 1 when there is a divergence to explain.
+    """
+    with _Progress() as progress:
+        return _explain_dumps(base_dir, target_dir, policy=_policy(rtol, atol, tol, profile, backend),
+                              json_path=json_path, progress=progress)
+
+
+@cli.command("inject", context_settings=CONTEXT)
+@click.option("--tap", required=True, metavar="PATTERN",
+              help="Modules whose output gets noise (glob / re:REGEX), or `kv` for every k_proj and v_proj.")
+@click.option("--scale", type=float, required=True, help="Noise standard deviation (or a multiple of RMS).")
+@click.option("--relative", is_flag=True, help="Scale is relative to the tensor's RMS at each call.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise generator.")
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+@click.option("--spec", "spec_text", default="dtype=float32,attn=eager", show_default=True, metavar="SPEC",
+              help="Backend SPEC to run under.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="One prompt per line.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Tokens generated greedily per prompt.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+def inject_cmd(tap: str, scale: float, relative: bool, seed: int, model_dir: str | None, spec_text: str,
+               prompts: str | None, new_tokens: int, json_path: str | None) -> int:
+    """Add seeded Gaussian noise to one tap and measure how it propagates.
+
+    Reports the error along depth (teacher-forced), the logits KL and top-1 agreement, and the token
+    match rate of greedy generation against the clean run. Example, noise in the KV cache:
+    parity inject --tap kv --scale 1e-3
+    """
+    import json as _json
+
+    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, load, read_prompts
+    from parity.backends.spec import parse_spec
+    from parity.explain.inject import inject, render_injection
+    from parity.report.terminal import make_console
+
+    spec = parse_spec(spec_text)
+    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    prompt_list = read_prompts(prompts)
+    with _Progress() as progress:
+        loaded = load(model_path, spec)
+        result = inject(loaded, prompt_list, tap=tap, scale=scale, relative=relative, seed=seed,
+                        new_tokens=new_tokens, progress=progress.task("injecting", len(prompt_list)))
+    if json_path:
+        try:
+            Path(json_path).write_text(_json.dumps(result.to_json(), indent=1) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+    render_injection(result, make_console())
+    return 0
 
 
 @cli.command("calibrate", context_settings=CONTEXT)

@@ -123,11 +123,13 @@ def _depth_series(data: dict[str, Any]) -> list[dict[str, Any]]:
             points[kind] = {}
             order.append(kind)
         point = points[kind].setdefault(layer, {"layer": layer, "rel_l2": None, "max_abs": None,
-                                                "cosine": None, "fail": False, "atol": None})
+                                                "cosine": None, "fail": False, "atol": None, "bound": None})
         if not (pair.get("outcome") == "pass" or pair.get("allowed")):
             point["fail"] = True
         tolerance = pair.get("tolerance") or {}
         point["atol"] = _worst(point["atol"], _num(tolerance.get("atol")))
+        if isinstance(pair.get("oracle"), dict):  # oracle mode: the rel L2 bound m·err(baseline) + eps
+            point["bound"] = _worst(point["bound"], _num(pair["oracle"].get("bound")), high=False)
         if metrics:
             point["rel_l2"] = _worst(point["rel_l2"], _num(metrics.get("rel_l2")))
             point["max_abs"] = _worst(point["max_abs"], _num(metrics.get("max_abs")))
@@ -251,6 +253,7 @@ def page_data(data: dict[str, Any]) -> dict[str, Any]:
     rows, sources = _pair_rows(data)
     return {
         "verdict": data["summary"]["verdict"],
+        "oracle": isinstance(data.get("oracle"), dict),
         "depth": _depth_series(data),
         "heatmap": _heatmap(data),
         "positions": _positions(data.get("first_divergence")),
@@ -288,7 +291,8 @@ def _summary_html(data: dict[str, Any]) -> str:
     if detail:
         line += f" ({detail})"
     runs = []
-    for label in ("baseline", "target"):
+    labels = ("baseline", "target") + (("oracle",) if isinstance(data.get("oracle"), dict) else ())
+    for label in labels:
         run = data.get(label) or {}
         model = run.get("model") or {}
         env = run.get("env") or {}
@@ -344,9 +348,20 @@ def _tolerance_html(data: dict[str, Any]) -> str:
     if tol.get("rtol") is not None or tol.get("atol") is not None:
         items.append(f"<li>for pairs without a pattern match: rtol={_e(_g(tol.get('rtol')))} "
                      f"atol={_e(_g(tol.get('atol')))} (--rtol / --atol; the other from the dtype default)</li>")
+    oracle = tol.get("oracle")
+    if isinstance(oracle, dict):
+        eps = _g(oracle.get("eps")) if oracle.get("eps") is not None else "unit roundoff of the target dtype"
+        items.append(f"<li>oracle mode: both runs judged against the float64 run "
+                     f"<code>{_e(oracle.get('path', ''))}</code>; m={_e(_g(oracle.get('m')))}, eps={_e(eps)}</li>")
+    if tol.get("profile"):
+        items.append(f"<li>profile <code>{_e(tol['profile'])}</code>"
+                     + (f" for backend <code>{_e(tol['backend'])}</code>" if tol.get("backend") else "") + "</li>")
     for o in tol.get("overrides") or []:
+        where = ", ".join(f"{k} {o[k]}" for k in ("backend", "dtype") if o.get(k))
+        note = f'<br><span class="note">{_e(o["note"])}</span>' if o.get("note") else ""
         items.append(f"<li><code>{_e(o.get('pattern'))}</code> rtol={_e(_g(o.get('rtol')))} "
-                     f"atol={_e(_g(o.get('atol')))} <span class=\"src\">({_e(o.get('source', ''))})</span></li>")
+                     f"atol={_e(_g(o.get('atol')))}{_e(' (' + where + ')') if where else ''} "
+                     f'<span class="src">({_e(o.get("source", ""))})</span>{note}</li>')
     for key, label in (("allow_missing", "allowed to be missing"), ("allow_failed", "allowed to fail"),
                        ("renames", "target renamed")):
         for value in tol.get(key) or []:
@@ -366,7 +381,8 @@ def render_html(data: dict[str, Any]) -> str:
     first = data.get("first_divergence")
     title = f"parity {verdict.upper()}" + (f" — first divergence {first['name']}" if first else "")
     e2e_nav = '<a href="#end-to-end">End to end</a>' if _end_to_end(data) else ""
-    parts = {"TITLE": _e(title), "CSS": _CSS, "SUMMARY": _summary_html(data), "FIRST": _first_html(data),
+    caption = _DEPTH_CAPTION_ORACLE if isinstance(data.get("oracle"), dict) else _DEPTH_CAPTION
+    parts = {"TITLE": _e(title), "DEPTHCAPTION": caption, "CSS": _CSS, "SUMMARY": _summary_html(data), "FIRST": _first_html(data),
              "TOLERANCE": _tolerance_html(data), "E2ENAV": e2e_nav, "DATA": script_json(page_data(data)),
              "JS": _JS}
     # One pass over the template: text from the report can never be taken for a placeholder.
@@ -395,6 +411,18 @@ def write_html(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     _write_atomic(path, render_html(data), "HTML report")
 
 
+_DEPTH_CAPTION = (
+    "Worst value over steps for each tap kind at each layer (log scale). Markers with a red ring: some pair "
+    "of that tap kind failed at that layer. Dashed lines in the max |Δ| plot: each tap kind's "
+    "<code>atol</code>, the absolute floor of the tolerance rule (a pair can exceed it and still pass "
+    "through <code>rtol·|b|</code>). rel L2 and cosine have no per-element tolerance, so no line is drawn "
+    "there.")
+_DEPTH_CAPTION_ORACLE = (
+    "Oracle mode: errors of the target against the float64 oracle, worst over steps for each tap kind at "
+    "each layer (log scale). Markers with a red ring: some pair of that tap kind failed at that layer. "
+    "Dashed lines in the relative L2 plot: the pass bound <code>m·err(baseline) + eps</code> of each tap "
+    "kind (the tightest over steps). Max |Δ| and cosine have no tolerance in this mode.")
+
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -414,7 +442,7 @@ _TEMPLATE = """<!DOCTYPE html>
 @FIRST@
 @TOLERANCE@
 <section id="depth" class="card"><h2>Error along depth</h2>
-<p class="caption">Worst value over steps for each tap kind at each layer (log scale). Markers with a red ring: some pair of that tap kind failed at that layer. Dashed lines in the max |Δ| plot: each tap kind's <code>atol</code>, the absolute floor of the tolerance rule (a pair can exceed it and still pass through <code>rtol·|b|</code>). rel L2 and cosine have no per-element tolerance, so no line is drawn there.</p>
+<p class="caption">@DEPTHCAPTION@</p>
 <div id="depth-plots" class="plots"></div><div id="depth-legend" class="legend"></div></section>
 <section id="heatmap" class="card"><h2>Steps × depth heatmap</h2>
 <p class="caption">Worst relative L2 error per (step, layer) over every tap of that layer; taps outside the layer stack get their own column. Colour is log-scaled; a red outline marks a cell holding a failing pair.</p>
@@ -692,10 +720,16 @@ function drawDepth() {
       return {points: r.points, color: colors[r.kind], label: "atol of " + r.kind};
     });
   }
-  box.appendChild(depthPlot({title: "relative L2 error", ylabel: "\u2016t\u2212b\u2016 / \u2016b\u2016",
-                             series: build("rel_l2", id)}));
-  box.appendChild(depthPlot({title: "max |\u0394| with atol", ylabel: "max |t\u2212b|",
-                             series: build("max_abs", id), refs: refs}));
+  var bounds = series.map(function (se) {
+    return {points: se.points.filter(function (p) { return num(p.bound) !== null; })
+                             .map(function (p) { return {x: p.layer, y: num(p.bound)}; }),
+            color: colors[se.kind], label: "pass bound of " + se.kind};
+  }).filter(function (r) { return r.points.length; });
+  box.appendChild(depthPlot({title: D.oracle ? "relative L2 error vs oracle, with bound" : "relative L2 error",
+                             ylabel: "\u2016t\u2212b\u2016 / \u2016b\u2016", series: build("rel_l2", id),
+                             refs: D.oracle ? bounds : []}));
+  box.appendChild(depthPlot({title: D.oracle ? "max |\u0394|" : "max |\u0394| with atol", ylabel: "max |t\u2212b|",
+                             series: build("max_abs", id), refs: D.oracle ? [] : refs}));
   box.appendChild(depthPlot({title: "1 \u2212 cosine similarity", ylabel: "1 \u2212 cos(t, b)",
                              series: build("cosine", function (v) { return 1 - v; })}));
   series.forEach(function (se) {
@@ -705,7 +739,8 @@ function drawDepth() {
   });
   var dash = h("span", {"class": "item"}), sw2 = h("span", {"class": "sw dash"});
   sw2.style.borderTopColor = same ? "#444c56" : "#888";
-  dash.appendChild(sw2); dash.appendChild(document.createTextNode(same ? "atol (tolerance floor)" : "atol per tap kind (its colour)"));
+  dash.appendChild(sw2); dash.appendChild(document.createTextNode(D.oracle ? "pass bound m\u00b7err(baseline) + eps (its colour)" :
+                                                                  same ? "atol (tolerance floor)" : "atol per tap kind (its colour)"));
   legend.appendChild(dash);
   var ring = h("span", {"class": "item"}); ring.appendChild(h("span", {"class": "ring"}));
   ring.appendChild(document.createTextNode("a pair failed at this layer")); legend.appendChild(ring);
