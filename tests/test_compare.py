@@ -167,3 +167,22 @@ def test_report_json_is_complete_and_strict(baseline_dump, bf16_dump):
     assert len(data["pairs"]) == data["summary"]["pairs"] == 92
     assert data["tolerance"]["rule"].startswith("|t - b| <= max(atol, rtol * |b|)")
     assert data["layers"][0]["layer"] == 0
+
+
+def test_statistics_only_dumps_find_the_fault_and_say_so(fp32_model, prompts, tmp_path):
+    run_and_capture(fp32_model, prompts, tmp_path / "base", mode="stats")
+    run_and_capture(fp32_model, prompts, tmp_path / "same", mode="stats")
+    assert not list((tmp_path / "base" / "data" / "rank0").glob("*.safetensors"))  # no tensor data
+    same = compare(tmp_path / "base", tmp_path / "same")
+    assert same.verdict == "pass" and same.statistics_based
+    handle = fp32_model.model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out * 1.01)
+    try:
+        run_and_capture(fp32_model, prompts, tmp_path / "faulty", mode="stats")
+    finally:
+        handle.remove()
+    report = compare(tmp_path / "base", tmp_path / "faulty")
+    first = report.first_divergence
+    assert (first.name, first.kind, first.statistics_based) == ("model.layers.1.mlp", "fail", True)
+    assert "statistics-based" in first.reason and first.stats["l2"]["ok"] is False
+    assert report.to_json()["summary"]["statistics_based"] is True
+    assert report.layers[1].rel_l2 == pytest.approx(0.01, rel=1e-3)

@@ -198,9 +198,12 @@ def _prepare_out(out: Path) -> tuple[Path, Path, Path]:
               help="Oracle mode: also run the baseline in float64 (OUT/oracle) and judge both runs against it.")
 @click.option("--explain", "explain_too", is_flag=True,
               help="When the runs diverge, also find the root cause (as `parity explain`).")
+@click.option("--stats-only", is_flag=True,
+              help="Capture statistics only (no tensors): small dumps, a statistics-based comparison.")
 @_compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
-             taps: Sequence[str], oracle: str | None, explain_too: bool, **options: Any) -> int:
+             taps: Sequence[str], oracle: str | None, explain_too: bool, stats_only: bool,
+             **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     \b
@@ -215,6 +218,8 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     specs = parse_spec(baseline_spec), parse_spec(target_spec)
     model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
     prompt_list = read_prompts(prompts)
+    if stats_only and (oracle or explain_too):
+        raise UsageError("--stats-only cannot be combined with --oracle or --explain (they need tensors)")
     out_path = Path(out)
     base_dir, target_dir, oracle_dir = _prepare_out(out_path)
     from dataclasses import replace
@@ -230,6 +235,7 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
             loaded = load(model_path, spec)
             update(1, 1)
             run_and_capture(loaded, prompt_list, where, taps=list(taps) or None,
+                            mode="stats" if stats_only else "full",
                             progress=progress.task(f"capturing {label}", len(prompt_list)))
             tokenizer = loaded.tokenizer
             del loaded

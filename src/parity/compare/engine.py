@@ -64,6 +64,14 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
         shape = _squeezed(b.shape)
         notes.append(f"shapes {list(b.shape)} and {list(t.shape)} differ only in size-1 dims: "
                      f"compared as {list(shape)}")
+    if b.file is None or t.file is None:  # statistics-only capture on at least one side
+        from parity.compare.stats_check import stats_check
+
+        kind, reason, details, rel = stats_check(b, t, tolerance)
+        outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind, reason, *sides, tolerance=tolerance,
+                          notes=notes, statistics_based=True, stats=details, stats_rel_l2=rel)
+        outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
+        return outcome
     base_arr = base.raw(b).reshape(shape)
     target_arr = target.raw(t).reshape(shape)
     if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
@@ -154,6 +162,8 @@ def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
     for o in outcomes:
         if o.layer is not None and o.metrics is not None:
             by_layer.setdefault(o.layer, []).append(o)
+    if not by_layer:  # statistics-only: the relative difference of L2 norms stands in
+        return _stats_profile(outcomes)
     profile: list[LayerError] = []
     previous: float | None = None
     for layer in sorted(by_layer):
@@ -169,6 +179,27 @@ def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
             layer=layer, rel_l2=rel, max_abs=max(o.metrics.max_abs for o in items),  # type: ignore[union-attr]
             cosine=min(o.metrics.cosine for o in items), worst_name=worst.name,  # type: ignore[union-attr]
             growth=growth, by_kind=kinds))
+        previous = rel
+    return profile
+
+
+def _stats_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
+    by_layer: dict[int, list[Outcome]] = {}
+    for o in outcomes:
+        if o.layer is not None and o.stats_rel_l2 is not None:
+            by_layer.setdefault(o.layer, []).append(o)
+    profile: list[LayerError] = []
+    previous: float | None = None
+    for layer in sorted(by_layer):
+        items = by_layer[layer]
+        worst = max(items, key=lambda o: o.stats_rel_l2)  # type: ignore[arg-type,return-value]
+        rel = float(worst.stats_rel_l2)  # type: ignore[arg-type]
+        kinds: dict[str, float] = {}
+        for o in items:
+            kinds[tap_kind(o.name)] = max(kinds.get(tap_kind(o.name), 0.0), float(o.stats_rel_l2))  # type: ignore
+        profile.append(LayerError(layer=layer, rel_l2=rel, max_abs=float("nan"), cosine=float("nan"),
+                                  worst_name=worst.name, growth=rel / previous if previous else None,
+                                  by_kind=kinds))
         previous = rel
     return profile
 
@@ -197,9 +228,6 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     for run in (base_run, target_run):
         if not run.records:
             raise DumpError(f"dump {run.path} holds no records", hint="did the capture run any forward pass?")
-        if run.mode != "full":
-            raise DumpError(f"dump {run.path} is statistics-only; comparing needs tensor data",
-                            hint="capture with mode='full'")
     policy = policy or TolerancePolicy()
     missing_taps = [compile_tap(p) for p in allow_missing]
     failed_taps = [compile_tap(p) for p in allow_failed]

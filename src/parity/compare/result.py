@@ -59,6 +59,10 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     #: oracle mode only: baseline_error, target_error, bound, m, eps (see compare/oracle.py)
     oracle: dict[str, float] | None = None
+    #: statistics-only dumps: the outcome rests on stored statistics (compare/stats_check.py)
+    statistics_based: bool = False
+    stats: dict[str, Any] | None = None
+    stats_rel_l2: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -78,6 +82,9 @@ class Outcome:
                        if self.metrics and self.kind != "pass" else None),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
+            **({"statistics_based": True, "stats": self.stats,
+                "stats_rel_l2": json_float(self.stats_rel_l2) if self.stats_rel_l2 is not None else None}
+               if self.statistics_based else {}),
         }
 
 
@@ -122,6 +129,11 @@ class Report:
         return next((o for o in self.outcomes if not o.ok), None)
 
     @property
+    def statistics_based(self) -> bool:
+        """True when some outcome rests on statistics only (statistics-only capture)."""
+        return any(o.statistics_based for o in self.outcomes)
+
+    @property
     def verdict(self) -> str:
         """``pass`` when every outcome passed or was allowed, else ``fail``."""
         return "pass" if self.first_divergence is None else "fail"
@@ -145,6 +157,7 @@ class Report:
                 "passed": counts["pass"], "failed": sum(1 for o in self.outcomes if not o.ok),
                 "allowed": counts["allowed"],
                 "outcomes": {k: counts[k] for k in OUTCOMES},
+                "statistics_based": self.statistics_based,
             },
             "first_divergence": ({**first.to_json(), "positions": self.first_positions}
                                  if first else None),

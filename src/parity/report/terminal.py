@@ -35,8 +35,8 @@ def make_console(file: Any = None) -> Console:
 
 
 def g(x: Any) -> str:
-    """Compact number formatting (3 significant digits)."""
-    if x is None:
+    """Compact number formatting (3 significant digits); None and NaN print as ``-``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float):
         return f"{x:.3g}"
@@ -85,6 +85,10 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
         _render_defaults(tol, console)
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
+    if report.statistics_based:
+        console.print(Text("statistics-based: ", style="bold yellow") + Text(
+            "the dumps hold statistics only; a failure is certain, a pass only means no statistic "
+            "contradicts the tolerance"))
     _render_body(report, console, show=show, show_all=show_all)
 
 
@@ -100,7 +104,8 @@ def _render_defaults(tol: dict[str, Any], console: Console) -> None:
 
 def _render_body(report: Report, console: Console, *, show: int, show_all: bool) -> None:
     if report.layers:
-        versus = ", target vs oracle" if report.oracle is not None else ""
+        versus = ", target vs oracle" if report.oracle is not None else (
+            "; statistics: rel. difference of L2 norms" if report.statistics_based else "")
         table = Table(title=f"error along depth (worst tap per layer{versus})", box=box.SIMPLE_HEAD,
                       title_justify="left", pad_edge=False, padding=(0, 1), collapse_padding=True)
         for col, justify in (("layer", "right"), ("rel L2", "right"), ("growth", "right"),
@@ -108,8 +113,8 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             table.add_column(col, justify=justify, no_wrap=col != "worst tap", overflow="fold")
         for layer in report.layers:
             growth = "-" if layer.growth is None else f"x{layer.growth:.2f}"
-            table.add_row(str(layer.layer), g(layer.rel_l2), growth, g(layer.max_abs), f"{layer.cosine:.6f}",
-                          layer.worst_name)
+            table.add_row(str(layer.layer), g(layer.rel_l2), growth, g(layer.max_abs),
+                          "-" if math.isnan(layer.cosine) else f"{layer.cosine:.6f}", layer.worst_name)
         console.print(table)
 
     first = report.first_divergence

@@ -1,0 +1,73 @@
+"""Statistics-based comparison, for dumps captured with ``mode="stats"`` (no tensor data).
+
+Without the elements, parity checks **necessary conditions** of the elementwise rule
+``|t − b| ≤ max(atol, rtol·|b|)``: if any of them is violated, the elementwise comparison
+would certainly fail. For a pair of n elements with baseline stats ``b`` and target stats ``t``:
+
+=========  ============================================================================
+stat       bound on |stat(t) − stat(b)|
+=========  ============================================================================
+l2         sqrt(n·atol² + rtol²·l2(b)²)       (‖t‖ − ‖b‖ ≤ ‖t − b‖ ≤ that)
+mean       atol + rtol·abs_max(b)
+min, max   max(atol, rtol·abs_max(b))
+abs_max    max(atol, rtol·abs_max(b))
+=========  ============================================================================
+
+Outcome ``fail`` when a bound is violated; ``nonfinite`` when NaN/Inf counts differ;
+``degenerate`` when one side is all zeros (zero count = n) and the other is not. Otherwise
+``pass`` — meaning "no statistic contradicts the tolerance", a weaker statement than an
+elementwise pass, and every such outcome is marked ``statistics_based``. The per-layer error
+along depth uses ``|l2(t) − l2(b)| / l2(b)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from parity.compare.tolerance import Tolerance
+from parity.store.format import Record
+
+
+def _num(stats: dict[str, Any], key: str) -> float | None:
+    value = stats.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    return None
+
+
+def stats_check(b: Record, t: Record, tol: Tolerance) -> tuple[str, str, dict[str, Any], float]:
+    """(outcome kind, reason, per-stat details, l2 relative difference) for a pair without data."""
+    sb, st = b.stats, t.stats
+    n = b.numel
+    details: dict[str, Any] = {}
+    for key in ("nan", "inf"):
+        if int(sb.get(key, 0) or 0) != int(st.get(key, 0) or 0):
+            return "nonfinite", (f"{key.upper()} count differs: baseline {sb.get(key, 0)}, target {st.get(key, 0)} "
+                                 "(statistics-based)"), details, math.inf
+    zb, zt = int(sb.get("zero", 0) or 0), int(st.get("zero", 0) or 0)
+    l2b, l2t = _num(sb, "l2"), _num(st, "l2")
+    rel = abs(l2t - l2b) / l2b if l2b and l2t is not None else (0.0 if l2b == l2t else math.inf)
+    amax = _num(sb, "abs_max") or 0.0
+    bounds = {"l2": math.sqrt(n * tol.atol ** 2 + (tol.rtol * (l2b or 0.0)) ** 2),
+              "mean": tol.atol + tol.rtol * amax,
+              "min": max(tol.atol, tol.rtol * amax), "max": max(tol.atol, tol.rtol * amax),
+              "abs_max": max(tol.atol, tol.rtol * amax)}
+    violated = []
+    for key, bound in bounds.items():
+        vb, vt = _num(sb, key), _num(st, key)
+        if vb is None or vt is None:
+            continue
+        diff = abs(vt - vb)
+        ok = diff <= bound
+        details[key] = {"baseline": vb, "target": vt, "diff": diff, "bound": bound, "ok": ok}
+        if not ok:
+            violated.append(f"{key} differs by {diff:.3g} > bound {bound:.3g}")
+    if n and ((zt == n) != (zb == n)) and violated:
+        side = "target" if zt == n else "baseline"
+        return "degenerate", f"{side} is all zeros while the other side is not (statistics-based)", details, rel
+    if violated:
+        return "fail", "; ".join(violated) + " (statistics-based: the elementwise rule cannot hold)", details, rel
+    return "pass", "no statistic contradicts the tolerance (statistics-based; elements not compared)", details, rel
