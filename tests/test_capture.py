@@ -118,8 +118,12 @@ def test_capture_killed_mid_run_leaves_a_loadable_prefix(tiny_model_dir, tmp_pat
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.2)
-        child.send_signal(signal.SIGKILL)
+        manifest = out / "manifest-rank0.jsonl"
+        deadline = time.monotonic() + 60
+        while '"type":"record","name":"lm_head","step":2' not in manifest.read_text():
+            assert time.monotonic() < deadline, "step 2 never reached the disk"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)  # while it keeps running forward passes
     finally:
         child.wait(timeout=60)
     run = load_run(out)
