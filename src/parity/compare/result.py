@@ -122,6 +122,8 @@ class Report:
     first_positions: dict[str, Any] | None = None
     #: oracle mode only: description of the float64 oracle run
     oracle: dict[str, Any] | None = None
+    #: generations and next-token distributions compared (compare/e2e.py), when the run had them
+    end_to_end: dict[str, Any] | None = None
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -165,6 +167,7 @@ class Report:
             **({"oracle": self.oracle} if self.oracle is not None else {}),
             "tolerance": self.tolerance,
             "layers": [layer.to_json() for layer in self.layers],
+            **({"end_to_end": self.end_to_end} if self.end_to_end is not None else {}),
             "notes": self.notes,
             "pairs": [o.to_json() for o in self.outcomes],
         }

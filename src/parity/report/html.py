@@ -21,7 +21,7 @@ read with ``JSON.parse`` and written into the page only through ``textContent`` 
 ``setAttribute`` on non-URL attributes. The page has a Content-Security-Policy that forbids any
 network access.
 
-Size: about 250 bytes per pair plus a few kB of fixed markup (a 92-pair report is ~60 kB).
+Size: about 320 bytes per pair plus ~45 kB of fixed markup and script (a 92-pair report is ~75 kB).
 The file is written atomically (temp file + ``os.replace``); I/O errors raise
 :class:`parity.errors.UsageError`.
 """
@@ -518,11 +518,11 @@ table.pairs th button{font:inherit;font-weight:600;background:none;border:0;padd
 table.pairs th button:hover{background:#eaeef2}
 table.pairs th[aria-sort=ascending] button::after{content:" ▲";font-size:10px}
 table.pairs th[aria-sort=descending] button::after{content:" ▼";font-size:10px}
-table.pairs td{padding:4px 8px;border-bottom:1px solid #eaeef2;vertical-align:top}
+table.pairs td{padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top}
 table.pairs td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-table.pairs td.name{overflow-wrap:anywhere;min-width:250px}
+table.pairs td.name{overflow-wrap:anywhere;min-width:210px}
 table.pairs td.tol{white-space:nowrap}
-table.pairs td.reason{color:var(--muted);min-width:300px;font-size:12px}
+table.pairs td.reason{color:var(--muted);min-width:240px;font-size:12px}
 table.pairs tr.first td{background:#fff1f0}
 table.pairs tr:hover td{background:#f6f8fa}
 .e2e-rate{font-size:15px;margin-bottom:8px}
@@ -819,7 +819,7 @@ function drawHeatmap() {
 
 /* ---------- per-position error ---------- */
 function barPlot(title, ylabel, labels, values, ref, refText) {
-  var n = values.length, L = 62, R = 14, T = 30;
+  var n = values.length, L = 62, R = ref !== null ? 64 : 14, T = 30;
   var bw = Math.max(2, Math.min(34, Math.floor((560 - L - R) / Math.max(1, n))));
   var longest = Math.max.apply(null, labels.map(function (l) { return Math.min(12, showToken(l).length); }).concat([1]));
   var B = 34 + longest * 6.2, W = L + bw * n + R, H = 200 + B;
@@ -842,7 +842,7 @@ function barPlot(title, ylabel, labels, values, ref, refText) {
   if (ref !== null && isFinite(ref)) {
     var ry = sc.y(ref);
     svg.appendChild(s("line", {x1: L, x2: W - R, y1: ry, y2: ry, stroke: FAIL, "stroke-width": 1.5, "stroke-dasharray": "6 4"}));
-    svg.appendChild(s("text", {x: W - R - 2, y: ry - 4, "text-anchor": "end", "class": "tick halo", fill: FAIL}, refText));
+    svg.appendChild(s("text", {x: W - R + 4, y: ry + 3.5, "class": "tick", fill: FAIL}, refText));
   }
   var every = Math.max(1, Math.ceil(n / Math.floor((bw * n) / 13)));
   labels.forEach(function (l, i) {
@@ -1015,7 +1015,7 @@ function drawTable() {
 
 [drawDepth, drawHeatmap, drawPositions, drawEndToEnd, drawTable].forEach(function (f) {
   try { f(); } catch (err) {
-    var m = h("p", {"class": "warn"}, "Could not draw part of this report: " + err);
+    var m = h("p", {"class": "warn draw-error"}, "Could not draw part of this report: " + err);
     document.querySelector("main").insertBefore(m, document.querySelector("main").firstChild);
   }
 });

@@ -167,6 +167,9 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
                           g_up(m.needed_atol) if m and o.kind != "pass" else "-")
         console.print(table)
 
+    if report.end_to_end:
+        _render_e2e(report.end_to_end, console)
+
     counts = report.counts()
     failed = sum(1 for o in report.outcomes if not o.ok)
     detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "pass")
@@ -201,3 +204,24 @@ def _render_oracle(report: Report, console: Console) -> None:
                       g(ratio), g(row["bound"]), Text("pass" if row["ok"] else "fail",
                                                       style="green" if row["ok"] else "red"))
     console.print(table)
+
+
+def _render_e2e(e2e: dict[str, Any], console: Console) -> None:
+    """Generated tokens and next-token distributions (see compare/e2e.py)."""
+    v = e2e["verdicts"]
+    console.print(Text("end to end: ", style="bold") + Text(
+        f"token match rate {100 * e2e['token_match_rate']:.1f}% over {len(e2e['prompts'])} prompts x "
+        f"{e2e['new_tokens']} greedy tokens; identical {v['identical']}, benign flip {v['benign flip']}, "
+        f"real divergence {v['real divergence']}"))
+    dist = e2e.get("distributions")
+    if dist:
+        console.print(f"  teacher-forced ({dist['positions']} positions): KL(b||t) mean {g(dist['kl_mean'])}, "
+                      f"max {g(dist['kl_max'])}; max |Δlogprob| top-{dist['top_k']} "
+                      f"{g(dist['max_abs_delta_logprob_topk'])}; top-1 agreement {100 * dist['top1_agreement']:.1f}%")
+    for index, p in enumerate(e2e["prompts"]):
+        if p["first_divergent_position"] is None:
+            continue
+        gap = p.get("baseline_logprob_gap")
+        why = (f"gap {gap:.3g} nats" if gap is not None else "target token not in the baseline's top-k")
+        console.print(f"  prompt {index}: position {p['first_divergent_position']} after {p['context']!r}: "
+                      f"baseline {p['baseline_token']!r} vs target {p['target_token']!r} — {p['verdict']} ({why})")

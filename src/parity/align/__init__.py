@@ -1,0 +1,1 @@
+"""Aligning what different engines capture: canonical taps per architecture."""

@@ -1,0 +1,88 @@
+"""Running the two (or three, with an oracle) sides of ``parity diff`` on any engine.
+
+Flow, per side: load the engine under its spec; when ``new_tokens`` > 0, generate greedily with
+top-k logprobs; then capture a teacher-forced pass over the **baseline's** sequences (prompt +
+the baseline's continuation), so every position lines up even after the generations diverge.
+With ``new_tokens`` = 0 the sequences are the prompts alone. Both sides use the baseline's
+tokenizer. When either side runs vLLM, every side is captured under canonical tap names
+(:mod:`parity.align.canonical`) so that like is compared with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from parity.backends.spec import Spec
+
+ProgressFactory = Callable[[str, int | None], Callable[..., None]]
+
+
+@dataclass
+class DiffRun:
+    """What the captures produced: the shared tokenizer and, when generated, both generations."""
+
+    tokenizer: Any
+    canonical: bool
+    baseline_generations: list | None = None
+    target_generations: list | None = None
+
+
+def _load(model_path: Path, spec: Spec) -> Any:
+    if spec.engine == "vllm":
+        from parity.backends import vllm
+
+        return vllm.load(model_path, spec)
+    from parity.backends import hf
+
+    return hf.load(model_path, spec)
+
+
+def _generate(side: Any, prompts: Sequence[str], new_tokens: int) -> list:
+    if side.spec.engine == "vllm":
+        from parity.backends import vllm
+
+        return vllm.generate(side, prompts, new_tokens=new_tokens)
+    from parity.backends import hf
+
+    return hf.generate(side, prompts, new_tokens=new_tokens)
+
+
+def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: bool, taps: Sequence[str] | None,
+             mode: str, progress: Callable[..., None]) -> None:
+    if side.spec.engine == "vllm":
+        from parity.backends import vllm
+
+        vllm.capture_sequences(side, sequences, out, mode=mode, progress=progress)
+    else:
+        from parity.backends import hf
+
+        hf.capture_sequences(side, sequences, out, canonical=canonical, taps=taps, mode=mode, progress=progress)
+
+
+def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
+              target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
+              taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory) -> DiffRun:
+    """Load, generate and capture both sides (and a float64 oracle of the baseline when asked)."""
+    canonical = "vllm" in (baseline.engine, target.engine)
+    base = _load(model_path, baseline)
+    tokenizer = base.tokenizer
+    if new_tokens > 0:
+        base_gen = _generate(base, prompts, new_tokens)
+        sequences = [g.sequence for g in base_gen]
+    else:
+        base_gen = None
+        sequences = [tokenizer(p).input_ids for p in prompts]
+    _capture(base, sequences, base_dir, canonical=canonical, taps=taps, mode=mode,
+             progress=task("capturing baseline", len(sequences)))
+    target_side = _load(model_path, target)
+    target_gen = _generate(target_side, prompts, new_tokens) if new_tokens > 0 else None
+    _capture(target_side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
+             progress=task("capturing target", len(sequences)))
+    if oracle_dir is not None:
+        oracle = _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none"))
+        _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode,
+                 progress=task("capturing oracle", len(sequences)))
+    return DiffRun(tokenizer=tokenizer, canonical=canonical, baseline_generations=base_gen,
+                   target_generations=target_gen)

