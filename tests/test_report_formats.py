@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
@@ -122,7 +121,8 @@ def test_markdown_summary_has_verdict_first_divergence_worst_taps_and_counts(rep
     worst = sorted(_worst_by_name(report).items(), key=lambda kv: -kv[1])[:10]
     assert [re.search(r"`([^`]+)`", row).group(1) for row in rows] == [name for name, _ in worst]
     assert f"| {worst[0][1]:.3g} |" in rows[0]
-    assert f"Counts: pass {summary['passed']} · fail {summary['outcomes']['fail']} (of {summary['pairs']} pairs)" in text
+    counts = f"Counts: pass {summary['passed']} · fail {summary['outcomes']['fail']} (of {summary['pairs']} pairs)"
+    assert counts in text
     assert "End to end" not in text  # no end_to_end key
 
 
@@ -144,6 +144,67 @@ def test_markdown_end_to_end_rate_and_hostile_names(report, tmp_path):
     row = next(line for line in text.splitlines() if "onerror" in line)
     assert row.count("|") - row.count("\\|") == 8  # the table keeps its 7 columns
     assert "``a\\|b`c <img src=x onerror=alert(1)> @team``" in row  # inside a code span: inert
+
+
+@pytest.fixture(scope="module")
+def odd_report(tmp_path_factory):
+    """A report with every awkward outcome: NaN, Inf (rel L2 = inf), shape mismatch, missing records."""
+    import torch
+
+    from parity.compare.engine import compare
+    from parity.store.format import FORMAT_VERSION, Record, RunHeader
+    from parity.store.writer import DumpWriter
+
+    def write(path, tensors):
+        writer = DumpWriter(path, RunHeader(format_version=FORMAT_VERSION), durable=False)
+        writer.open()
+        for order, (name, tensor) in enumerate(tensors.items()):
+            writer.add(Record(name=name, step=0, rank=0, order=order, shape=tuple(tensor.shape),
+                              dtype=str(tensor.dtype).removeprefix("torch."), file=None, key=name, stats={},
+                              tags={}), tensor.contiguous())
+        writer.close()
+
+    root = tmp_path_factory.mktemp("odd")
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    write(root / "b", {"model.layers.0.mlp": x, "model.layers.1.mlp": torch.zeros(3, 4),
+                       "model.layers.2.mlp": x, "only_baseline": x, "model.norm": x})
+    write(root / "t", {"model.layers.0.mlp": nan, "model.layers.1.mlp": torch.ones(3, 4),
+                       "model.layers.2.mlp": x[:2], "only_target": x, "model.norm": x})
+    return json.loads(json.dumps(compare(root / "b", root / "t").to_json()))
+
+
+def test_every_writer_handles_nonfinite_missing_and_mismatched_pairs(odd_report, tmp_path):
+    from parity.commands.report_cmd import load_report, write_reports
+    from parity.report.html import page_data, script_json
+    from parity.report.markdown import worst_taps
+
+    outcomes = {p["name"]: p["outcome"] for p in odd_report["pairs"]}
+    assert outcomes == {"model.layers.0.mlp": "nonfinite", "model.layers.1.mlp": "degenerate",
+                        "model.layers.2.mlp": "shape_mismatch", "only_baseline": "missing_in_target",
+                        "only_target": "missing_in_baseline", "model.norm": "pass"}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(odd_report))
+    written = write_reports(load_report(path), html=str(tmp_path / "o.html"), junit=str(tmp_path / "o.xml"),
+                            markdown=str(tmp_path / "o.md"))
+    assert [label for label, _ in written] == ["HTML", "JUnit XML", "Markdown"]
+    suite = ET.parse(tmp_path / "o.xml").getroot().find("testsuite")
+    assert int(suite.get("failures")) == 5 and int(suite.get("tests")) == 6
+    assert {f.get("type") for f in suite.iter("failure")} == set(outcomes.values()) - {"pass"}
+    data = page_data(odd_report)
+    depth = {s["kind"]: s["points"] for s in data["depth"]}
+    # layer 0: the NaN element is left out of the metrics (rel L2 0); layer 1: baseline all zero (inf);
+    # layer 2: shape mismatch, no metrics (drawn as a gap)
+    assert [p["rel_l2"] for p in depth["model.layers.{i}.mlp"]] == [0.0, "inf", None]
+    assert [p["fail"] for p in depth["model.layers.{i}.mlp"]] == [True, True, True]
+    assert json.loads(script_json(data)) == data  # strict JSON: non-finite values stay strings
+    taps = worst_taps(odd_report)
+    assert [t["name"] for t in taps[:4]] == ["model.layers.2.mlp", "only_baseline", "only_target",
+                                             "model.layers.1.mlp"]  # without metrics first, then inf
+    md = (tmp_path / "o.md").read_text()
+    assert "| 1 | `model.layers.1.mlp` | inf | 0 |" in md and "| 2 | `model.layers.2.mlp` | – |" in md
+    assert "1/1 (shape\\_mismatch)" in md
 
 
 # ------------------------------------------------------------------------------------------- HTML
@@ -194,7 +255,8 @@ def test_html_page_data_matches_the_report(report):
     assert columns[1:-2] == [str(layer["layer"]) for layer in report["layers"]]
     for si, step in enumerate(steps):
         for ci, layer in enumerate(report["layers"], start=1):
-            values = [p["metrics"]["rel_l2"] for p in report["pairs"] if p["step"] == step and p["layer"] == layer["layer"]]
+            values = [p["metrics"]["rel_l2"] for p in report["pairs"]
+                      if p["step"] == step and p["layer"] == layer["layer"]]
             assert data["heatmap"]["cells"][si][ci]["v"] == max(values)
     positions = report["first_divergence"]["positions"]
     assert data["positions"]["labels"] == positions["tokens"] and data["positions"]["decoded"]

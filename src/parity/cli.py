@@ -152,6 +152,7 @@ def cli() -> None:
     parity diff                      run the built-in tiny model fp32/eager vs bf16/sdpa
     parity compare BASE TARGET       compare two dump directories
     parity inspect DUMP              list what a dump holds
+    parity matrix --target S ...     several targets against one baseline, one table
     parity explain BASE TARGET       find the root cause of a divergence (replay, drill-down)
     parity inject --tap kv --scale S how noise at one tap propagates to logits and tokens
     parity calibrate                 measure the noise floor, write a tolerance profile
@@ -304,6 +305,50 @@ def _explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any,
             raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
     render_explanation(result, make_console())
     return 0 if result.case == "pass" else 1
+
+
+@cli.command("matrix", context_settings=CONTEXT)
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
+              metavar="SPEC", help="Backend SPEC of the reference run (captured once).")
+@click.option("--target", "target_specs", multiple=True, required=True, metavar="SPEC",
+              help="A target SPEC (repeatable): each becomes one row.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="One prompt per line.")
+@click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Greedy tokens generated per prompt on every side.")
+@click.option("--out", type=click.Path(file_okay=False), default="parity-matrix", show_default=True,
+              help="Dumps and per-target reports go here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair.")
+@click.option("--atol", type=float, default=None, help="Absolute floor for every pair.")
+@click.option("--profile", type=click.Path(dir_okay=False), default=None, help="Tolerance profile.")
+@click.option("--backend", default=None, metavar="NAME", help="Backend name for the profile.")
+def matrix_cmd(model_dir: str | None, baseline_spec: str, target_specs: Sequence[str], prompts: str | None,
+               new_tokens: int, out: str, json_path: str | None, rtol: float | None, atol: float | None,
+               profile: str | None, backend: str | None) -> int:
+    """Run several targets against one baseline (captured once) and print one table.
+
+    Per target: verdict, first divergence, worst relative L2 error over taps, mean logits KL and
+    greedy token match rate. Exit 0 when every target passes, 1 otherwise.
+    """
+    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.spec import parse_spec
+    from parity.matrix import render_matrix, run_matrix, write_rows
+    from parity.report.terminal import make_console
+
+    baseline = parse_spec(baseline_spec)
+    targets = [parse_spec(t) for t in target_specs]
+    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    prompt_list = read_prompts(prompts)
+    policy = _policy(rtol, atol, (), profile, backend)
+    with _Progress() as progress:
+        rows = run_matrix(model_path, baseline, targets, prompt_list, Path(out), new_tokens=new_tokens,
+                          policy=policy, task=progress.task)
+    if json_path:
+        write_rows(rows, json_path)
+    render_matrix(baseline, rows, make_console())
+    return 0 if all(r["verdict"] == "pass" for r in rows) else 1
 
 
 @cli.command("explain", context_settings=CONTEXT)

@@ -61,28 +61,45 @@ def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: boo
         hf.capture_sequences(side, sequences, out, canonical=canonical, taps=taps, mode=mode, progress=progress)
 
 
-def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
-              target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
-              taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory) -> DiffRun:
-    """Load, generate and capture both sides (and a float64 oracle of the baseline when asked)."""
-    canonical = "vllm" in (baseline.engine, target.engine)
+def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], base_dir: Path, *,
+                     new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
+                     task: ProgressFactory) -> tuple[Any, list | None, list[list[int]]]:
+    """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences)."""
     base = _load(model_path, baseline)
-    tokenizer = base.tokenizer
     if new_tokens > 0:
         base_gen = _generate(base, prompts, new_tokens)
         sequences = [g.sequence for g in base_gen]
     else:
         base_gen = None
-        sequences = [tokenizer(p).input_ids for p in prompts]
+        sequences = [base.tokenizer(p).input_ids for p in prompts]
     _capture(base, sequences, base_dir, canonical=canonical, taps=taps, mode=mode,
              progress=task("capturing baseline", len(sequences)))
-    target_side = _load(model_path, target)
-    target_gen = _generate(target_side, prompts, new_tokens) if new_tokens > 0 else None
-    _capture(target_side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
-             progress=task("capturing target", len(sequences)))
+    return base, base_gen, sequences
+
+
+def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], sequences: list[list[int]],
+                   target_dir: Path, *, new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
+                   task: ProgressFactory, label: str = "target") -> list | None:
+    """Load and run one target: its generations (or None); its capture is teacher-forced on ``sequences``."""
+    side = _load(model_path, target)
+    generations = _generate(side, prompts, new_tokens) if new_tokens > 0 else None
+    _capture(side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
+             progress=task(f"capturing {label}", len(sequences)))
+    return generations
+
+
+def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
+              target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
+              taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory) -> DiffRun:
+    """Load, generate and capture both sides (and a float64 oracle of the baseline when asked)."""
+    canonical = "vllm" in (baseline.engine, target.engine)
+    base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, base_dir, new_tokens=new_tokens,
+                                                 canonical=canonical, taps=taps, mode=mode, task=task)
+    target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
+                                canonical=canonical, taps=taps, mode=mode, task=task)
     if oracle_dir is not None:
         oracle = _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none"))
         _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode,
                  progress=task("capturing oracle", len(sequences)))
-    return DiffRun(tokenizer=tokenizer, canonical=canonical, baseline_generations=base_gen,
+    return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
                    target_generations=target_gen)

@@ -75,10 +75,19 @@ _kernels: Any = None
 _load_error: BaseException | None = None
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
+# Helpers of the kernels, set by _build (see there).
+_nb_widen: Any = None
+_nb_bits: Any = None
+_nb_f64_bits: Any = None
 
 
 def _build() -> Any:
-    """Define and return the numba kernels (imports numba; compiles lazily, per signature)."""
+    """Define and return the numba kernels (imports numba; compiles lazily, per signature).
+
+    The kernels reach their helpers through module globals (``_nb_*``), not closure cells:
+    numba's cache key hashes closure contents, which differ from process to process.
+    """
+    global _nb_widen, _nb_bits, _nb_f64_bits
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -155,6 +164,8 @@ def _build() -> Any:
             return lambda a, i: a[i]
         return None
 
+    _nb_widen, _nb_bits, _nb_f64_bits = widen, bits, f64_bits
+
     @njit(**opts)
     def blocks(b, t, first, last, n, block, rtol, atol, fpart, ipart):
         """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
@@ -173,8 +184,8 @@ def _build() -> Any:
             s_tb = 0.0
             max_ad = 0
             for i in range(m):
-                bv = widen(bs, i)
-                tv = widen(ts, i)
+                bv = _nb_widen(bs, i)
+                tv = _nb_widen(ts, i)
                 d = tv - bv
                 ad = abs(d)
                 s_abs += ad
@@ -182,8 +193,8 @@ def _build() -> Any:
                 s_bb += bv * bv
                 s_tt += tv * tv
                 s_tb += tv * bv
-                max_ad = max(max_ad, f64_bits(ad))
-            if (f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
+                max_ad = max(max_ad, _nb_f64_bits(ad))
+            if (_nb_f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
                 ipart[k, 0] = 1  # NaN/Inf in the block (or an overflow): recomputed with numpy
                 continue
             # Loop 2 (block now in cache): the tolerance-dependent maxima and the mismatch count.
@@ -192,39 +203,39 @@ def _build() -> Any:
             n_rtol = 0
             mism = 0
             for i in range(m):
-                bv = widen(bs, i)
-                ad = abs(widen(ts, i) - bv)
+                bv = _nb_widen(bs, i)
+                ad = abs(_nb_widen(ts, i) - bv)
                 ab = abs(bv)
-                ad_bits = f64_bits(ad)
+                ad_bits = _nb_f64_bits(ad)
                 thr = ab * rtol
                 n_atol = max(n_atol, ad_bits if ad > thr else 0)
                 lim = thr if thr > atol else atol
                 mism += 1 if ad > lim else 0
-                rel = f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
+                rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
                 max_rel = max(max_rel, rel)
                 n_rtol = max(n_rtol, rel if ad > atol else 0)
             # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
-            b0 = bits(bs, 0)
-            t0 = bits(ts, 0)
+            b0 = _nb_bits(bs, 0)
+            t0 = _nb_bits(ts, 0)
             vary_b = b0 ^ b0
             vary_t = t0 ^ t0
             for i in range(m):
-                vary_b |= bits(bs, i) ^ b0
-                vary_t |= bits(ts, i) ^ t0
-            bv0 = widen(bs, 0)
-            tv0 = widen(ts, 0)
+                vary_b |= _nb_bits(bs, i) ^ b0
+                vary_t |= _nb_bits(ts, i) ^ t0
+            bv0 = _nb_widen(bs, 0)
+            tv0 = _nb_widen(ts, 0)
             vb = vary_b != 0
             vt = vary_t != 0
             if vb and bv0 == 0.0 and s_bb == 0.0:  # -0.0 and 0.0 differ in bits only
                 vb = False
                 for i in range(m):
-                    if widen(bs, i) != bv0:
+                    if _nb_widen(bs, i) != bv0:
                         vb = True
                         break
             if vt and tv0 == 0.0 and s_tt == 0.0:
                 vt = False
                 for i in range(m):
-                    if widen(ts, i) != tv0:
+                    if _nb_widen(ts, i) != tv0:
                         vt = True
                         break
             fpart[k, 0] = s_abs
@@ -254,7 +265,7 @@ def _build() -> Any:
         bs = b[lo:hi]
         ts = t[lo:hi]
         for i in range(hi - lo):
-            if abs(widen(ts, i) - widen(bs, i)) == m:
+            if abs(_nb_widen(ts, i) - _nb_widen(bs, i)) == m:
                 return lo + i
         return -1
 
@@ -264,8 +275,8 @@ def _build() -> Any:
         bs = b[lo:hi]
         ts = t[lo:hi]
         for i in range(hi - lo):
-            bv = widen(bs, i)
-            ad = abs(widen(ts, i) - bv)
+            bv = _nb_widen(bs, i)
+            ad = abs(_nb_widen(ts, i) - bv)
             if ad > atol and r * abs(bv) < ad:
                 return True
         return False
@@ -463,7 +474,7 @@ def _combine(shape: tuple[int, ...], b_flat: np.ndarray, b_dtype: str, t_flat: n
         vals = fpart[:, val_col]
         vals = vals[~np.isnan(vals)]
         varies = bool(ipart[:, vary_col].any()) or (vals.size > 0 and bool(vals.min() != vals.max()))
-        all_zero = n > 0 and nan == 0 and inf == 0 and not varies and vals.size > 0 and vals[0] == 0
+        all_zero = n > 0 and nan == 0 and inf == 0 and not varies and vals.size > 0 and bool(vals[0] == 0)
         sides.append((nan, inf, varies, all_zero))
     (nan_b, inf_b, varies_b, zero_b), (nan_t, inf_t, varies_t, zero_t) = sides
 

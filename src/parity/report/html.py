@@ -78,6 +78,15 @@ def _worst(a: float | None, b: float | None, *, high: bool = True) -> float | No
     return max(a, b) if high else min(a, b)
 
 
+def _is_worse(new: float, old: float | None) -> bool:
+    """Whether error ``new`` is worse than ``old`` (None: nothing yet; NaN is worst)."""
+    if old is None:
+        return True
+    if math.isnan(old):
+        return False
+    return math.isnan(new) or new > old
+
+
 def _g(x: Any) -> str:
     """3 significant digits; ``-`` for missing values."""
     value = _num(x)
@@ -100,6 +109,17 @@ def _kind(name: str) -> str:
     from parity.capturing.taps import tap_kind
 
     return tap_kind(name)
+
+
+def _clauses(reason: str) -> list[str]:
+    """A reason split at ``"; "`` outside parentheses (one list item per clause)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(reason):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and reason.startswith("; ", i):
+            out.append(reason[start:i])
+            start = i + 2
+    return [*out, reason[start:]]
 
 
 def _spec_text(run: dict[str, Any]) -> str:
@@ -167,11 +187,8 @@ def _heatmap(data: dict[str, Any]) -> dict[str, Any]:
         if not (pair.get("outcome") == "pass" or pair.get("allowed")):
             cell["fail"] = True
         value = _num((pair.get("metrics") or {}).get("rel_l2"))
-        if value is not None:
-            worse = _worst(cell["v"], value)
-            if cell["v"] is None or worse != cell["v"] or (worse is not None and math.isnan(worse)):
-                cell["worst"] = pair["name"]
-            cell["v"] = worse
+        if value is not None and _is_worse(value, cell["v"]):
+            cell["v"], cell["worst"] = value, pair["name"]
     steps.sort()
     # Layer columns sorted by index, kept between the taps that precede and follow the stack.
     layer_cols = sorted((c for c in columns if c[0] == "layer"), key=lambda c: c[1])
@@ -315,11 +332,11 @@ def _first_html(data: dict[str, Any]) -> str:
         return ('<section id="first" class="card ok"><h2>First divergence</h2>'
                 '<p>None: every pair passed or was allowed.</p></section>')
     layer = "-" if first.get("layer") is None else first["layer"]
-    parts = [f'<section id="first" class="card bad"><h2>First divergence</h2>',
+    parts = ['<section id="first" class="card bad"><h2>First divergence</h2>',
              f'<p class="fd-name"><code id="first-name">{_e(first["name"])}</code> '
              f'<span class="badge o-{_e(first["outcome"])}">{_e(first["outcome"].replace("_", " "))}</span></p>',
              f'<p class="meta">step {_e(first["step"])} · rank {_e(first["rank"])} · layer {_e(layer)}</p><ul>']
-    for part in str(first.get("reason", "")).split("; "):
+    for part in _clauses(str(first.get("reason", ""))):
         parts.append(f"<li>{_e(part)}</li>")
     tol, metrics, needed = first.get("tolerance"), first.get("metrics"), first.get("needed")
     if tol:
@@ -367,12 +384,13 @@ def _tolerance_html(data: dict[str, Any]) -> str:
         for value in tol.get(key) or []:
             items.append(f"<li>{label}: <code>{_e(value)}</code></li>")
     notes = "".join(f"<li>{_e(n)}</li>" for n in data.get("notes") or [])
+    notes_html = f"<h3>Notes from the dumps</h3><ul>{notes}</ul>" if notes else ""
     return (f'<section id="tolerance" class="card"><h2>Tolerance rules</h2>'
             f'<p>rule: <code>{_e(tol.get("rule", ""))}</code></p>'
             f'<div class="tolgrid"><div><h3>defaults (by the lower dtype of a pair)</h3>'
-            f'<table class="defaults"><thead><tr><th>dtype</th><th>rtol</th><th>atol</th></tr></thead><tbody>{rows}</tbody>'
-            f'</table></div><div><h3>overrides, allow patterns, renames</h3><ul class="rules">'
-            f'{"".join(items) or "<li>none</li>"}</ul></div></div>{f"<h3>Notes from the dumps</h3><ul>{notes}</ul>" if notes else ""}</section>')
+            f'<table class="defaults"><thead><tr><th>dtype</th><th>rtol</th><th>atol</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table></div><div><h3>overrides, allow patterns, renames</h3>'
+            f'<ul class="rules">{"".join(items) or "<li>none</li>"}</ul></div></div>{notes_html}</section>')
 
 
 def render_html(data: dict[str, Any]) -> str:
@@ -382,9 +400,9 @@ def render_html(data: dict[str, Any]) -> str:
     title = f"parity {verdict.upper()}" + (f" — first divergence {first['name']}" if first else "")
     e2e_nav = '<a href="#end-to-end">End to end</a>' if _end_to_end(data) else ""
     caption = _DEPTH_CAPTION_ORACLE if isinstance(data.get("oracle"), dict) else _DEPTH_CAPTION
-    parts = {"TITLE": _e(title), "DEPTHCAPTION": caption, "CSS": _CSS, "SUMMARY": _summary_html(data), "FIRST": _first_html(data),
-             "TOLERANCE": _tolerance_html(data), "E2ENAV": e2e_nav, "DATA": script_json(page_data(data)),
-             "JS": _JS}
+    parts = {"TITLE": _e(title), "DEPTHCAPTION": caption, "CSS": _CSS, "SUMMARY": _summary_html(data),
+             "FIRST": _first_html(data), "TOLERANCE": _tolerance_html(data), "E2ENAV": e2e_nav,
+             "DATA": script_json(page_data(data)), "JS": _JS}
     # One pass over the template: text from the report can never be taken for a placeholder.
     return re.sub(r"@([A-Z0-9]+)@", lambda m: parts[m.group(1)], _TEMPLATE)
 
@@ -502,7 +520,8 @@ ul.rules{margin:0;padding-left:18px}
 .plots{display:flex;flex-wrap:wrap;gap:10px}
 .plot{border:1px solid var(--line);border-radius:6px;background:#fff}
 svg text{font-family:-apple-system,"Segoe UI","Liberation Sans","DejaVu Sans",Arial,sans-serif;fill:#1f2328}
-svg .axis{stroke:#57606a;stroke-width:1}svg .grid{stroke:#eaeef2;stroke-width:1}
+svg .axis{stroke:#57606a;stroke-width:1}svg .grid{stroke:#e3e8ee;stroke-width:1}svg .grid.minor{stroke:#f1f3f5}
+svg .tick.minor{fill:#8c959f;font-size:9.5px}
 svg .tick{font-size:10.5px;fill:#57606a}svg .halo{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}svg .ptitle{font-size:13px;font-weight:600}svg .alabel{font-size:11.5px;fill:#424a53}
 .legend{display:flex;flex-wrap:wrap;gap:6px 18px;margin-top:8px;font-size:12.5px}
 .legend .sw{display:inline-block;width:22px;height:0;border-top:3px solid;vertical-align:middle;margin-right:6px}
@@ -587,18 +606,31 @@ function short(text, n) { text = String(text); return text.length > n ? text.sli
 function logScale(values, lo, hi) {
   var pos = values.filter(function (v) { return v !== null && isFinite(v) && v > 0; });
   var min = pos.length ? Math.min.apply(null, pos) : 1e-6, max = pos.length ? Math.max.apply(null, pos) : 1e-6;
+  var zero = values.some(function (v) { return v !== null && v <= 0; });
   var a = Math.floor(Math.log10(min)), b = Math.ceil(Math.log10(max));
   if (b <= a) b = a + 1;
+  if (zero && pos.length) a -= 1;      // zeros sit on the bottom edge, a decade below the smallest value
   var ticks = [], step = Math.max(1, Math.ceil((b - a) / 6));
-  for (var p = a; p <= b; p += step) ticks.push(Math.pow(10, p));
+  for (var p = b; p >= a; p -= step) ticks.unshift(Math.pow(10, p));
+  if (zero && ticks[0] !== Math.pow(10, a)) ticks.unshift(Math.pow(10, a));
+  var minor = [];                      // 2x and 5x gridlines, labelled when the range is short
+  if (step === 1 && b - a <= 3) {
+    for (var q = zero ? a + 1 : a; q < b; q++) minor.push(2 * Math.pow(10, q), 5 * Math.pow(10, q));
+  }
   return {
+    minor: minor, minorLabels: b - a <= 2,
     floor: Math.pow(10, a), top: Math.pow(10, b), ticks: ticks, empty: pos.length === 0,
     y: function (v) {
-      if (v === null || isNaN(v) || v === Infinity) return lo - 0;
-      var c = v <= 0 ? a : Math.log10(v);
+      if (v === null || isNaN(v) || v === Infinity) return hi;   // non-finite: pinned to the top
+      var c = v <= 0 ? a : Math.log10(Math.min(v, Math.pow(10, b)));
       return hi + (lo - hi) * (1 - (c - a) / (b - a));
     },
-    label: function (t) { var p = Math.round(Math.log10(t)); return p === 0 ? "1" : "1e" + p; }
+    label: function (t) {
+      var p = Math.floor(Math.log10(t) + 1e-9), m = Math.round(t / Math.pow(10, p));
+      if (zero && p === a && m === 1) return "0";
+      var e = p === 0 ? "" : "e" + p;
+      return m === 1 ? (p === 0 ? "1" : "1" + e) : m + e;
+    }
   };
 }
 function linScale(values, lo, hi) {
@@ -639,6 +671,12 @@ function depthPlot(opts) {
   if (xmax === xmin) { xmin -= 0.5; xmax += 0.5; }
   var X = function (x) { return L + (W - L - R) * (x - xmin) / (xmax - xmin); };
   var sc = logScale(all, H - B, T);
+  sc.minor.forEach(function (t) {
+    var y = sc.y(t);
+    svg.appendChild(s("line", {x1: L, x2: W - R, y1: y, y2: y, "class": "grid minor"}));
+    if (sc.minorLabels) svg.appendChild(s("text", {x: L - 6, y: y + 3.5, "text-anchor": "end", "class": "tick minor"},
+                                          sc.label(t)));
+  });
   sc.ticks.forEach(function (t) {
     var y = sc.y(t);
     svg.appendChild(s("line", {x1: L, x2: W - R, y1: y, y2: y, "class": "grid"}));
@@ -679,8 +717,11 @@ function depthPlot(opts) {
       svg.appendChild(c);
     });
   });
-  if (sc.empty) svg.appendChild(s("text", {x: (L + W) / 2, y: (T + H - B) / 2, "text-anchor": "middle", "class": "alabel"},
-                                   "every value is 0"));
+  var nonfinite = all.some(function (v) { return v !== null && !isFinite(v); });
+  if (sc.empty && !nonfinite) svg.appendChild(s("text", {x: (L + W) / 2, y: (T + H - B) / 2, "text-anchor": "middle",
+                                                         "class": "alabel"}, "every value is 0"));
+  if (nonfinite) svg.appendChild(s("text", {x: W - R - 2, y: T - 4, "text-anchor": "end", "class": "tick",
+                                            fill: FAIL}, "top edge: inf / NaN"));
   return svg;
 }
 
@@ -808,9 +849,10 @@ function drawHeatmap() {
   defs.appendChild(grad); svg.appendChild(defs);
   var bx = L + cw * nC + 24, bh = Math.max(60, Math.min(200, nS * ch));
   svg.appendChild(s("rect", {x: bx, y: T, width: 14, height: bh, fill: "url(#vir)", stroke: "#57606a", "stroke-width": 0.5}));
-  [[hi, T], [(lo + hi) / 2, T + bh / 2], [lo, T + bh]].forEach(function (p) {
+  (pos.length ? [[hi, T], [(lo + hi) / 2, T + bh / 2], [lo, T + bh]] : []).forEach(function (p) {
     svg.appendChild(s("text", {x: bx + 20, y: p[1] + 3.5, "class": "tick"}, fmt(Math.pow(10, p[0]))));
   });
+  if (!pos.length) svg.appendChild(s("text", {x: bx + 20, y: T + bh + 3.5, "class": "tick"}, "0"));
   svg.appendChild(s("text", {x: bx, y: T + bh + 16, "class": "tick"}, "rel L2 (log)"));
   svg.appendChild(s("rect", {x: bx, y: T + bh + 26, width: 14, height: 10, fill: "#fff", stroke: FAIL, "stroke-width": 2}));
   svg.appendChild(s("text", {x: bx + 20, y: T + bh + 35, "class": "tick"}, "failed"));

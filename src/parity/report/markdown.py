@@ -109,10 +109,9 @@ def worst_taps(data: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
             tap["no_metrics"] = tap["no_metrics"] or not ok
             continue
         rel = _num(metrics.get("rel_l2"))
-        worse = _worse(tap["rel_l2"], rel)
-        if tap["rel_l2"] is None or (worse is not None and (math.isnan(worse) or worse > tap["rel_l2"])):
-            tap["step"] = pair["step"]
-        tap["rel_l2"] = worse
+        old = tap["rel_l2"]
+        if rel is not None and (old is None or (not math.isnan(old) and (math.isnan(rel) or rel > old))):
+            tap["rel_l2"], tap["step"] = rel, pair["step"]
         tap["max_abs"] = _worse(tap["max_abs"], _num(metrics.get("max_abs")))
         tap["cosine"] = _worse(tap["cosine"], _num(metrics.get("cosine")), high=False)
 
@@ -181,8 +180,9 @@ def render_markdown(data: dict[str, Any], top: int = TOP) -> str:
             failed = f"{tap['failed']}/{tap['pairs']}"
             if tap["outcomes"] - {"fail"}:
                 failed += " (" + ", ".join(text(o) for o in sorted(tap["outcomes"])) + ")"
-            out.append(f"| {layer} | {code(tap['name'])} | {_g(tap['rel_l2'])} | "
-                       f"{'–' if tap['step'] is None else tap['step']} | {_g(tap['max_abs'])} | {cos_text} | {failed} |")
+            step = "–" if tap["step"] is None else tap["step"]
+            out.append(f"| {layer} | {code(tap['name'])} | {_g(tap['rel_l2'])} | {step} | {_g(tap['max_abs'])} | "
+                       f"{cos_text} | {failed} |")
         out += ["", "</details>", ""]
     outcomes = summary.get("outcomes") or {}
     counts = " · ".join(f"{text(k)} {v}" for k, v in outcomes.items() if v)
