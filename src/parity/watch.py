@@ -25,7 +25,8 @@ forever) or SIGINT/SIGTERM, then shuts the server down.
 
 Defaults: host :data:`DEFAULT_HOST` (127.0.0.1), port :data:`DEFAULT_PORT` (9464; 0 picks a free
 one), interval :data:`DEFAULT_INTERVAL` (30 s, measured from the start of one comparison to the
-next in model mode, between directory polls in ingest mode).
+next in model mode, between directory polls in ingest mode), logits processed in row chunks of at
+most :data:`LOGIT_CHUNK_ELEMENTS` (1 Mi elements) so memory does not grow with the vocabulary.
 """
 
 from __future__ import annotations
