@@ -133,14 +133,17 @@ def test_markdown_end_to_end_rate_and_hostile_names(report, tmp_path):
     data["end_to_end"] = {"prompts": [
         {"prompt": "a", "baseline_tokens": ["x", "y"], "target_tokens": ["x", "z"], "first_divergent_position": 1},
         {"prompt": "b", "baseline_tokens": ["x"], "target_tokens": ["x"], "first_divergent_position": None}],
-        "token_match_rate": 0.75}
+        "token_match_rate": 0.75, "verdicts": {"identical": 1, "benign flip": 1, "real divergence": 0},
+        "distributions": {"positions": 9, "kl_mean": 2.5e-05, "kl_max": 7e-04, "top1_agreement": 1.0}}
     worst = max(_worst_by_name(report).items(), key=lambda kv: kv[1])[0]
     hostile = "a|b`c <img src=x onerror=alert(1)> @team"
     for pair in data["pairs"]:
         if pair["name"] == worst:
             pair["name"] = hostile
     text = render_markdown(data)
-    assert "**End to end:** token match rate 75.0% over 2 prompt(s); 1 generation(s) diverged" in text
+    assert ("**End to end:** token match rate 75.0% over 2 prompt(s); 1 generation(s) diverged (identical 1, "
+            "benign flip 1, real divergence 0); teacher-forced KL(baseline‖target) mean 2.5e-05, "
+            "top-1 agreement 100.0%") in text
     row = next(line for line in text.splitlines() if "onerror" in line)
     assert row.count("|") - row.count("\\|") == 8  # the table keeps its 7 columns
     assert "``a\\|b`c <img src=x onerror=alert(1)> @team``" in row  # inside a code span: inert

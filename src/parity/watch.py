@@ -16,7 +16,7 @@ Two sources of comparisons (:class:`IngestSource`, :class:`ModelSource`):
 :class:`WatchMetrics` is a ``prometheus_client`` collector exposing the latest comparison (one
 immutable :class:`Snapshot`, swapped atomically, so a scrape never sees half an update) and
 counters; every metric is documented in docs/reports.md. Logits agreement
-(:func:`logits_agreement`) compares the ``lm_head`` records (name ``lm_head`` or ending in
+(:func:`logits_agreement`) compares the logits records (name ``lm_head``, ``logits`` or ending in
 ``.lm_head``) of both runs: KL(baseline‖target) of the softmax distributions in float64 averaged
 over positions, and the top-1 (argmax) agreement rate — for teacher-forced positions, since both
 runs read the same prompt tokens. :func:`run` serves ``/metrics`` (``start_http_server`` on a
@@ -102,7 +102,8 @@ class Snapshot:
 
 
 def _is_logits(name: str) -> bool:
-    return name == "lm_head" or name.endswith(".lm_head")
+    """Logits records: ``lm_head`` (transformers), ``logits`` (canonical taps), or ``*.lm_head``."""
+    return name in ("lm_head", "logits") or name.endswith(".lm_head")
 
 
 def logits_agreement(base: Any, target: Any, renames: Sequence[Any] = ()) -> LogitsAgreement | None:

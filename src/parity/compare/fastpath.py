@@ -79,6 +79,8 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _nb_widen: Any = None
 _nb_bits: Any = None
 _nb_f64_bits: Any = None
+_nb_scratch: Any = None
+_nb_stage: Any = None
 
 
 def _build() -> Any:
@@ -87,7 +89,7 @@ def _build() -> Any:
     The kernels reach their helpers through module globals (``_nb_*``), not closure cells:
     numba's cache key hashes closure contents, which differ from process to process.
     """
-    global _nb_widen, _nb_bits, _nb_f64_bits
+    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -136,7 +138,32 @@ def _build() -> Any:
             return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
         return types.float64(types.int16), codegen
 
+    @intrinsic
+    def bf16_to_f32(typingctx, x):  # bfloat16 bits (uint16) -> float32, exact
+        if x != types.uint16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def f16_to_f32(typingctx, x):  # float16 bits (int16) -> float32, exact
+        if x != types.int16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.int16), codegen
+
     def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
+        raise NotImplementedError
+
+    def scratch(a, n):  # pragma: no cover - stands for the overload below inside kernels
+        raise NotImplementedError
+
+    def stage(a, buf):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
     def bits(a, i):  # pragma: no cover - stands for the overload below inside kernels
@@ -164,18 +191,46 @@ def _build() -> Any:
             return lambda a, i: a[i]
         return None
 
-    _nb_widen, _nb_bits, _nb_f64_bits = widen, bits, f64_bits
+    @overload(scratch, inline="always")
+    def _scratch(a, n):  # float32 staging buffer for 16-bit storage (none for 32/64-bit)
+        if a.dtype in (types.uint16, types.int16):
+            return lambda a, n: np.empty(n, np.float32)
+        return lambda a, n: np.empty(0, np.float32)
+
+    @overload(stage, inline="always")
+    def _stage(a, buf):  # a block as the loops read it: 16-bit storage widened once to float32
+        if a.dtype == types.uint16:
+            def impl(a, buf):
+                out = buf[:a.size]
+                for i in range(a.size):
+                    out[i] = bf16_to_f32(a[i])
+                return out
+            return impl
+        if a.dtype == types.int16:
+            def impl(a, buf):
+                out = buf[:a.size]
+                for i in range(a.size):
+                    out[i] = f16_to_f32(a[i])
+                return out
+            return impl
+        return lambda a, buf: a
+
+    _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage = widen, bits, f64_bits, scratch, stage
 
     @njit(**opts)
     def blocks(b, t, first, last, n, block, rtol, atol, fpart, ipart):
         """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
         exp_mask = 0x7FF0000000000000
+        b_buf = _nb_scratch(b, block)
+        t_buf = _nb_scratch(t, block)
         for k in range(first, last):
             lo = k * block
             hi = min(lo + block, n)
             m = hi - lo
-            bs = b[lo:hi]  # 0-based views: no negative-index wraparound in the loops (they vectorize)
-            ts = t[lo:hi]
+            b_raw = b[lo:hi]  # 0-based views: no negative-index wraparound in the loops (they vectorize)
+            t_raw = t[lo:hi]
+            bs = _nb_stage(b_raw, b_buf)
+            ts = _nb_stage(t_raw, t_buf)
             # Loop 1 (streams the data in): the sums and max |d|.
             s_abs = 0.0
             s_dd = 0.0
@@ -215,13 +270,13 @@ def _build() -> Any:
                 max_rel = max(max_rel, rel)
                 n_rtol = max(n_rtol, rel if ad > atol else 0)
             # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
-            b0 = _nb_bits(bs, 0)
-            t0 = _nb_bits(ts, 0)
+            b0 = _nb_bits(b_raw, 0)
+            t0 = _nb_bits(t_raw, 0)
             vary_b = b0 ^ b0
             vary_t = t0 ^ t0
             for i in range(m):
-                vary_b |= _nb_bits(bs, i) ^ b0
-                vary_t |= _nb_bits(ts, i) ^ t0
+                vary_b |= _nb_bits(b_raw, i) ^ b0
+                vary_t |= _nb_bits(t_raw, i) ^ t0
             bv0 = _nb_widen(bs, 0)
             tv0 = _nb_widen(ts, 0)
             vb = vary_b != 0
@@ -333,8 +388,12 @@ def _kernel_view(flat: np.ndarray, dtype: str) -> np.ndarray | None:
 def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: str, start: int,
                  rtol: float, atol: float, frow: np.ndarray, irow: np.ndarray) -> None:
     """Partials of one block that holds NaN/Inf, with the reference chunk body (numpy)."""
-    b = to_float(b_raw, b_dtype)
-    t = to_float(t_raw, t_dtype)
+    with np.errstate(all="ignore"):  # overflow, inf - inf, 0/0: as the reference computes them
+        _numpy_block_body(to_float(b_raw, b_dtype), to_float(t_raw, t_dtype), start, rtol, atol, frow, irow)
+
+
+def _numpy_block_body(b: np.ndarray, t: np.ndarray, start: int, rtol: float, atol: float,
+                      frow: np.ndarray, irow: np.ndarray) -> None:
     irow[:] = 0
     frow[:] = 0.0
     irow[_I_FLAG] = 2
@@ -362,12 +421,11 @@ def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: st
     d = t - b
     ad = np.abs(d)
     ab = np.abs(b)
-    with np.errstate(over="ignore", invalid="ignore"):
-        frow[_F_ABS] = float(ad.sum())
-        frow[_F_DD] = float(np.dot(d, d))
-        frow[_F_BB] = float(np.dot(b, b))
-        frow[_F_TT] = float(np.dot(t, t))
-        frow[_F_TB] = float(np.dot(t, b))
+    frow[_F_ABS] = float(ad.sum())
+    frow[_F_DD] = float(np.dot(d, d))
+    frow[_F_BB] = float(np.dot(b, b))
+    frow[_F_TT] = float(np.dot(t, t))
+    frow[_F_TB] = float(np.dot(t, b))
     i = int(np.argmax(ad))
     irow[_I_MAXAD] = _bits(float(ad[i]))
     irow[_I_INDEX] = start + int(index_map[i])
@@ -375,8 +433,7 @@ def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: st
     over_rel = ad > thr
     irow[_I_NATOL] = _bits(float(np.max(ad, where=over_rel, initial=0.0)))
     irow[_I_MISMATCHED] = int(np.count_nonzero(over_rel & (ad > atol)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.divide(ad, ab)
+    rel = np.divide(ad, ab)
     irow[_I_MAXREL] = _bits(float(np.fmax.reduce(rel, initial=0.0)))
     over_abs = ad > atol
     chunk_rtol = float(np.fmax.reduce(rel, where=over_abs, initial=0.0))
@@ -440,8 +497,9 @@ def _combine(shape: tuple[int, ...], b_flat: np.ndarray, b_dtype: str, t_flat: n
     """Fold the per-block partials (in block order) into the metrics, like the reference's end."""
     counted_rows = ipart[:, _I_COUNTED] > 0
     counted = int(ipart[:, _I_COUNTED].sum())
-    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = (float(fpart[counted_rows, c].sum())
-                                               for c in (_F_ABS, _F_DD, _F_BB, _F_TT, _F_TB))
+    with np.errstate(all="ignore"):  # inf + -inf (float64 overflow) gives nan, as in the reference
+        sums = fpart[counted_rows, :_F_BVAL].sum(axis=0)
+    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = (float(sums[c]) for c in (_F_ABS, _F_DD, _F_BB, _F_TT, _F_TB))
     nonfinite_mismatch = int(ipart[:, _I_NONFINITE].sum())
     mismatched = int(ipart[:, _I_MISMATCHED].sum()) + nonfinite_mismatch
     max_abs, max_abs_at = -1.0, 0

@@ -236,11 +236,20 @@ def _end_to_end(data: dict[str, Any]) -> dict[str, Any] | None:
         base = item.get("baseline_tokens") if isinstance(item.get("baseline_tokens"), list) else []
         target = item.get("target_tokens") if isinstance(item.get("target_tokens"), list) else []
         first = item.get("first_divergent_position")
+        gap = _num(item.get("baseline_logprob_gap"))
         prompts.append({"prompt": str(item.get("prompt", "")), "baseline_tokens": [str(t) for t in base],
                         "target_tokens": [str(t) for t in target],
                         "first_divergent_position": first if isinstance(first, int) and not isinstance(first, bool)
-                        else None})
-    return {"prompts": prompts, "token_match_rate": _jsonable(_num(e2e.get("token_match_rate")))}
+                        else None,
+                        "verdict": str(item["verdict"]) if isinstance(item.get("verdict"), str) else None,
+                        "gap": _jsonable(gap)})
+    verdicts = e2e.get("verdicts") if isinstance(e2e.get("verdicts"), dict) else {}
+    dist = e2e.get("distributions") if isinstance(e2e.get("distributions"), dict) else {}
+    return {"prompts": prompts, "token_match_rate": _jsonable(_num(e2e.get("token_match_rate"))),
+            "verdicts": {str(k): v for k, v in verdicts.items() if isinstance(v, int) and not isinstance(v, bool)},
+            "distributions": {k: _jsonable(_num(dist.get(k))) for k in
+                              ("positions", "kl_mean", "kl_max", "top1_agreement", "max_abs_delta_logprob_topk",
+                               "top_k") if _num(dist.get(k)) is not None}}
 
 
 def _pair_rows(data: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
@@ -924,12 +933,29 @@ function drawEndToEnd() {
   box.appendChild(h("div", {"class": "e2e-rate", id: "token-match-rate"},
                     "token match rate: " + (rate === null ? "–" : (100 * rate).toFixed(1) + "%") +
                     " over " + E.prompts.length + " prompt(s)"));
+  var V = Object.keys(E.verdicts || {});
+  if (V.length) box.appendChild(h("div", {"class": "muted"}, V.map(function (k) {
+    return k + " " + E.verdicts[k]; }).join(" · ")));
+  var Q = E.distributions || {};
+  if (Q.kl_mean !== undefined) box.appendChild(h("div", {"class": "muted"},
+    "teacher-forced next-token distributions" + (Q.positions !== undefined ? " (" + Q.positions + " positions)" : "") +
+    ": KL(b\u2016t) mean " + fmt(Q.kl_mean) + (Q.kl_max !== undefined ? ", max " + fmt(Q.kl_max) : "") +
+    (Q.top1_agreement !== undefined ? "; top-1 agreement " + (100 * num(Q.top1_agreement)).toFixed(1) + "%" : "") +
+    (Q.max_abs_delta_logprob_topk !== undefined ? "; max |\u0394logprob| top-" + (Q.top_k || "k") + " " +
+     fmt(Q.max_abs_delta_logprob_topk) : "")));
   E.prompts.forEach(function (p) {
     var div = h("div", {"class": "e2e-prompt"});
     div.appendChild(h("div", null, "prompt: ")).appendChild(h("code", null, p.prompt));
     var fd = p.first_divergent_position;
-    div.appendChild(h("div", {"class": "muted"}, fd === null ? "generations identical" :
-                      "first divergent generated position: " + fd));
+    var line = h("div", {"class": "muted"}, fd === null ? "generations identical" :
+                 "first divergent generated position: " + fd);
+    if (fd !== null && p.verdict) {
+      line.appendChild(document.createTextNode(" — "));
+      line.appendChild(h("span", {"class": "badge " + (p.verdict === "benign flip" ? "o-missing_in_target" : "o-fail")},
+                         p.verdict));
+      if (num(p.gap) !== null) line.appendChild(document.createTextNode(" (baseline logprob gap " + fmt(p.gap) + " nats)"));
+    }
+    div.appendChild(line);
     [["baseline", p.baseline_tokens, p.target_tokens], ["target", p.target_tokens, p.baseline_tokens]].forEach(function (r) {
       var row = h("div", {"class": "toks"});
       row.appendChild(h("span", {"class": "rowlabel"}, r[0]));

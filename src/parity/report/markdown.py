@@ -165,8 +165,17 @@ def render_markdown(data: dict[str, Any], top: int = TOP) -> str:
         prompts = e2e.get("prompts") if isinstance(e2e.get("prompts"), list) else []
         diverged = sum(1 for p in prompts if isinstance(p, dict) and p.get("first_divergent_position") is not None)
         rate_text = "–" if rate is None else f"{100 * rate:.1f}%"
-        out += [f"**End to end:** token match rate {rate_text} over {len(prompts)} prompt(s); "
-                f"{diverged} generation(s) diverged", ""]
+        line = (f"**End to end:** token match rate {rate_text} over {len(prompts)} prompt(s); "
+                f"{diverged} generation(s) diverged")
+        verdicts = e2e.get("verdicts") if isinstance(e2e.get("verdicts"), dict) else {}
+        if verdicts:
+            line += " (" + ", ".join(f"{text(k)} {v}" for k, v in verdicts.items()) + ")"
+        dist = e2e.get("distributions") if isinstance(e2e.get("distributions"), dict) else {}
+        if _num(dist.get("kl_mean")) is not None:
+            line += f"; teacher-forced KL(baseline‖target) mean {_g(dist.get('kl_mean'))}"
+            if _num(dist.get("top1_agreement")) is not None:
+                line += f", top-1 agreement {100 * float(dist['top1_agreement']):.1f}%"
+        out += [line, ""]
     rows = worst_taps(data, top)
     if rows:
         out += [f"<details{' open' if verdict == 'fail' else ''}><summary>Worst taps (top {len(rows)} by "
