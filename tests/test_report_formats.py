@@ -353,11 +353,7 @@ def test_report_command_needs_an_output_and_never_overwrites_its_input(report_fi
 
 
 def test_parity_report_subprocess_through_the_cli(report_file, tmp_path):
-    """INTEGRATION: needs `cli.add_command(report_cmd)` in parity/cli.py (done by the lead)."""
-    import parity.cli
-
-    if "report" not in parity.cli.cli.commands:  # INTEGRATION: remove this guard once wired
-        pytest.xfail("parity.cli does not register report_cmd yet (integration step)")
+    """`parity report` renders a saved JSON report through the real CLI."""
     env = {**os.environ, "COLUMNS": "160"}
     ok = subprocess.run([*PARITY, "report", str(report_file), "--markdown", str(tmp_path / "s.md")],
                         capture_output=True, text=True, timeout=60, env=env)

@@ -44,6 +44,12 @@ def _compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Oracle mode: the target may be M times as far from the oracle as the baseline."),
         click.option("--oracle-eps", type=float, default=None,
                      help="Oracle mode: additive slack (default: unit roundoff of the target dtype)."),
+        click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write a self-contained HTML report (plots, sortable table; works offline)."),
+        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write JUnit XML: one test case per pair."),
+        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write a short Markdown summary for a pull-request comment."),
         click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
                      help="Rows of the worst-pairs table."),
         click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
@@ -106,7 +112,8 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
                         decode: Callable[[int], str] | None = None, oracle_dir: Any = None,
                         oracle_m: float = 2.0, oracle_eps: float | None = None,
                         generations: tuple[list, list] | None = None,
-                        decode_ids: Callable[[list[int]], str] | None = None) -> int:
+                        decode_ids: Callable[[list[int]], str] | None = None, html_path: str | None = None,
+                        junit_path: str | None = None, markdown_path: str | None = None) -> int:
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -139,6 +146,10 @@ def _compare_and_report(base: Any, target: Any, *, json_path: str | None, rename
     for path in (json_path, extra_json):
         if path:
             write_json(report, path)
+    if html_path or junit_path or markdown_path:
+        from parity.commands.report_cmd import write_reports
+
+        write_reports(report.to_json(), html=html_path, junit=junit_path, markdown=markdown_path)
     render(report, make_console(), show=show, show_all=show_all)
     return 0 if report.verdict == "pass" else 1
 
@@ -154,6 +165,8 @@ def cli() -> None:
     parity inspect DUMP              list what a dump holds
     parity matrix --target S ...     several targets against one baseline, one table
     parity scores                    encoder embeddings and similarity scores on two backends
+    parity report REPORT.json        render a saved report as HTML, JUnit or Markdown
+    parity watch                     keep comparing; serve Prometheus metrics
     parity explain BASE TARGET       find the root cause of a divergence (replay, drill-down)
     parity inject --tap kv --scale S how noise at one tap propagates to logits and tokens
     parity calibrate                 measure the noise floor, write a tolerance profile
@@ -573,6 +586,17 @@ def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None) -> int:
     run = load_run(dump_dir)
     render_inspect(run, make_console(), pattern=pattern, step=step)
     return 0
+
+
+def _register_extra_commands() -> None:
+    from parity.commands.report_cmd import report_cmd
+    from parity.commands.watch_cmd import watch_cmd
+
+    cli.add_command(report_cmd)
+    cli.add_command(watch_cmd)
+
+
+_register_extra_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

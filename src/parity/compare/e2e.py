@@ -56,7 +56,9 @@ def distribution_metrics(base: Run, target: Run, *, top_k: int = 5) -> dict[str,
         if lb is None or lt is None or lb.shape != lt.shape:
             continue
         pb, pt = _log_softmax(lb), _log_softmax(lt)
-        kls.append((np.exp(pb) * (pb - pt)).sum(axis=-1))
+        prob = np.exp(pb)
+        with np.errstate(invalid="ignore"):  # masked -inf logits: p = 0 terms count as 0
+            kls.append(np.where(prob > 0, prob * (pb - pt), 0.0).sum(axis=-1))
         top = np.argsort(-pb, axis=-1)[:, :top_k]
         deltas.append(float(np.abs(np.take_along_axis(pb, top, -1) - np.take_along_axis(pt, top, -1)).max()))
         agree.append(pb.argmax(-1) == pt.argmax(-1))

@@ -239,10 +239,11 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             outcome = evaluate_pair(pair, base_run, target_run, policy,
                                     allow_missing=missing_taps, allow_failed=failed_taps)
             outcomes.append(outcome)
-            if positions is None and not outcome.ok and outcome.metrics is not None:
-                positions = position_errors(pair, base_run, target_run, decode) or {}
             if progress is not None:
                 progress(index + 1, len(pairs), pair.name)
+        first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
+        if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
+            positions = position_errors(pairs[first], base_run, target_run, decode)
     finally:
         base_run.close()
         target_run.close()

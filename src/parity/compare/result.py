@@ -79,7 +79,7 @@ class Outcome:
             "metrics": self.metrics.to_json() if self.metrics else None,
             "tolerance": self.tolerance.to_json() if self.tolerance else None,
             "needed": ({"rtol": json_float(self.metrics.needed_rtol), "atol": json_float(self.metrics.needed_atol)}
-                       if self.metrics and self.kind != "pass" else None),
+                       if self.metrics and self.kind in ("fail", "degenerate") and self.oracle is None else None),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
             **({"statistics_based": True, "stats": self.stats,

@@ -54,6 +54,24 @@ def g_up(x: float | None) -> str:
     return text
 
 
+def _split_outside_parens(text: str, sep: str = "; ") -> list[str]:
+    """Split on ``sep`` where it is not inside parentheses."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
 def _e(x: float) -> str:
     """Short exponent form: 1e-05 -> 1e-5."""
     return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e+") if x else "0"
@@ -121,7 +139,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
     if first is not None:
         console.print(Text("first divergence: ", style="bold red") + Text(
             f"{first.name} (step {first.step}, rank {first.rank}, layer {_layer(first)}) — {first.kind}"))
-        for part in first.reason.split("; "):
+        for part in _split_outside_parens(first.reason):
             console.print(f"  layer {_layer(first)}: {part}")
         if first.tolerance is not None:
             if first.oracle:
@@ -130,7 +148,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             else:
                 console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
                               f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
-            if first.metrics is not None and first.kind != "pass" and not first.oracle:
+            if first.metrics is not None and first.kind in ("fail", "degenerate") and not first.oracle:
                 console.print(f"  layer {_layer(first)}: would pass with atol>={g_up(first.metrics.needed_atol)} "
                               f"at this rtol, or rtol>={g_up(first.metrics.needed_rtol)} at this atol")
         if first.metrics is not None:
