@@ -201,6 +201,78 @@ def test_equal_ratios_in_many_blocks():
     check(b, "float32", t, "float32", rtol=1e-3, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- float32 pre-pass
+# For float32/float16/bfloat16 data the kernel first compares in float32 and only redoes a
+# block in float64 when float32 cannot decide (or when the block may hold a maximum): these
+# cases are built to sit exactly where float32 cannot tell.
+
+
+@pytest.mark.parametrize("which", ["rtol", "atol"])
+def test_tolerance_equal_to_an_element_difference(which):
+    b, t = random_pair(3 * BLOCK + 7, seed=21, zeros=False)
+    bs, ts = storage(b, "float32"), storage(t, "float32")
+    ad = np.abs(ts.astype(np.float64) - bs.astype(np.float64))
+    ab = np.abs(bs.astype(np.float64))
+    for k in (5, BLOCK + 9, 3 * BLOCK + 6):
+        if which == "rtol":  # |d| == rtol·|b| up to float64 rounding, at element k
+            for rtol in (ad[k] / ab[k], np.nextafter(ad[k] / ab[k], 0), np.nextafter(ad[k] / ab[k], 1)):
+                check(bs, "float32", ts, "float32", rtol=float(rtol), atol=0.0)
+                check(bs, "float32", ts, "float32", rtol=float(rtol), atol=float(ad[k - 1]))
+        else:  # |d| == atol exactly, and one float64 ulp either side
+            for atol in (ad[k], np.nextafter(ad[k], 0), np.nextafter(ad[k], 1)):
+                check(bs, "float32", ts, "float32", rtol=0.0, atol=float(atol))
+                check(bs, "float32", ts, "float32", rtol=RTOL, atol=float(atol))
+
+
+def test_maxima_that_float32_cannot_separate():
+    # ratios and differences equal in float32 but not in float64, in different blocks
+    rng = np.random.default_rng(22)
+    b = rng.uniform(1, 2, 6 * BLOCK).astype(np.float32)
+    t = b.copy()
+    base = np.float32(1.25)
+    for j, k in enumerate((BLOCK + 3, 3 * BLOCK + 11, 5 * BLOCK + 1, 2 * BLOCK)):
+        b[k] = np.nextafter(base, np.float32(2), dtype=np.float32) if j % 2 else base
+        t[k] = b[k] + np.float32(0.01) * (1 + j * np.float32(2**-23))
+    for rtol, atol in ((0.0, 0.0), (1e-3, 1e-5), (1e-3, 0.0099)):
+        check(b, "float32", t, "float32", rtol=rtol, atol=atol)
+        check(storage(b, "bfloat16"), "bfloat16", t, "float32", rtol=rtol, atol=atol)
+
+
+def test_ratios_overflowing_float32_and_huge_values():
+    b, t = random_pair(4 * BLOCK, seed=23, zeros=False)
+    bs, ts = storage(b, "float32"), storage(t, "float32")
+    bs[[7, 2 * BLOCK + 1]] = np.float32(1e-40)  # subnormal baseline: |d|/|b| ~ 1e40 > float32 max
+    bs[3 * BLOCK] = np.float32(2e-45)
+    m = check(bs, "float32", ts, "float32")
+    assert math.isfinite(m.max_rel) and m.max_rel > 3.4e38
+    bs[BLOCK + 5] = 0.0  # and now a true inf
+    assert check(bs, "float32", ts, "float32").max_rel == math.inf
+    big = bs.copy()
+    big[[3, BLOCK]] = np.float32(3e38)
+    tb = ts.copy()
+    tb[[3, BLOCK]] = np.float32(-3e38)  # |d| = 6e38: overflows float32, not float64
+    check(big, "float32", tb, "float32")
+
+
+@pytest.mark.parametrize("rtol,atol", [(1e-45, 1e-40), (1e-37, 0.0), (0.0, 1e-38), (2.0**121, 0.0), (1e-4, 1e39)],
+                         ids=str)
+def test_tolerances_float32_cannot_hold(rtol, atol):
+    b, t = random_pair(2 * BLOCK + 3, seed=24)
+    check(storage(b, "float32"), "float32", storage(t, "float32"), "float32", rtol=rtol, atol=atol)
+    check(storage(b, "bfloat16"), "bfloat16", storage(t, "bfloat16"), "bfloat16", rtol=rtol, atol=atol)
+
+
+def test_subnormal_differences_with_zero_atol():
+    b = np.full(2 * BLOCK, 1e-39, np.float32)  # float32 subnormals
+    t = b.copy()
+    t[::7] = np.float32(1.0000001e-39)
+    t[BLOCK + 1] = np.float32(3e-45)
+    for rtol in (0.0, 1e-7, 0.5):
+        check(b, "float32", t, "float32", rtol=rtol, atol=0.0)
+    h = storage(np.linspace(-1e-5, 1e-5, 3 * BLOCK), "float16")  # float16 subnormals
+    check(h, "float16", h[::-1].copy(), "float16", rtol=1e-3, atol=0.0)
+
+
 # --------------------------------------------------------------------------- edge cases
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,18 +67,25 @@ PIECES_PER_WORKER = 4
 _F_ABS, _F_DD, _F_BB, _F_TT, _F_TB, _F_BVAL, _F_TVAL = range(7)
 _NF = 7
 (_I_FLAG, _I_COUNTED, _I_MISMATCHED, _I_MAXAD, _I_NATOL, _I_MAXREL, _I_NRTOL, _I_VARY_B, _I_VARY_T,
- _I_NAN_B, _I_INF_B, _I_NAN_T, _I_INF_T, _I_NONFINITE, _I_INDEX, _I_FIXUP) = range(16)
-_NI = 16
+ _I_NAN_B, _I_INF_B, _I_NAN_T, _I_INF_T, _I_NONFINITE, _I_INDEX, _I_FIXUP, _I_APPROX) = range(17)
+_NI = 17
 
 _kernels: Any = None
 _load_error: BaseException | None = None
 _lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[int, Any] = {}  # workers -> ThreadPoolExecutor
 # Helpers of the kernels, set by _build (see there).
 _nb_widen: Any = None
 _nb_bits: Any = None
 _nb_f64_bits: Any = None
 _nb_scratch: Any = None
+_nb_bits_f64: Any = None
+_nb_f32_bits: Any = None
+_nb_f32bits_f64: Any = None
+_nb_exact_tol: Any = None
+_nb_approx_tol: Any = None
+_nb_first_max: Any = None
+_nb_needs_ulp: Any = None
 _nb_stage: Any = None
 
 
@@ -89,7 +95,8 @@ def _build() -> Any:
     The kernels reach their helpers through module globals (``_nb_*``), not closure cells:
     numba's cache key hashes closure contents, which differ from process to process.
     """
-    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage
+    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_scratch, _nb_stage
+    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -109,6 +116,25 @@ def _build() -> Any:
         def codegen(context, builder, sig, args):
             return builder.bitcast(args[0], ir.IntType(64))
         return types.int64(types.float64), codegen
+
+    @intrinsic
+    def bits_f64(typingctx, x):  # int64 -> float64, same bits
+        if x != types.int64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+        return types.float64(types.int64), codegen
+
+    @intrinsic
+    def f32bits_f64(typingctx, x):  # float32 bits held in an int64 -> float64 value
+        if x != types.int64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            as_f32 = builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+            return builder.fpext(as_f32, ir.DoubleType())
+        return types.float64(types.int64), codegen
 
     @intrinsic
     def f32_bits(typingctx, x):  # float32 -> int32, same bits
@@ -216,13 +242,80 @@ def _build() -> Any:
         return lambda a, buf: a
 
     _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage = widen, bits, f64_bits, scratch, stage
+    _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64 = bits_f64, f32_bits, f32bits_f64
 
     @njit(**opts)
-    def blocks(b, t, first, last, n, block, rtol, atol, fpart, ipart):
+    def exact_tol(bs, ts, rtol, atol):
+        """float64 loop 2 over one block: bits of the maxima of |d| where |d| > rtol·|b|, of
+        |d|/|b| and of |d|/|b| where |d| > atol, and the mismatch count."""
+        n_atol = 0
+        max_rel = 0
+        n_rtol = 0
+        mism = 0
+        for i in range(bs.size):
+            bv = _nb_widen(bs, i)
+            ad = abs(_nb_widen(ts, i) - bv)
+            ab = abs(bv)
+            ad_bits = _nb_f64_bits(ad)
+            thr = ab * rtol
+            n_atol = max(n_atol, ad_bits if ad > thr else 0)
+            lim = thr if thr > atol else atol
+            mism += 1 if ad > lim else 0
+            rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
+            max_rel = max(max_rel, rel)
+            n_rtol = max(n_rtol, rel if ad > atol else 0)
+        return n_atol, max_rel, n_rtol, mism
+
+    @njit(**opts)
+    def approx_tol(bs, ts, rtol32, atol_hi, atol_lo):
+        """float32 loop 2 over one block of float32 values (8 lanes where float64 has 4).
+
+        Returns float32 bits of the three maxima (approximations, relative error < 2^-22),
+        the mismatch count and the number of elements whose comparisons float32 cannot
+        decide (|d| within a relative 2^-18, or 2^-126, of rtol·|b| or of atol): when that
+        is not 0, the caller runs :func:`exact_tol` instead.
+        """
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        e_hi = np.float32(1.0 + 2.0 ** -18)
+        e_lo = np.float32(1.0 - 2.0 ** -18)
+        tiny = np.float32(2.0 ** -126)
+        n_atol = np.int32(0)
+        max_rel = np.int32(0)
+        n_rtol = np.int32(0)
+        unsure = zero  # counts in float32 (exact below 2^24) keep the loop 8 lanes wide
+        mism = zero
+        for i in range(bs.size):
+            bv = np.float32(bs[i])
+            ad = abs(np.float32(ts[i]) - bv)
+            ab = abs(bv)
+            thr = ab * rtol32
+            over_thr = ad > thr * e_hi + tiny  # surely |d| > rtol·|b| in float64
+            maybe_thr = ad > max(thr * e_lo - tiny, zero)  # possibly (never where d = 0)
+            over_atol = ad > atol_hi
+            maybe_atol = ad > atol_lo
+            unsure += one if (over_thr != maybe_thr) | (over_atol != maybe_atol) else zero
+            mism += one if over_thr & over_atol else zero
+            n_atol = max(n_atol, _nb_f32_bits(ad) if maybe_thr else np.int32(0))
+            rel = _nb_f32_bits(ad / ab) if ad > zero else np.int32(0)
+            max_rel = max(max_rel, rel)
+            n_rtol = max(n_rtol, rel if maybe_atol else np.int32(0))
+        return n_atol, max_rel, n_rtol, int(mism), int(unsure)
+
+    _nb_exact_tol, _nb_approx_tol = exact_tol, approx_tol
+
+    @njit(**opts)
+    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart):
         """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
         exp_mask = 0x7FF0000000000000
+        f32_safe = 0x47D0000000000000  # bits of 2^126: |t - b| cannot overflow float32 below it
+        rtol32 = np.float32(rtol)
+        atol32 = np.float32(atol)
+        atol_hi = atol32 * np.float32(1.0 + 2.0 ** -18) + np.float32(2.0 ** -126)
+        atol_lo = max(atol32 * np.float32(1.0 - 2.0 ** -18) - np.float32(2.0 ** -126), np.float32(0.0))
         b_buf = _nb_scratch(b, block)
         t_buf = _nb_scratch(t, block)
+        flagged = 0
         for k in range(first, last):
             lo = k * block
             hi = min(lo + block, n)
@@ -251,24 +344,23 @@ def _build() -> Any:
                 max_ad = max(max_ad, _nb_f64_bits(ad))
             if (_nb_f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
                 ipart[k, 0] = 1  # NaN/Inf in the block (or an overflow): recomputed with numpy
+                flagged += 1
                 continue
             # Loop 2 (block now in cache): the tolerance-dependent maxima and the mismatch count.
-            n_atol = 0
-            max_rel = 0
-            n_rtol = 0
-            mism = 0
-            for i in range(m):
-                bv = _nb_widen(bs, i)
-                ad = abs(_nb_widen(ts, i) - bv)
-                ab = abs(bv)
-                ad_bits = _nb_f64_bits(ad)
-                thr = ab * rtol
-                n_atol = max(n_atol, ad_bits if ad > thr else 0)
-                lim = thr if thr > atol else atol
-                mism += 1 if ad > lim else 0
-                rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
-                max_rel = max(max_rel, rel)
-                n_rtol = max(n_rtol, rel if ad > atol else 0)
+            approx = 0
+            if max_ad == 0:  # identical block
+                n_atol = 0
+                max_rel = 0
+                n_rtol = 0
+                mism = 0
+            elif f32ok and max_ad < f32_safe:
+                n_atol, max_rel, n_rtol, mism, unsure = _nb_approx_tol(bs, ts, rtol32, atol_hi, atol_lo)
+                approx = 1
+                if unsure:
+                    n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
+                    approx = 0
+            else:
+                n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
             # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
             b0 = _nb_bits(b_raw, 0)
             t0 = _nb_bits(t_raw, 0)
@@ -313,6 +405,8 @@ def _build() -> Any:
                 ipart[k, j] = 0
             ipart[k, 14] = -1
             ipart[k, 15] = -1
+            ipart[k, 16] = approx
+        return flagged
 
     @njit(nogil=True, cache=True)
     def first_max(b, t, lo, hi, m):
@@ -336,7 +430,135 @@ def _build() -> Any:
                 return True
         return False
 
-    return SimpleNamespace(blocks=blocks, first_max=first_max, needs_ulp=needs_ulp)
+    _nb_first_max, _nb_needs_ulp = first_max, needs_ulp
+
+    @njit(nogil=True, cache=True)
+    def combine(b, t, n, block, fpart, ipart, rtol, atol):
+        """Fold the per-block partials in block order; returns the fields of the metrics."""
+        # Blocks whose three tolerance maxima are float32 approximations (relative error
+        # < 2^-22): only those within 2^-18 of the largest approximation can hold the true
+        # maximum; they are recomputed in float64, the others cannot matter.
+        g_natol = 0
+        g_rel = 0
+        g_nrtol = 0
+        any_approx = False
+        for k in range(fpart.shape[0]):
+            if ipart[k, 16] != 0:
+                any_approx = True
+                g_natol = max(g_natol, ipart[k, 4])
+                g_rel = max(g_rel, ipart[k, 5])
+                g_nrtol = max(g_nrtol, ipart[k, 6])
+        if any_approx:
+            f32max = 3.4028234663852886e38
+            shrink = 1.0 - 2.0 ** -18
+            inf = np.inf
+            t_natol = min(_nb_f32bits_f64(g_natol), f32max) * shrink if g_natol > 0 else inf
+            t_rel = min(_nb_f32bits_f64(g_rel), f32max) * shrink if g_rel > 0 else inf
+            t_nrtol = min(_nb_f32bits_f64(g_nrtol), f32max) * shrink if g_nrtol > 0 else inf
+            for k in range(fpart.shape[0]):
+                if ipart[k, 16] != 0 and (_nb_f32bits_f64(ipart[k, 4]) >= t_natol
+                                          or _nb_f32bits_f64(ipart[k, 5]) >= t_rel
+                                          or _nb_f32bits_f64(ipart[k, 6]) >= t_nrtol):
+                    lo = k * block
+                    hi = min(lo + block, n)
+                    n_atol, max_rel, n_rtol, mism = _nb_exact_tol(b[lo:hi], t[lo:hi], rtol, atol)
+                    ipart[k, 2] = mism
+                    ipart[k, 4] = n_atol
+                    ipart[k, 5] = max_rel
+                    ipart[k, 6] = n_rtol
+                    ipart[k, 16] = 0
+        s_abs = 0.0
+        s_dd = 0.0
+        s_bb = 0.0
+        s_tt = 0.0
+        s_tb = 0.0
+        counted = 0
+        mism = 0
+        nonfinite = 0
+        nan_b = 0
+        inf_b = 0
+        nan_t = 0
+        inf_t = 0
+        vary_b = False
+        vary_t = False
+        has_b = False
+        has_t = False
+        b_val = 0.0
+        t_val = 0.0
+        top = 0
+        top_row = -1
+        max_rel = 0
+        n_atol = 0
+        n_rtol = 0
+        for k in range(fpart.shape[0]):
+            nonfinite += ipart[k, 13]
+            mism += ipart[k, 2]
+            nan_b += ipart[k, 9]
+            inf_b += ipart[k, 10]
+            nan_t += ipart[k, 11]
+            inf_t += ipart[k, 12]
+            v = fpart[k, 5]
+            if ipart[k, 7] != 0:
+                vary_b = True
+            elif v == v:  # a constant block: does its value differ from the others'?
+                if has_b and v != b_val:
+                    vary_b = True
+                has_b = True
+                b_val = v
+            v = fpart[k, 6]
+            if ipart[k, 8] != 0:
+                vary_t = True
+            elif v == v:
+                if has_t and v != t_val:
+                    vary_t = True
+                has_t = True
+                t_val = v
+            c = ipart[k, 1]
+            if c > 0:
+                counted += c
+                s_abs += fpart[k, 0]
+                s_dd += fpart[k, 1]
+                s_bb += fpart[k, 2]
+                s_tt += fpart[k, 3]
+                s_tb += fpart[k, 4]
+                if top_row < 0 or ipart[k, 3] > top:  # first block holding the maximum
+                    top = ipart[k, 3]
+                    top_row = k
+                if ipart[k, 16] == 0:  # exact (approximate blocks left cannot hold a maximum)
+                    max_rel = max(max_rel, ipart[k, 5])
+                    n_atol = max(n_atol, ipart[k, 4])
+                    n_rtol = max(n_rtol, ipart[k, 6])
+        index = -1
+        max_abs = -1.0
+        needed_rtol = 0.0
+        b_at = 0.0
+        t_at = 0.0
+        if counted > 0:
+            max_abs = _nb_bits_f64(top)
+            index = ipart[top_row, 14]
+            if index < 0:
+                lo = top_row * block
+                index = _nb_first_max(b, t, lo, min(lo + block, n), max_abs)
+            b_at = _nb_widen(b, index)
+            t_at = _nb_widen(t, index)
+            needed_rtol = _nb_bits_f64(n_rtol)
+            if n_rtol < 0x7FF0000000000000 and max_abs > atol:  # finite, and some |d| > atol
+                # Only elements whose ratio equals the maximum can need the reference's ulp
+                # fix-up, and they lie in blocks whose maximum equals it.
+                for k in range(fpart.shape[0]):
+                    if ipart[k, 1] > 0 and ipart[k, 16] == 0 and ipart[k, 6] == n_rtol:
+                        fix = ipart[k, 15]
+                        if fix < 0:
+                            lo = k * block
+                            fix = 1 if _nb_needs_ulp(b, t, lo, min(lo + block, n), needed_rtol, atol) else 0
+                        if fix > 0:
+                            needed_rtol = _nb_bits_f64(n_rtol + 1)  # next float64 up
+                            break
+        return (s_abs, s_dd, s_bb, s_tt, s_tb, counted, mism, nonfinite, max_abs, index, b_at, t_at,
+                _nb_bits_f64(max_rel), _nb_bits_f64(n_atol), needed_rtol, nan_b, inf_b, nan_t, inf_t,
+                vary_b, vary_t, has_b and b_val == 0.0, has_t and t_val == 0.0)
+
+    return SimpleNamespace(blocks=blocks, combine=combine)
 
 
 def _load() -> Any:
@@ -356,7 +578,9 @@ def available() -> bool:
     return _load() is not None
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int) -> Any:
+    from concurrent.futures import ThreadPoolExecutor  # lazily: keeps the module import cheap
+
     with _lock:
         pool = _pools.get(workers)
         if pool is None:
@@ -446,10 +670,6 @@ def _bits(x: float) -> int:
     return int(np.float64(x).view(np.int64))
 
 
-def _float(bits: Any) -> float:
-    return float(np.int64(bits).view(np.float64))
-
-
 def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
                       *, rtol: float, atol: float, workers: int = 2) -> PairMetrics:
     """:func:`~parity.compare.metrics.pair_metrics` with the compiled kernel on ``workers`` threads.
@@ -469,72 +689,32 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
     if tk is None or not (0.0 <= rtol < math.inf and 0.0 <= atol < math.inf):
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
+    # float32 pre-pass of loop 2: values float32 holds exactly, tolerances float32 holds to 2^-24
+    f32ok = (bk.dtype.itemsize <= 4 and tk.dtype.itemsize <= 4
+             and all(x == 0.0 or 2.0 ** -120 <= x <= 2.0 ** 120 for x in (rtol, atol)))
     nblocks = -(-n // BLOCK)
     fpart = np.empty((nblocks, _NF), np.float64)
     ipart = np.empty((nblocks, _NI), np.int64)
     workers = max(1, int(workers))
     if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
-        kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, fpart, ipart)
+        flagged = kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, f32ok, fpart, ipart)
     else:
         pieces = min(nblocks, workers * PIECES_PER_WORKER)
         bounds = [nblocks * p // pieces for p in range(pieces + 1)]
-        futures = [_pool(workers).submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK,
-                                         rtol, atol, fpart, ipart) for p in range(pieces)]
-        for future in futures:
-            future.result()
-
-    for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
-        lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
-        _numpy_block(b_flat[lo:hi], baseline_dtype, t_flat[lo:hi], target_dtype, lo, rtol, atol,
-                     fpart[k], ipart[k])
-    return _combine(baseline.shape, b_flat, baseline_dtype, t_flat, target_dtype, bk, tk, n,
-                    fpart, ipart, rtol, atol, kernels)
-
-
-def _combine(shape: tuple[int, ...], b_flat: np.ndarray, b_dtype: str, t_flat: np.ndarray, t_dtype: str,
-             bk: np.ndarray, tk: np.ndarray, n: int, fpart: np.ndarray, ipart: np.ndarray,
-             rtol: float, atol: float, kernels: Any) -> PairMetrics:
-    """Fold the per-block partials (in block order) into the metrics, like the reference's end."""
-    counted_rows = ipart[:, _I_COUNTED] > 0
-    counted = int(ipart[:, _I_COUNTED].sum())
-    with np.errstate(all="ignore"):  # inf + -inf (float64 overflow) gives nan, as in the reference
-        sums = fpart[counted_rows, :_F_BVAL].sum(axis=0)
-    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = (float(sums[c]) for c in (_F_ABS, _F_DD, _F_BB, _F_TT, _F_TB))
-    nonfinite_mismatch = int(ipart[:, _I_NONFINITE].sum())
-    mismatched = int(ipart[:, _I_MISMATCHED].sum()) + nonfinite_mismatch
-    max_abs, max_abs_at = -1.0, 0
-    max_rel = needed_atol = needed_rtol = 0.0
-    if counted:
-        top = ipart[counted_rows, _I_MAXAD].max()
-        max_abs = _float(top)
-        k = int(np.flatnonzero(counted_rows & (ipart[:, _I_MAXAD] == top))[0])
-        max_abs_at = int(ipart[k, _I_INDEX])
-        if max_abs_at < 0:
-            max_abs_at = int(kernels.first_max(bk, tk, k * BLOCK, min((k + 1) * BLOCK, n), max_abs))
-        max_rel = _float(ipart[counted_rows, _I_MAXREL].max())
-        needed_atol = _float(ipart[counted_rows, _I_NATOL].max())
-        r_bits = ipart[counted_rows, _I_NRTOL].max()
-        needed_rtol = _float(r_bits)
-        if needed_rtol != math.inf and max_abs > atol:  # some element is over atol: the fix-up may apply
-            for k in np.flatnonzero(counted_rows & (ipart[:, _I_NRTOL] == r_bits)):
-                k = int(k)
-                fix = int(ipart[k, _I_FIXUP])
-                if fix < 0:
-                    fix = int(kernels.needs_ulp(bk, tk, k * BLOCK, min((k + 1) * BLOCK, n), needed_rtol, atol))
-                if fix:
-                    needed_rtol = float(np.nextafter(needed_rtol, math.inf))
-                    break
-
-    sides = []
-    for nan_col, inf_col, vary_col, val_col in ((_I_NAN_B, _I_INF_B, _I_VARY_B, _F_BVAL),
-                                                (_I_NAN_T, _I_INF_T, _I_VARY_T, _F_TVAL)):
-        nan, inf = int(ipart[:, nan_col].sum()), int(ipart[:, inf_col].sum())
-        vals = fpart[:, val_col]
-        vals = vals[~np.isnan(vals)]
-        varies = bool(ipart[:, vary_col].any()) or (vals.size > 0 and bool(vals.min() != vals.max()))
-        all_zero = n > 0 and nan == 0 and inf == 0 and not varies and vals.size > 0 and bool(vals[0] == 0)
-        sides.append((nan, inf, varies, all_zero))
-    (nan_b, inf_b, varies_b, zero_b), (nan_t, inf_t, varies_t, zero_t) = sides
+        pool = _pool(workers)
+        futures = [pool.submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK, rtol, atol, f32ok,
+                               fpart, ipart)
+                   for p in range(pieces)]
+        flagged = sum(future.result() for future in futures)
+    if flagged:
+        for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
+            lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
+            _numpy_block(b_flat[lo:hi], baseline_dtype, t_flat[lo:hi], target_dtype, lo, rtol, atol,
+                         fpart[k], ipart[k])
+    (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite_mismatch, max_abs, max_abs_at,
+     b_at, t_at, max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t,
+     zero_b, zero_t) = kernels.combine(bk, tk, n, BLOCK, fpart, ipart, rtol, atol)
+    mismatched += nonfinite_mismatch
 
     # From here on, the reference's own final formulas.
     norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
@@ -554,19 +734,17 @@ def _combine(shape: tuple[int, ...], b_flat: np.ndarray, b_dtype: str, t_flat: n
         sqnr = -math.inf
     else:
         sqnr = 10.0 * math.log10(sum_bb / sum_dd)
-    found = n > 0 and max_abs >= 0
-    index = [int(i) for i in np.unravel_index(max_abs_at, shape)] if found else []
-    b_at = t_at = None
-    if found:
-        b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], b_dtype)[0])
-        t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], t_dtype)[0])
+    found = counted > 0  # the reference: n > 0 and max_abs >= 0
+    index = [int(i) for i in np.unravel_index(max_abs_at, baseline.shape)] if found else []
     return PairMetrics(
-        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index, baseline_at_max=b_at, target_at_max=t_at,
+        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index,
+        baseline_at_max=b_at if found else None, target_at_max=t_at if found else None,
         mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
         sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
         needed_rtol=needed_rtol, needed_atol=needed_atol,
         nan_baseline=nan_b, nan_target=nan_t, inf_baseline=inf_b, inf_target=inf_t,
         nonfinite_mismatch=nonfinite_mismatch,
-        all_zero_baseline=zero_b, all_zero_target=zero_t,
+        all_zero_baseline=nan_b == 0 and inf_b == 0 and not varies_b and zero_b,
+        all_zero_target=nan_t == 0 and inf_t == 0 and not varies_t and zero_t,
         constant_baseline=n > 1 and not varies_b, constant_target=n > 1 and not varies_t,
     )
