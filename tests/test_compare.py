@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import parity
 from parity.backends.hf import run_and_capture
 from parity.compare.engine import compare
 from parity.compare.pairing import parse_rename

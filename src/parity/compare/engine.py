@@ -16,7 +16,7 @@ from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import TolerancePolicy
 from parity.errors import DumpError
-from parity.store.format import FLOAT_DTYPES, Record
+from parity.store.format import FLOAT_DTYPES
 from parity.store.reader import Run, load_run
 
 Progress = Callable[[int, int, str], None]

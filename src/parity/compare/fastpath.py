@@ -82,6 +82,9 @@ _nb_scratch: Any = None
 _nb_bits_f64: Any = None
 _nb_f32_bits: Any = None
 _nb_f32bits_f64: Any = None
+_nb_widen32: Any = None
+_nb_fma32: Any = None
+_nb_tie_scan: Any = None
 _nb_exact_tol: Any = None
 _nb_approx_tol: Any = None
 _nb_first_max: Any = None
@@ -96,7 +99,8 @@ def _build() -> Any:
     numba's cache key hashes closure contents, which differ from process to process.
     """
     global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_scratch, _nb_stage
-    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64
+    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_widen32, _nb_fma32
+    global _nb_tie_scan
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -125,6 +129,17 @@ def _build() -> Any:
         def codegen(context, builder, sig, args):
             return builder.bitcast(args[0], ir.DoubleType())
         return types.float64(types.int64), codegen
+
+    @intrinsic
+    def fma32(typingctx, a, b, c):  # a·b + c with one rounding (llvm.fma.f32)
+        if not (a == b == c == types.float32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            flt = ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [flt], ir.FunctionType(flt, [flt, flt, flt]))
+            return builder.call(fn, args)
+        return types.float32(types.float32, types.float32, types.float32), codegen
 
     @intrinsic
     def f32bits_f64(typingctx, x):  # float32 bits held in an int64 -> float64 value
@@ -186,6 +201,9 @@ def _build() -> Any:
     def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
+    def widen32(a, i):  # pragma: no cover - stands for the overload below inside kernels
+        raise NotImplementedError
+
     def scratch(a, n):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
@@ -217,6 +235,19 @@ def _build() -> Any:
             return lambda a, i: a[i]
         return None
 
+    @overload(widen32, inline="always")
+    def _widen32(a, i):  # element i as float32 (exact for float32 / float16 / bfloat16 storage)
+        dt = a.dtype
+        if dt == types.float32:
+            return lambda a, i: a[i]
+        if dt == types.uint16:
+            return lambda a, i: bf16_to_f32(a[i])
+        if dt == types.int16:
+            return lambda a, i: f16_to_f32(a[i])
+        if dt == types.float64:  # typed, never run: float64 data never takes the float32 path
+            return lambda a, i: np.float32(a[i])
+        return None
+
     @overload(scratch, inline="always")
     def _scratch(a, n):  # float32 staging buffer for 16-bit storage (none for 32/64-bit)
         if a.dtype in (types.uint16, types.int16):
@@ -243,6 +274,7 @@ def _build() -> Any:
 
     _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage = widen, bits, f64_bits, scratch, stage
     _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64 = bits_f64, f32_bits, f32bits_f64
+    _nb_widen32, _nb_fma32 = widen32, fma32
 
     @njit(**opts)
     def exact_tol(bs, ts, rtol, atol):
@@ -302,7 +334,50 @@ def _build() -> Any:
             n_rtol = max(n_rtol, rel if maybe_atol else np.int32(0))
         return n_atol, max_rel, n_rtol, int(mism), int(unsure)
 
-    _nb_exact_tol, _nb_approx_tol = exact_tol, approx_tol
+    # No fastmath here: the TwoSum error term below must not be reassociated away.
+    @njit(nogil=True, error_model="numpy", cache=True)
+    def tie_scan(bs, ts, rtol32, atol_hi, t_natol, t_rel, t_nrtol):
+        """Exact maxima of a block that may hold a global maximum, from float32 arithmetic
+        where it is provably exact.
+
+        Over the elements at or above the float32 thresholds ``t_*`` (``inf``: not wanted),
+        returns the float64 bits of the maxima of |d| where |d| > rtol·|b|, of |d|/|b| and of
+        |d|/|b| where |d| > atol, and 1 when some such element's float32 |d| or |d|/|b| is
+        not exact (TwoSum error, FMA residual): then the caller uses :func:`exact_tol`.
+        Float16/bfloat16 data, whose differences and ratios are often exact in float32, tie
+        on their maxima in many blocks: this settles most of those blocks at float32 speed.
+        """
+        e_hi = np.float32(1.0 + 2.0 ** -18)
+        tiny = np.float32(2.0 ** -126)
+        zero = np.float32(0.0)
+        n_atol = np.int32(0)
+        max_rel = np.int32(0)
+        n_rtol = np.int32(0)
+        unsure = np.int32(0)
+        for i in range(bs.size):
+            bv = _nb_widen32(bs, i)
+            tv = _nb_widen32(ts, i)
+            d = tv - bv
+            z = d - tv  # TwoSum: err is the exact rounding error of d = tv + (-bv)
+            err = (tv - (d - z)) + (-bv - z)
+            ad = abs(d)
+            ab = abs(bv)
+            r = ad / ab
+            over_thr = ad > ab * rtol32 * e_hi + tiny
+            over_atol = ad > atol_hi
+            d_inexact = err != zero
+            r_inexact = d_inexact | ((_nb_fma32(r, ab, -ad) != zero) & (ab != zero))
+            c1 = over_thr & (ad >= t_natol)
+            c2 = (ad > zero) & (r >= t_rel)
+            c3 = over_atol & (r >= t_nrtol)
+            unsure = max(unsure, np.int32(1) if (c1 & d_inexact) | ((c2 | c3) & r_inexact) else np.int32(0))
+            n_atol = max(n_atol, _nb_f32_bits(ad) if c1 else np.int32(0))
+            max_rel = max(max_rel, _nb_f32_bits(r) if c2 else np.int32(0))
+            n_rtol = max(n_rtol, _nb_f32_bits(r) if c3 else np.int32(0))
+        return (_nb_f64_bits(_nb_f32bits_f64(np.int64(n_atol))), _nb_f64_bits(_nb_f32bits_f64(np.int64(max_rel))),
+                _nb_f64_bits(_nb_f32bits_f64(np.int64(n_rtol))), unsure)
+
+    _nb_exact_tol, _nb_approx_tol, _nb_tie_scan = exact_tol, approx_tol, tie_scan
 
     @njit(**opts)
     def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart):
@@ -455,18 +530,34 @@ def _build() -> Any:
             t_natol = min(_nb_f32bits_f64(g_natol), f32max) * shrink if g_natol > 0 else inf
             t_rel = min(_nb_f32bits_f64(g_rel), f32max) * shrink if g_rel > 0 else inf
             t_nrtol = min(_nb_f32bits_f64(g_nrtol), f32max) * shrink if g_nrtol > 0 else inf
+            # float32 thresholds for tie_scan, rounded below the float64 ones
+            down = 1.0 - 2.0 ** -20
+            t32_natol = np.float32(t_natol * down)
+            t32_rel = np.float32(t_rel * down)
+            t32_nrtol = np.float32(t_nrtol * down)
+            rtol32 = np.float32(rtol)
+            atol_hi = np.float32(atol) * np.float32(1.0 + 2.0 ** -18) + np.float32(2.0 ** -126)
             for k in range(fpart.shape[0]):
-                if ipart[k, 16] != 0 and (_nb_f32bits_f64(ipart[k, 4]) >= t_natol
-                                          or _nb_f32bits_f64(ipart[k, 5]) >= t_rel
-                                          or _nb_f32bits_f64(ipart[k, 6]) >= t_nrtol):
-                    lo = k * block
-                    hi = min(lo + block, n)
+                if ipart[k, 16] == 0:
+                    continue
+                c_natol = _nb_f32bits_f64(ipart[k, 4]) >= t_natol
+                c_rel = _nb_f32bits_f64(ipart[k, 5]) >= t_rel
+                c_nrtol = _nb_f32bits_f64(ipart[k, 6]) >= t_nrtol
+                if not (c_natol or c_rel or c_nrtol):
+                    continue  # cannot hold a maximum: stays approximate, left out below
+                lo = k * block
+                hi = min(lo + block, n)
+                n_atol, max_rel, n_rtol, unsure = _nb_tie_scan(
+                    b[lo:hi], t[lo:hi], rtol32, atol_hi, t32_natol if c_natol else np.float32(inf),
+                    t32_rel if c_rel else np.float32(inf), t32_nrtol if c_nrtol else np.float32(inf))
+                if unsure:
                     n_atol, max_rel, n_rtol, mism = _nb_exact_tol(b[lo:hi], t[lo:hi], rtol, atol)
                     ipart[k, 2] = mism
-                    ipart[k, 4] = n_atol
-                    ipart[k, 5] = max_rel
-                    ipart[k, 6] = n_rtol
-                    ipart[k, 16] = 0
+                # maxima this block cannot hold are 0: they cannot matter either
+                ipart[k, 4] = n_atol if c_natol else 0
+                ipart[k, 5] = max_rel if c_rel else 0
+                ipart[k, 6] = n_rtol if c_nrtol else 0
+                ipart[k, 16] = 0
         s_abs = 0.0
         s_dd = 0.0
         s_bb = 0.0

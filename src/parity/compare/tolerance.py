@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from parity.capturing.taps import compile_tap

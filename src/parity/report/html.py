@@ -33,11 +33,9 @@ import json
 import math
 import os
 import re
-import uuid
-from pathlib import Path
 from typing import Any
 
-from parity.errors import UsageError
+from parity.report.files import num, write_text_atomic
 
 #: Outcomes in the order the page lists them.
 OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
@@ -49,15 +47,7 @@ PAIR_COLUMNS = ("index", "step", "rank", "layer", "name", "outcome", "allowed", 
                 "reason", "notes")
 
 
-def _num(x: Any) -> float | None:
-    """A report number as float: the strings ``inf``/``-inf``/``nan`` become floats, None stays."""
-    if isinstance(x, bool) or x is None:
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if x in ("inf", "-inf", "nan"):
-        return float(x)
-    return None
+_num = num
 
 
 def _jsonable(x: float | None) -> Any:
@@ -416,26 +406,9 @@ def render_html(data: dict[str, Any]) -> str:
     return re.sub(r"@([A-Z0-9]+)@", lambda m: parts[m.group(1)], _TEMPLATE)
 
 
-def _write_atomic(path: str | os.PathLike[str], text: str, what: str) -> None:
-    target = Path(path)
-    tmp: str | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = str(target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
-        with open(tmp, "x", encoding="utf-8") as handle:  # "x": a new file, mode from the umask
-            handle.write(text)
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise UsageError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_html(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the self-contained HTML report of ``data`` (a JSON report dict) to ``path``."""
-    _write_atomic(path, render_html(data), "HTML report")
+    write_text_atomic(path, render_html(data), "HTML report")
 
 
 _DEPTH_CAPTION = (

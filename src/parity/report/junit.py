@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
-from parity.errors import UsageError
+from parity.report.files import write_text_atomic
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -143,17 +141,4 @@ def render_junit(data: dict[str, Any]) -> str:
 
 def write_junit(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the JUnit XML report of ``data`` (a JSON report dict) to ``path``, atomically."""
-    target = Path(path)
-    tmp: Path | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(render_junit(data))
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise UsageError(f"cannot write JUnit report {target}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, render_junit(data), "JUnit report")

@@ -22,11 +22,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
-from pathlib import Path
 from typing import Any
 
-from parity.errors import UsageError
+from parity.report.files import fmt, fmt_up, num, write_text_atomic
 
 #: Rows of the worst-taps table (default 10).
 TOP = 10
@@ -34,30 +32,15 @@ TOP = 10
 _SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~&@])")
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if x in ("inf", "-inf", "nan"):
-        return float(x)
-    return None
+_num = num
 
 
 def _g(x: Any) -> str:
-    value = _num(x)
-    if value is None:
-        return "–"
-    if not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return f"{value:.3g}"
+    return fmt(x, missing="–")
 
 
 def _g_up(x: Any) -> str:
-    from parity.report.terminal import g_up
-
-    value = _num(x)
-    return g_up(value) if value is not None else "–"
+    return fmt_up(x, missing="–")
 
 
 def text(value: Any) -> str:
@@ -203,17 +186,4 @@ def render_markdown(data: dict[str, Any], top: int = TOP) -> str:
 
 def write_markdown(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write the Markdown summary of ``data`` (a JSON report dict) to ``path``, atomically."""
-    target = Path(path)
-    tmp: Path | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(render_markdown(data))
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise UsageError(f"cannot write Markdown report {target}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, render_markdown(data), "Markdown report")
