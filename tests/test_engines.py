@@ -126,3 +126,17 @@ def test_diff_and_matrix_commands_with_vllm(tmp_path):
     assert "engine=vllm,dtype=float32" in result.stdout
     report = json.loads((tmp_path / "m" / "target-1" / "report.json").read_text())
     assert report["end_to_end"]["token_match_rate"] == 1.0
+
+
+def test_vllm_starts_after_numba_was_imported():
+    """vLLM's start-up scan of every module trips over llvmlite's FFI objects; parity shields them."""
+    if reason := _vllm_missing():
+        pytest.skip(f"vLLM not available: {reason}")
+    pytest.importorskip("numba", reason="numba not installed")
+    code = ("import numba, numpy as np\n"
+            "numba.njit(lambda x: x.sum())(np.ones(3))\n"
+            "from parity.backends import hf, vllm\nfrom parity.backends.spec import parse_spec\n"
+            "side = vllm.load(hf.DEFAULT_MODEL, parse_spec('engine=vllm'))\n"
+            "print('TOKENS', vllm.generate(side, ['The harbour'], new_tokens=3)[0].tokens)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "TOKENS [" in result.stdout, result.stderr[-2000:]

@@ -83,7 +83,9 @@ def load_encoder(model_dir: str | os.PathLike[str], spec: Spec) -> EncoderSide:
         from vllm import LLM
 
         try:
-            llm = LLM(model=str(path), runner="pooling", dtype=spec.dtype, enforce_eager=True, max_model_len=256)
+            with pv.shield_from_vllm_scan():
+                llm = LLM(model=str(path), runner="pooling", dtype=spec.dtype, enforce_eager=True,
+                          max_model_len=256)
         except Exception as exc:
             raise BackendError(f"vLLM's pooling runner could not load {path}: {type(exc).__name__}: {exc}") from None
         return EncoderSide(spec=spec, path=path, llm=llm)

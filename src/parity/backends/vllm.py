@@ -17,10 +17,12 @@ Defaults of :func:`load`: ``max_model_len=512`` (capped at the model's
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from parity.backends.spec import Spec
 from parity.errors import BackendError
@@ -38,6 +40,33 @@ def _quiet_imports() -> None:
     for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
+@contextlib.contextmanager
+def shield_from_vllm_scan() -> Iterator[None]:
+    """Hide llvmlite's FFI library objects from vLLM's engine start-up for its duration.
+
+    At worker init vLLM's CPU platform scans the namespace of every imported module and calls
+    ``vars(obj).get("kernel")`` on anything with a ``__dict__``. llvmlite's ``_lib_wrapper``
+    (present once numba or llvmlite was imported *before* vLLM started) answers any attribute,
+    ``__dict__`` included, with a C-function wrapper, so the scan fails with
+    "'_lib_fn_wrapper' object has no attribute 'get'". The objects are removed from their
+    modules' namespaces while the engine starts and put back right after.
+    """
+    hidden: list[tuple[dict[str, Any], str, Any]] = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or not str(getattr(module, "__name__", "")).startswith("llvmlite"):
+            continue
+        for attr, value in list(namespace.items()):
+            if type(value).__name__ == "_lib_wrapper":
+                hidden.append((namespace, attr, value))
+                del namespace[attr]
+    try:
+        yield
+    finally:
+        for namespace, attr, value in hidden:
+            namespace[attr] = value
 
 
 def available() -> str | None:
@@ -81,8 +110,9 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         limit = min(max_model_len, int(getattr(config, "max_position_embeddings", max_model_len)))
-        llm = LLM(model=str(path), dtype=spec.dtype, max_model_len=limit, max_num_seqs=4, seed=0,
-                  enforce_eager=True)
+        with shield_from_vllm_scan():
+            llm = LLM(model=str(path), dtype=spec.dtype, max_model_len=limit, max_num_seqs=4, seed=0,
+                      enforce_eager=True)
     except Exception as exc:
         raise BackendError(f"vLLM could not load {path} under {spec}: {type(exc).__name__}: {exc}") from None
     return VllmModel(llm=llm, tokenizer=tokenizer, spec=spec, path=path, model_type=config.model_type,
