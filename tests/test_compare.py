@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,3 +185,27 @@ def test_statistics_only_dumps_find_the_fault_and_say_so(fp32_model, prompts, tm
     assert "statistics-based" in first.reason and first.stats["l2"]["ok"] is False
     assert report.to_json()["summary"]["statistics_based"] is True
     assert report.layers[1].rel_l2 == pytest.approx(0.01, rel=1e-3)
+
+
+def test_large_pairs_take_the_compiled_path_with_the_reference_results(tmp_path):
+    from parity.compare import engine, fastpath
+    from parity.compare.metrics import pair_metrics
+
+    if not fastpath.available():
+        pytest.skip("numba is not installed: large pairs use the numpy reference")
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(512, 256, generator=g)
+    target = base + 1e-4 * torch.randn(512, 256, generator=g)
+    assert base.numel() >= engine.FAST_MIN_ELEMENTS
+    _write(tmp_path / "b", {"big": base, "big16": base.bfloat16()})
+    _write(tmp_path / "t", {"big": target, "big16": target.bfloat16()})
+    report = compare(tmp_path / "b", tmp_path / "t")
+    for outcome, (b, bd, t, td) in zip(report.outcomes, [
+            (base.numpy(), "float32", target.numpy(), "float32"),
+            (base.bfloat16().view(torch.int16).numpy().view(np.uint16), "bfloat16",
+             target.bfloat16().view(torch.int16).numpy().view(np.uint16), "bfloat16")]):
+        ref = pair_metrics(b, bd, t, td, rtol=outcome.tolerance.rtol, atol=outcome.tolerance.atol)
+        got = outcome.metrics
+        assert (got.mismatched, got.max_abs, got.max_abs_index, got.needed_atol, got.needed_rtol) == (
+            ref.mismatched, ref.max_abs, ref.max_abs_index, ref.needed_atol, ref.needed_rtol)
+        assert got.rel_l2 == pytest.approx(ref.rel_l2, rel=1e-9)

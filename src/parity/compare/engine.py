@@ -1,7 +1,10 @@
 """The comparison engine: pair two runs, evaluate every pair, build the :class:`Report`.
 
 One pair is read and evaluated at a time (tensors are memory-mapped and processed in chunks),
-so peak memory does not grow with the number of records. Defaults of :func:`compare`: no
+so peak memory does not grow with the number of records. Pairs of at least
+:data:`FAST_MIN_ELEMENTS` elements use the compiled two-thread kernel of
+:mod:`parity.compare.fastpath` when numba is installed (same results); others the numpy
+reference of :mod:`parity.compare.metrics`. Defaults of :func:`compare`: no
 rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype table).
 """
 
@@ -32,6 +35,20 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+#: Pairs with at least this many elements go through the compiled kernel when numba is there;
+#: smaller ones through the numpy reference (no JIT start-up for small dumps).
+FAST_MIN_ELEMENTS = 1 << 16
+
+
+def _metrics(base: Any, base_dtype: str, target: Any, target_dtype: str, *, rtol: float, atol: float) -> Any:
+    if base.size >= FAST_MIN_ELEMENTS:
+        from parity.compare import fastpath
+
+        if fastpath.available():
+            return fastpath.fast_pair_metrics(base, base_dtype, target, target_dtype, rtol=rtol, atol=atol)
+    return pair_metrics(base, base_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
 
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
@@ -76,7 +93,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     target_arr = target.raw(t).reshape(shape)
     if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
         notes.append("integer/bool data: compared as float64")
-    metrics = pair_metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
+    metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
     del base_arr, target_arr
     base.release(b)
     target.release(t)
