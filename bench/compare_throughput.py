@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 GB = 1_000_000_000
 MB = 1_000_000
 WRITE_COMMAND = "_write"
@@ -119,7 +121,6 @@ def write_variant(root: Path, variant: str, gb: float, seed: int) -> tuple[Path,
     for w in writers:
         w.open()
     try:
-        order = 0
         items: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for i in range(n_big):
             base = big[i % POOL] * (0.5 + (i % 7) / 7)
@@ -127,13 +128,12 @@ def write_variant(root: Path, variant: str, gb: float, seed: int) -> tuple[Path,
         for i in range(N_SMALL):
             base = activation(SMALL)
             items.append((f"model.heads.{i}.proj", base, base * (1 + NOISE * torch.randn(SMALL, generator=gen))))
-        for label, base, target in items:
+        for order, (label, base, target) in enumerate(items):
             for w, tensor in zip(writers, (base, target)):
                 tensor = tensor.to(dtype).contiguous()
                 record = Record(name=label, step=0, rank=0, order=order, shape=tuple(tensor.shape), dtype=name,
                                 file=None, key=f"{label}/step0", stats={}, tags={})
                 w.add(record, tensor)
-            order += 1
     finally:
         for w in writers:
             w.close()
@@ -149,7 +149,7 @@ def _write_main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------- measuring (child)
 
 
-def naive_metrics(b: "np.ndarray", t: "np.ndarray", rtol: float, atol: float) -> dict:  # noqa: F821
+def naive_metrics(b: np.ndarray, t: np.ndarray, rtol: float, atol: float) -> dict:
     """Straightforward float64 definitions over whole tensors (finite data assumed)."""
     import numpy as np
 
@@ -256,8 +256,8 @@ def _measure_main(argv: list[str]) -> None:
 
 
 def run_child(args: list[str], env: dict | None = None) -> None:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                          env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
 
@@ -271,7 +271,7 @@ def measure_cli(base: Path, target: Path, out: Path) -> dict:
     result = out.with_suffix(".hwm.json")
     cmd = [sys.executable, "-c", WRAPPER, str(result), "compare", str(base), str(target), "--json", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1) or not result.exists():
         raise RuntimeError(f"parity compare failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             reused = not own and base.exists() and target.exists()
             if not reused:
                 proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), WRITE_COMMAND, str(root),
-                                       variant, repr(args.gb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       variant, repr(args.gb)], capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     raise RuntimeError(f"writing the {variant} dumps failed: {proc.stderr.strip()[-3000:]}")
             write_s = time.perf_counter() - t0

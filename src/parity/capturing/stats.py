@@ -2,11 +2,14 @@
 
 ``min``, ``max``, ``mean``, ``abs_max`` and ``l2`` are over the finite elements (None when there
 are none), accumulated in float64; ``nan``, ``inf`` and ``zero`` count elements; ``numel`` is
-the size. Integer and bool tensors are widened to float64 first.
+the size. Integer and bool tensors are widened to float64 first. One ``aminmax`` and one
+``count_nonzero`` pass decide everything for finite tensors; NaN/Inf masks are only built when
+the minimum or maximum is not finite (statistics-only capture stays cheap).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,15 +23,17 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     if numel == 0:
         return stats
     x = t if t.is_floating_point() else t.to(torch.float64)
-    stats["zero"] = int((x == 0).sum())
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    stats["zero"] = numel - int(torch.count_nonzero(x))
+    lo, hi = torch.aminmax(x)
+    lo_f, hi_f = float(lo), float(hi)
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN or Inf somewhere: the slow path
         stats["nan"] = int(torch.isnan(x).sum())
         stats["inf"] = int(torch.isinf(x).sum())
         x = x[torch.isfinite(x)]
         if x.numel() == 0:
             return stats
-    lo, hi = torch.aminmax(x)
-    lo_f, hi_f = float(lo), float(hi)
+        lo, hi = torch.aminmax(x)
+        lo_f, hi_f = float(lo), float(hi)
     stats.update(
         min=lo_f, max=hi_f, abs_max=max(abs(lo_f), abs(hi_f)),
         mean=float(x.sum(dtype=torch.float64)) / x.numel(),

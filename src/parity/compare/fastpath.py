@@ -9,44 +9,55 @@ missing or the input is something the kernel does not handle (integer/bool data,
 or negative ``rtol``/``atol``).
 
 Design
-    The flat pair is cut into blocks of :data:`BLOCK` elements. One compiled pass per block
-    computes, in float64 and without branches (so that LLVM vectorizes it):
+    The flat pair is cut into blocks of :data:`BLOCK` elements (partial results per block,
+    combined in block order, so the result does not depend on the number of threads). Per
+    block, branch-free loops that LLVM vectorizes (``fastmath`` limited to reassociation, so
+    that every per-element value is the reference's own float64 value):
 
-    - the five sums (|d|, d², b², t², t·b), reassociated freely;
-    - the maxima of |d|, of |d| where |d| > rtol·|b| (``needed_atol``), of |d|/|b| (``max_rel``)
-      and of |d|/|b| where |d| > atol (``needed_rtol``). These are non-negative, so each maximum
-      is taken over the IEEE bit patterns as int64 (same order, exact, and integer max
-      reductions vectorize where float ones, NaN-aware, do not); ``x/0`` is ``inf``, as in
-      the reference, and ``0/0`` is left out;
-    - the mismatch count ``|d| > max(atol, rtol·|b|)`` and whether each side varies inside the
-      block (for the all-zero / constant flags).
+    1. float64: the five sums (|d|, d², b², t², t·b) and max |d|. A block whose b², t² or d²
+       sum is not finite holds a NaN or an Inf (or float64 values whose squares overflow): its
+       partials are recomputed by :func:`_numpy_block`, a copy of the reference's chunk body
+       (correctness over speed there).
+    2. the tolerance part: the mismatch count ``|d| > max(atol, rtol·|b|)`` and the maxima of
+       |d| where |d| > rtol·|b| (``needed_atol``), of |d|/|b| (``max_rel``; ``x/0`` is ``inf``
+       as in the reference, ``0/0`` is left out) and of |d|/|b| where |d| > atol (``needed_rtol``).
+       For data that float32 holds exactly (float32, float16, bfloat16) and tolerances it holds
+       to 2^-24, this loop runs in float32 (8 lanes instead of 4): a comparison is trusted only
+       when it holds with a margin of 2^-18 relative (and 2^-126 absolute); a block with an
+       element inside the margin is redone in float64. The float32 maxima are approximations
+       (relative error < 2^-22): a block whose approximation comes within 2^-18 of the largest
+       one seen so far is settled in float64 at once (while in cache); the blocks left
+       approximate provably cannot hold a maximum and are left out when combining.
+    3. integers: whether each side varies inside the block (storage bits XOR the first
+       element's; a block of +0/-0 only is rechecked by value).
 
-    A block whose b², t² or d² sum is not finite holds a NaN or an Inf (or float64 values
-    whose squares overflow): its partials are recomputed by :func:`_numpy_block`, a copy of
-    the reference chunk body (correctness over speed there). Per-block partials are combined
-    in block order, so the result does not depend on the number of threads. Two things need
-    one more look at a single block: the flat index of max |d| (the first block holding the
-    maximum is rescanned for its first position), and the ``needed_rtol`` ulp fix-up of the
-    reference (only elements whose ratio equals the global maximum can need it, and they lie
-    in blocks whose maximum equals it: those blocks are rescanned).
+    Maxima are taken over IEEE bit patterns as integers (the values are non-negative: same
+    order, exact, and integer max reductions vectorize where NaN-aware float ones do not).
+    Combining needs one more look at a block in two cases: the flat index of max |d| (the first
+    block holding the maximum is rescanned for its first position) and the ``needed_rtol`` ulp
+    fix-up of the reference (only elements whose ratio equals the global maximum can need it,
+    and they lie in the blocks whose maximum equals it: those are checked).
 
     Widening is exact and inlined: float16 through LLVM ``fpext half`` (F16C), bfloat16 as
-    ``uint32(bits) << 16`` reinterpreted as float32.
+    ``uint32(bits) << 16`` reinterpreted as float32; 16-bit blocks are widened once into a
+    float32 buffer that the loops share.
 
 Threads
-    ``workers`` threads (default 2) each run the kernel (compiled ``nogil``) over contiguous
-    ranges of blocks, from a shared thread pool; pairs under :data:`PARALLEL_MIN` elements
-    run on the calling thread.
+    ``workers`` threads (default 2) run the kernel (compiled ``nogil``) over contiguous ranges
+    of blocks (:data:`PIECES_PER_WORKER` ranges per thread), from a shared thread pool; pairs
+    under :data:`PARALLEL_MIN` elements run on the calling thread. Combining is serial.
 
 Compilation
     numba is imported on first use (``import parity.compare.fastpath`` stays cheap). Kernels
     are compiled with ``cache=True``: the first process compiles each dtype combination
-    (about a second each), later ones load the machine code from numba's cache (``__pycache__``
-    next to this file, or numba's user cache directory when that is not writable).
+    (a few seconds for the first, about a second for each further one), later processes load
+    the machine code from numba's cache (``__pycache__`` next to this file, numba's user cache
+    directory when that is not writable, or ``NUMBA_CACHE_DIR``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any
@@ -74,6 +85,8 @@ _kernels: Any = None
 _load_error: BaseException | None = None
 _lock = threading.Lock()
 _pools: dict[int, Any] = {}  # workers -> ThreadPoolExecutor
+_warned: list[bool] = []  # the fallback warning is logged once
+_strict = False  # tests set it: a failing kernel raises instead of falling back to numpy
 # Helpers of the kernels, set by _build (see there).
 _nb_widen: Any = None
 _nb_bits: Any = None
@@ -82,11 +95,9 @@ _nb_scratch: Any = None
 _nb_bits_f64: Any = None
 _nb_f32_bits: Any = None
 _nb_f32bits_f64: Any = None
-_nb_widen32: Any = None
-_nb_fma32: Any = None
-_nb_tie_scan: Any = None
 _nb_exact_tol: Any = None
 _nb_approx_tol: Any = None
+_nb_exact_one: Any = None
 _nb_first_max: Any = None
 _nb_needs_ulp: Any = None
 _nb_stage: Any = None
@@ -99,8 +110,7 @@ def _build() -> Any:
     numba's cache key hashes closure contents, which differ from process to process.
     """
     global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_scratch, _nb_stage
-    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_widen32, _nb_fma32
-    global _nb_tie_scan
+    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_exact_one
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -110,7 +120,7 @@ def _build() -> Any:
     # No nnan/ninf (data may hold NaN/Inf: a block is checked after its first loop) and no arcp
     # (x/y must stay a correctly rounded division): the sums may be reassociated, nothing else.
     # error_model="numpy": x/0 gives inf instead of raising (a raise-check stops vectorization).
-    opts = dict(nogil=True, fastmath={"reassoc", "nsz", "contract"}, error_model="numpy", cache=True)
+    opts = {"nogil": True, "fastmath": {"reassoc", "nsz", "contract"}, "error_model": "numpy", "cache": True}
 
     @intrinsic
     def f64_bits(typingctx, x):  # float64 -> int64, same bits
@@ -129,17 +139,6 @@ def _build() -> Any:
         def codegen(context, builder, sig, args):
             return builder.bitcast(args[0], ir.DoubleType())
         return types.float64(types.int64), codegen
-
-    @intrinsic
-    def fma32(typingctx, a, b, c):  # a·b + c with one rounding (llvm.fma.f32)
-        if not (a == b == c == types.float32):
-            return None
-
-        def codegen(context, builder, sig, args):
-            flt = ir.FloatType()
-            fn = builder.module.declare_intrinsic("llvm.fma", [flt], ir.FunctionType(flt, [flt, flt, flt]))
-            return builder.call(fn, args)
-        return types.float32(types.float32, types.float32, types.float32), codegen
 
     @intrinsic
     def f32bits_f64(typingctx, x):  # float32 bits held in an int64 -> float64 value
@@ -201,9 +200,6 @@ def _build() -> Any:
     def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
-    def widen32(a, i):  # pragma: no cover - stands for the overload below inside kernels
-        raise NotImplementedError
-
     def scratch(a, n):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
@@ -213,7 +209,7 @@ def _build() -> Any:
     def bits(a, i):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
-    @overload(widen, inline="always")
+    @overload(widen)
     def _widen(a, i):
         dt = a.dtype
         if dt in (types.float32, types.float64):
@@ -224,7 +220,7 @@ def _build() -> Any:
             return lambda a, i: f16_to_f64(a[i])
         return None
 
-    @overload(bits, inline="always")
+    @overload(bits)
     def _bits_ov(a, i):  # the storage bits of element i: equal bits <=> equal values, but for +-0
         dt = a.dtype
         if dt == types.float32:
@@ -235,26 +231,13 @@ def _build() -> Any:
             return lambda a, i: a[i]
         return None
 
-    @overload(widen32, inline="always")
-    def _widen32(a, i):  # element i as float32 (exact for float32 / float16 / bfloat16 storage)
-        dt = a.dtype
-        if dt == types.float32:
-            return lambda a, i: a[i]
-        if dt == types.uint16:
-            return lambda a, i: bf16_to_f32(a[i])
-        if dt == types.int16:
-            return lambda a, i: f16_to_f32(a[i])
-        if dt == types.float64:  # typed, never run: float64 data never takes the float32 path
-            return lambda a, i: np.float32(a[i])
-        return None
-
-    @overload(scratch, inline="always")
+    @overload(scratch)
     def _scratch(a, n):  # float32 staging buffer for 16-bit storage (none for 32/64-bit)
         if a.dtype in (types.uint16, types.int16):
             return lambda a, n: np.empty(n, np.float32)
         return lambda a, n: np.empty(0, np.float32)
 
-    @overload(stage, inline="always")
+    @overload(stage)
     def _stage(a, buf):  # a block as the loops read it: 16-bit storage widened once to float32
         if a.dtype == types.uint16:
             def impl(a, buf):
@@ -274,7 +257,6 @@ def _build() -> Any:
 
     _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage = widen, bits, f64_bits, scratch, stage
     _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64 = bits_f64, f32_bits, f32bits_f64
-    _nb_widen32, _nb_fma32 = widen32, fma32
 
     @njit(**opts)
     def exact_tol(bs, ts, rtol, atol):
@@ -291,12 +273,28 @@ def _build() -> Any:
             ad_bits = _nb_f64_bits(ad)
             thr = ab * rtol
             n_atol = max(n_atol, ad_bits if ad > thr else 0)
-            lim = thr if thr > atol else atol
+            lim = thr if thr > atol else atol  # noqa: FURB136 - an explicit select vectorizes
             mism += 1 if ad > lim else 0
             rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
             max_rel = max(max_rel, rel)
             n_rtol = max(n_rtol, rel if ad > atol else 0)
         return n_atol, max_rel, n_rtol, mism
+
+    @njit(**opts)
+    def exact_one(bs, ts, which, rtol, atol):
+        """One of :func:`exact_tol`'s maxima (``which``: 0 |d| where |d| > rtol·|b|, 1 |d|/|b|,
+        2 |d|/|b| where |d| > atol), at a fraction of its cost."""
+        best = 0
+        ratio = which != 0
+        floor = 0.0 if which == 1 else atol
+        for i in range(bs.size):
+            bv = _nb_widen(bs, i)
+            ad = abs(_nb_widen(ts, i) - bv)
+            ab = abs(bv)
+            value = ad / ab if ratio else ad
+            member = ad > floor if ratio else ad > ab * rtol
+            best = max(best, _nb_f64_bits(value) if member else 0)
+        return best
 
     @njit(**opts)
     def approx_tol(bs, ts, rtol32, atol_hi, atol_lo):
@@ -334,53 +332,10 @@ def _build() -> Any:
             n_rtol = max(n_rtol, rel if maybe_atol else np.int32(0))
         return n_atol, max_rel, n_rtol, int(mism), int(unsure)
 
-    # No fastmath here: the TwoSum error term below must not be reassociated away.
-    @njit(nogil=True, error_model="numpy", cache=True)
-    def tie_scan(bs, ts, rtol32, atol_hi, t_natol, t_rel, t_nrtol):
-        """Exact maxima of a block that may hold a global maximum, from float32 arithmetic
-        where it is provably exact.
-
-        Over the elements at or above the float32 thresholds ``t_*`` (``inf``: not wanted),
-        returns the float64 bits of the maxima of |d| where |d| > rtol·|b|, of |d|/|b| and of
-        |d|/|b| where |d| > atol, and 1 when some such element's float32 |d| or |d|/|b| is
-        not exact (TwoSum error, FMA residual): then the caller uses :func:`exact_tol`.
-        Float16/bfloat16 data, whose differences and ratios are often exact in float32, tie
-        on their maxima in many blocks: this settles most of those blocks at float32 speed.
-        """
-        e_hi = np.float32(1.0 + 2.0 ** -18)
-        tiny = np.float32(2.0 ** -126)
-        zero = np.float32(0.0)
-        n_atol = np.int32(0)
-        max_rel = np.int32(0)
-        n_rtol = np.int32(0)
-        unsure = np.int32(0)
-        for i in range(bs.size):
-            bv = _nb_widen32(bs, i)
-            tv = _nb_widen32(ts, i)
-            d = tv - bv
-            z = d - tv  # TwoSum: err is the exact rounding error of d = tv + (-bv)
-            err = (tv - (d - z)) + (-bv - z)
-            ad = abs(d)
-            ab = abs(bv)
-            r = ad / ab
-            over_thr = ad > ab * rtol32 * e_hi + tiny
-            over_atol = ad > atol_hi
-            d_inexact = err != zero
-            r_inexact = d_inexact | ((_nb_fma32(r, ab, -ad) != zero) & (ab != zero))
-            c1 = over_thr & (ad >= t_natol)
-            c2 = (ad > zero) & (r >= t_rel)
-            c3 = over_atol & (r >= t_nrtol)
-            unsure = max(unsure, np.int32(1) if (c1 & d_inexact) | ((c2 | c3) & r_inexact) else np.int32(0))
-            n_atol = max(n_atol, _nb_f32_bits(ad) if c1 else np.int32(0))
-            max_rel = max(max_rel, _nb_f32_bits(r) if c2 else np.int32(0))
-            n_rtol = max(n_rtol, _nb_f32_bits(r) if c3 else np.int32(0))
-        return (_nb_f64_bits(_nb_f32bits_f64(np.int64(n_atol))), _nb_f64_bits(_nb_f32bits_f64(np.int64(max_rel))),
-                _nb_f64_bits(_nb_f32bits_f64(np.int64(n_rtol))), unsure)
-
-    _nb_exact_tol, _nb_approx_tol, _nb_tie_scan = exact_tol, approx_tol, tie_scan
+    _nb_exact_tol, _nb_approx_tol, _nb_exact_one = exact_tol, approx_tol, exact_one
 
     @njit(**opts)
-    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart):
+    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running):
         """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
         exp_mask = 0x7FF0000000000000
         f32_safe = 0x47D0000000000000  # bits of 2^126: |t - b| cannot overflow float32 below it
@@ -391,6 +346,8 @@ def _build() -> Any:
         b_buf = _nb_scratch(b, block)
         t_buf = _nb_scratch(t, block)
         flagged = 0
+        shrink = 1.0 - 2.0 ** -18
+        f32max = 3.4028234663852886e38
         for k in range(first, last):
             lo = k * block
             hi = min(lo + block, n)
@@ -429,11 +386,40 @@ def _build() -> Any:
                 n_rtol = 0
                 mism = 0
             elif f32ok and max_ad < f32_safe:
-                n_atol, max_rel, n_rtol, mism, unsure = _nb_approx_tol(bs, ts, rtol32, atol_hi, atol_lo)
-                approx = 1
+                a_natol, a_rel, a_nrtol, mism, unsure = _nb_approx_tol(bs, ts, rtol32, atol_hi, atol_lo)
+                n_atol = np.int64(a_natol)
+                max_rel = np.int64(a_rel)
+                n_rtol = np.int64(a_nrtol)
                 if unsure:
                     n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
-                    approx = 0
+                else:
+                    # A maximum whose approximation is within 2^-18 of the largest so far may be
+                    # a global one: settle it now in float64, while the block is in cache. Every
+                    # block within 2^-18 of the final largest approximation is settled this way;
+                    # the others stay approximate (bit set in approx).
+                    approx = 7
+                    # running: the largest approximations seen, shared by the threads of a
+                    # pair without synchronization. Only speed depends on it: settle() checks
+                    # every block left approximate against the final largest approximation.
+                    run_natol = max(running[0], n_atol)
+                    run_rel = max(running[1], max_rel)
+                    run_nrtol = max(running[2], n_rtol)
+                    running[0] = run_natol
+                    running[1] = run_rel
+                    running[2] = run_nrtol
+                    if n_atol == 0:
+                        approx &= 6  # no element over rtol·|b|: exactly 0
+                    elif _nb_f32bits_f64(n_atol) >= _nb_f32bits_f64(run_natol) * shrink:
+                        n_atol = _nb_exact_one(bs, ts, 0, rtol, atol)
+                        approx &= 6
+                    if max_rel > 0 and _nb_f32bits_f64(max_rel) >= min(_nb_f32bits_f64(run_rel), f32max) * shrink:
+                        max_rel = _nb_exact_one(bs, ts, 1, rtol, atol)
+                        approx &= 5
+                    if n_rtol == 0:
+                        approx &= 3  # no element over atol: exactly 0
+                    elif _nb_f32bits_f64(n_rtol) >= min(_nb_f32bits_f64(run_nrtol), f32max) * shrink:
+                        n_rtol = _nb_exact_one(bs, ts, 2, rtol, atol)
+                        approx &= 3
             else:
                 n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
             # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
@@ -493,71 +479,77 @@ def _build() -> Any:
                 return lo + i
         return -1
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True, error_model="numpy", cache=True)
     def needs_ulp(b, t, lo, hi, r, atol):
-        """Whether some i in [lo, hi) has |d| > atol and r·|b| < |d| (the reference's fix-up)."""
+        """Whether some i in [lo, hi) has |d| > atol and r·|b| < |d| (the reference's fix-up).
+
+        Branch-free (vectorized): blocks tied on the largest ratio may all be checked."""
         bs = b[lo:hi]
         ts = t[lo:hi]
+        found = 0
         for i in range(hi - lo):
             bv = _nb_widen(bs, i)
             ad = abs(_nb_widen(ts, i) - bv)
-            if ad > atol and r * abs(bv) < ad:
-                return True
-        return False
+            found = max(found, 1 if (ad > atol) & (r * abs(bv) < ad) else 0)
+        return found > 0
 
     _nb_first_max, _nb_needs_ulp = first_max, needs_ulp
 
     @njit(nogil=True, cache=True)
-    def combine(b, t, n, block, fpart, ipart, rtol, atol):
-        """Fold the per-block partials in block order; returns the fields of the metrics."""
-        # Blocks whose three tolerance maxima are float32 approximations (relative error
-        # < 2^-22): only those within 2^-18 of the largest approximation can hold the true
-        # maximum; they are recomputed in float64, the others cannot matter.
-        g_natol = 0
-        g_rel = 0
-        g_nrtol = 0
-        any_approx = False
-        for k in range(fpart.shape[0]):
-            if ipart[k, 16] != 0:
-                any_approx = True
-                g_natol = max(g_natol, ipart[k, 4])
-                g_rel = max(g_rel, ipart[k, 5])
-                g_nrtol = max(g_nrtol, ipart[k, 6])
-        if any_approx:
-            f32max = 3.4028234663852886e38
-            shrink = 1.0 - 2.0 ** -18
-            inf = np.inf
-            t_natol = min(_nb_f32bits_f64(g_natol), f32max) * shrink if g_natol > 0 else inf
-            t_rel = min(_nb_f32bits_f64(g_rel), f32max) * shrink if g_rel > 0 else inf
-            t_nrtol = min(_nb_f32bits_f64(g_nrtol), f32max) * shrink if g_nrtol > 0 else inf
-            # float32 thresholds for tie_scan, rounded below the float64 ones
-            down = 1.0 - 2.0 ** -20
-            t32_natol = np.float32(t_natol * down)
-            t32_rel = np.float32(t_rel * down)
-            t32_nrtol = np.float32(t_nrtol * down)
-            rtol32 = np.float32(rtol)
-            atol_hi = np.float32(atol) * np.float32(1.0 + 2.0 ** -18) + np.float32(2.0 ** -126)
-            for k in range(fpart.shape[0]):
-                if ipart[k, 16] == 0:
-                    continue
-                c_natol = _nb_f32bits_f64(ipart[k, 4]) >= t_natol
-                c_rel = _nb_f32bits_f64(ipart[k, 5]) >= t_rel
-                c_nrtol = _nb_f32bits_f64(ipart[k, 6]) >= t_nrtol
-                if not (c_natol or c_rel or c_nrtol):
-                    continue  # cannot hold a maximum: stays approximate, left out below
-                lo = k * block
-                hi = min(lo + block, n)
-                n_atol, max_rel, n_rtol, unsure = _nb_tie_scan(
-                    b[lo:hi], t[lo:hi], rtol32, atol_hi, t32_natol if c_natol else np.float32(inf),
-                    t32_rel if c_rel else np.float32(inf), t32_nrtol if c_nrtol else np.float32(inf))
-                if unsure:
-                    n_atol, max_rel, n_rtol, mism = _nb_exact_tol(b[lo:hi], t[lo:hi], rtol, atol)
-                    ipart[k, 2] = mism
-                # maxima this block cannot hold are 0: they cannot matter either
-                ipart[k, 4] = n_atol if c_natol else 0
-                ipart[k, 5] = max_rel if c_rel else 0
-                ipart[k, 6] = n_rtol if c_nrtol else 0
-                ipart[k, 16] = 0
+    def settle(b, t, n, block, ipart, rtol, atol):
+        """Settle in float64 any approximate maximum that could still be a global one.
+
+        A float32 approximation (relative error < 2^-22) can be a true maximum only when within
+        2^-18 of the largest approximation and, grown by 2^-21, above the largest exact value.
+        :func:`blocks` settles those as it goes (this is a safety net: it finds none)."""
+        f32max = 3.4028234663852886e38
+        shrink = 1.0 - 2.0 ** -18
+        grow = 1.0 + 2.0 ** -21
+        settled = 0
+        for j in range(3):
+            bit = 1 << j
+            g = 0
+            e = 0
+            for k in range(ipart.shape[0]):
+                if ipart[k, 1] > 0:
+                    if ipart[k, 16] & bit:
+                        g = max(g, ipart[k, 4 + j])
+                    else:
+                        e = max(e, ipart[k, 4 + j])
+            if g == 0:
+                continue
+            limit = min(_nb_f32bits_f64(g), f32max) * shrink
+            exact = _nb_bits_f64(e)
+            for k in range(ipart.shape[0]):
+                if ipart[k, 1] > 0 and ipart[k, 16] & bit:
+                    a = _nb_f32bits_f64(ipart[k, 4 + j])
+                    if a >= limit and a * grow > exact:
+                        lo = k * block
+                        hi = min(lo + block, n)
+                        ipart[k, 4 + j] = _nb_exact_one(b[lo:hi], t[lo:hi], j, rtol, atol)
+                        ipart[k, 16] &= ~bit
+                        settled += 1
+        return settled
+
+    @njit(nogil=True, cache=True)
+    def ulp_fix(b, t, n, block, ipart, r_bits, atol):
+        """The reference's ``needed_rtol`` fix-up: does some element with |d| > atol have
+        r·|b| < |d|, r the largest ratio? Only elements whose ratio equals r can, and they lie
+        in the blocks whose (exact) maximum equals it."""
+        r = _nb_bits_f64(r_bits)
+        for k in range(ipart.shape[0]):
+            if ipart[k, 1] > 0 and not ipart[k, 16] & 4 and ipart[k, 6] == r_bits:
+                fix = ipart[k, 15]  # known for blocks computed by numpy
+                if fix < 0:
+                    lo = k * block
+                    fix = 1 if _nb_needs_ulp(b, t, lo, min(lo + block, n), r, atol) else 0
+                if fix > 0:
+                    return True
+        return False
+
+    @njit(nogil=True, cache=True)
+    def fold(fpart, ipart):
+        """Fold the per-block partials in block order (one compiled version for every dtype)."""
         s_abs = 0.0
         s_dd = 0.0
         s_bb = 0.0
@@ -591,7 +583,7 @@ def _build() -> Any:
             v = fpart[k, 5]
             if ipart[k, 7] != 0:
                 vary_b = True
-            elif v == v:  # a constant block: does its value differ from the others'?
+            elif not np.isnan(v):  # a constant block: does its value differ from the others'?
                 if has_b and v != b_val:
                     vary_b = True
                 has_b = True
@@ -599,7 +591,7 @@ def _build() -> Any:
             v = fpart[k, 6]
             if ipart[k, 8] != 0:
                 vary_t = True
-            elif v == v:
+            elif not np.isnan(v):
                 if has_t and v != t_val:
                     vary_t = True
                 has_t = True
@@ -615,41 +607,17 @@ def _build() -> Any:
                 if top_row < 0 or ipart[k, 3] > top:  # first block holding the maximum
                     top = ipart[k, 3]
                     top_row = k
-                if ipart[k, 16] == 0:  # exact (approximate blocks left cannot hold a maximum)
-                    max_rel = max(max_rel, ipart[k, 5])
+                approx = ipart[k, 16]  # approximations left cannot be a maximum: left out
+                if not approx & 1:
                     n_atol = max(n_atol, ipart[k, 4])
+                if not approx & 2:
+                    max_rel = max(max_rel, ipart[k, 5])
+                if not approx & 4:
                     n_rtol = max(n_rtol, ipart[k, 6])
-        index = -1
-        max_abs = -1.0
-        needed_rtol = 0.0
-        b_at = 0.0
-        t_at = 0.0
-        if counted > 0:
-            max_abs = _nb_bits_f64(top)
-            index = ipart[top_row, 14]
-            if index < 0:
-                lo = top_row * block
-                index = _nb_first_max(b, t, lo, min(lo + block, n), max_abs)
-            b_at = _nb_widen(b, index)
-            t_at = _nb_widen(t, index)
-            needed_rtol = _nb_bits_f64(n_rtol)
-            if n_rtol < 0x7FF0000000000000 and max_abs > atol:  # finite, and some |d| > atol
-                # Only elements whose ratio equals the maximum can need the reference's ulp
-                # fix-up, and they lie in blocks whose maximum equals it.
-                for k in range(fpart.shape[0]):
-                    if ipart[k, 1] > 0 and ipart[k, 16] == 0 and ipart[k, 6] == n_rtol:
-                        fix = ipart[k, 15]
-                        if fix < 0:
-                            lo = k * block
-                            fix = 1 if _nb_needs_ulp(b, t, lo, min(lo + block, n), needed_rtol, atol) else 0
-                        if fix > 0:
-                            needed_rtol = _nb_bits_f64(n_rtol + 1)  # next float64 up
-                            break
-        return (s_abs, s_dd, s_bb, s_tt, s_tb, counted, mism, nonfinite, max_abs, index, b_at, t_at,
-                _nb_bits_f64(max_rel), _nb_bits_f64(n_atol), needed_rtol, nan_b, inf_b, nan_t, inf_t,
-                vary_b, vary_t, has_b and b_val == 0.0, has_t and t_val == 0.0)
+        return (s_abs, s_dd, s_bb, s_tt, s_tb, counted, mism, nonfinite, top, top_row, max_rel, n_atol, n_rtol,
+                nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, has_b and b_val == 0.0, has_t and t_val == 0.0)
 
-    return SimpleNamespace(blocks=blocks, combine=combine)
+    return SimpleNamespace(blocks=blocks, settle=settle, fold=fold, first_max=first_max, ulp_fix=ulp_fix)
 
 
 def _load() -> Any:
@@ -659,7 +627,7 @@ def _load() -> Any:
             if _kernels is None and _load_error is None:
                 try:
                     _kernels = _build()
-                except Exception as exc:  # numba missing or broken: the numpy path is used
+                except Exception as exc:  # noqa: BLE001 - numba missing or broken: the numpy path is used
                     _load_error = exc
     return _kernels
 
@@ -670,7 +638,8 @@ def available() -> bool:
 
 
 def _pool(workers: int) -> Any:
-    from concurrent.futures import ThreadPoolExecutor  # lazily: keeps the module import cheap
+    # imported here, lazily: keeps the module import cheap
+    from concurrent.futures import ThreadPoolExecutor
 
     with _lock:
         pool = _pools.get(workers)
@@ -691,13 +660,17 @@ def _kernel_view(flat: np.ndarray, dtype: str) -> np.ndarray | None:
         target = flat.dtype.newbyteorder("=")
     elif flat.dtype.kind == "f" and flat.dtype.itemsize == 2:
         flat = np.ascontiguousarray(flat, dtype=np.dtype(np.float16).newbyteorder("="))
-        return flat.view(np.int16)
+        view = flat.view(np.int16)
+        view.flags.writeable = False
+        return view
     else:
         return None
     if flat.dtype.byteorder not in ("=", "|") and flat.dtype.byteorder != target.byteorder:
         flat = flat.astype(flat.dtype.newbyteorder("="))
     flat = np.ascontiguousarray(flat)
-    return flat.view(target) if dtype == "bfloat16" else flat
+    view = flat.view(target) if dtype == "bfloat16" else flat.view()
+    view.flags.writeable = False  # one compiled signature for mapped (read-only) and in-memory data
+    return view
 
 
 def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: str, start: int,
@@ -757,8 +730,59 @@ def _numpy_block_body(b: np.ndarray, t: np.ndarray, start: int, rtol: float, ato
         irow[_I_FIXUP] = 1
 
 
+_INF_BITS = 0x7FF0000000000000
+
+
 def _bits(x: float) -> int:
     return int(np.float64(x).view(np.int64))
+
+
+def _float(bits: int) -> float:
+    return float(np.int64(bits).view(np.float64))
+
+
+def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndarray, t_dtype: str,
+                 bk: np.ndarray, tk: np.ndarray, rtol: float, atol: float, workers: int) -> tuple:
+    """Per-block partials (on threads), blocks with NaN/Inf by numpy, then the combined fields."""
+    n = b_flat.size
+    # float32 pass of loop 2: for values float32 holds exactly, tolerances it holds to 2^-24
+    f32ok = (bk.dtype.itemsize <= 4 and tk.dtype.itemsize <= 4
+             and all(x == 0.0 or 2.0 ** -120 <= x <= 2.0 ** 120 for x in (rtol, atol)))
+    nblocks = -(-n // BLOCK)
+    fpart = np.empty((nblocks, _NF), np.float64)
+    ipart = np.empty((nblocks, _NI), np.int64)
+    running = np.zeros(3, np.int64)
+    workers = max(1, int(workers))
+    if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
+        flagged = kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, f32ok, fpart, ipart, running)
+    else:
+        pieces = min(nblocks, workers * PIECES_PER_WORKER)
+        bounds = [nblocks * p // pieces for p in range(pieces + 1)]
+        pool = _pool(workers)
+        futures = [pool.submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK, rtol, atol, f32ok,
+                               fpart, ipart, running)
+                   for p in range(pieces)]
+        flagged = sum(future.result() for future in futures)
+    if flagged:
+        for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
+            lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
+            _numpy_block(b_flat[lo:hi], b_dtype, t_flat[lo:hi], t_dtype, lo, rtol, atol, fpart[k], ipart[k])
+    kernels.settle(bk, tk, n, BLOCK, ipart, rtol, atol)
+    (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite, top, top_row, max_rel, n_atol,
+     n_rtol, nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, zero_b, zero_t) = kernels.fold(fpart, ipart)
+    max_abs, index, needed_rtol = -1.0, -1, 0.0
+    if counted:
+        max_abs = _float(top)
+        index = int(ipart[top_row, _I_INDEX])
+        if index < 0:
+            lo = top_row * BLOCK
+            index = kernels.first_max(bk, tk, lo, min(lo + BLOCK, n), max_abs)
+        needed_rtol = _float(n_rtol)
+        # the reference's ulp fix-up, when the ratio is finite and some |d| > atol
+        if n_rtol < _INF_BITS and max_abs > atol and kernels.ulp_fix(bk, tk, n, BLOCK, ipart, n_rtol, atol):
+            needed_rtol = _float(n_rtol + 1)  # the next float64 up
+    return (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite, max_abs, index,
+            _float(max_rel), _float(n_atol), needed_rtol, nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, zero_b, zero_t)
 
 
 def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
@@ -780,31 +804,18 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
     if tk is None or not (0.0 <= rtol < math.inf and 0.0 <= atol < math.inf):
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
-    # float32 pre-pass of loop 2: values float32 holds exactly, tolerances float32 holds to 2^-24
-    f32ok = (bk.dtype.itemsize <= 4 and tk.dtype.itemsize <= 4
-             and all(x == 0.0 or 2.0 ** -120 <= x <= 2.0 ** 120 for x in (rtol, atol)))
-    nblocks = -(-n // BLOCK)
-    fpart = np.empty((nblocks, _NF), np.float64)
-    ipart = np.empty((nblocks, _NI), np.int64)
-    workers = max(1, int(workers))
-    if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
-        flagged = kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, f32ok, fpart, ipart)
-    else:
-        pieces = min(nblocks, workers * PIECES_PER_WORKER)
-        bounds = [nblocks * p // pieces for p in range(pieces + 1)]
-        pool = _pool(workers)
-        futures = [pool.submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK, rtol, atol, f32ok,
-                               fpart, ipart)
-                   for p in range(pieces)]
-        flagged = sum(future.result() for future in futures)
-    if flagged:
-        for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
-            lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
-            _numpy_block(b_flat[lo:hi], baseline_dtype, t_flat[lo:hi], target_dtype, lo, rtol, atol,
-                         fpart[k], ipart[k])
+    try:
+        fields = _run_kernels(kernels, b_flat, baseline_dtype, t_flat, target_dtype, bk, tk, rtol, atol, workers)
+    except Exception as exc:  # a kernel that fails (to compile) must not stop a comparison
+        if _strict:
+            raise
+        if not _warned:
+            _warned.append(True)
+            logging.getLogger(__name__).warning("compiled comparison failed (%s: %s); using numpy",
+                                                type(exc).__name__, exc)
+        return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
     (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite_mismatch, max_abs, max_abs_at,
-     b_at, t_at, max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t,
-     zero_b, zero_t) = kernels.combine(bk, tk, n, BLOCK, fpart, ipart, rtol, atol)
+     max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t, zero_b, zero_t) = fields
     mismatched += nonfinite_mismatch
 
     # From here on, the reference's own final formulas.
@@ -827,9 +838,12 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
         sqnr = 10.0 * math.log10(sum_bb / sum_dd)
     found = counted > 0  # the reference: n > 0 and max_abs >= 0
     index = [int(i) for i in np.unravel_index(max_abs_at, baseline.shape)] if found else []
+    b_at = t_at = None
+    if found:  # as the reference reads them
+        b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], baseline_dtype)[0])
+        t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], target_dtype)[0])
     return PairMetrics(
-        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index,
-        baseline_at_max=b_at if found else None, target_at_max=t_at if found else None,
+        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index, baseline_at_max=b_at, target_at_max=t_at,
         mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
         sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
         needed_rtol=needed_rtol, needed_atol=needed_atol,
