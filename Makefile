@@ -36,6 +36,7 @@ test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: install
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/compare_memory.py
 
 fixture: install
