@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from parity.backends.hf import ASSETS, check_model_dir
-from parity.backends.vllm import _quiet_imports
+from parity.backends.quiet import quiet_imports as _quiet_imports
 from parity.backends.spec import Spec
 from parity.errors import BackendError, UsageError
 
@@ -90,6 +90,7 @@ def load_encoder(model_dir: str | os.PathLike[str], spec: Spec) -> EncoderSide:
             raise BackendError(f"vLLM's pooling runner could not load {path}: {type(exc).__name__}: {exc}") from None
         return EncoderSide(spec=spec, path=path, llm=llm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_imports()
     import torch
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging

