@@ -1,5 +1,11 @@
-"""Click commands that live outside ``parity.cli``: ``report`` (:mod:`.report_cmd`) and ``watch``
-(:mod:`.watch_cmd`). ``parity.cli`` registers them with ``cli.add_command``.
+"""The ``parity`` commands, one module per theme; ``parity.cli`` registers them on its group.
+
+- :mod:`.compare_cmds`: ``compare``, ``diff``, ``inspect``
+- :mod:`.root_cause_cmds`: ``explain``, ``inject``
+- :mod:`.tolerance_cmds`: ``calibrate``
+- :mod:`.engine_cmds`: ``matrix``, ``scores``
+- :mod:`.report_cmd`: ``report``; :mod:`.watch_cmd`: ``watch``
+- :mod:`.common`: shared options, tolerance policy, progress bar, compare-and-report
 
 Command modules import only click (and this package) at module level, so ``parity --help`` stays
 free of torch and numpy; everything heavy is imported inside the command functions.

@@ -26,7 +26,7 @@ DEFAULT_TARGET_SPEC = "dtype=bfloat16,attn=sdpa"
 def _settings(rtol: float | None, atol: float | None, tol: Sequence[str], profile: str | None,
               backend: str | None, rename: Sequence[str], allow_missing: Sequence[str],
               allow_failed: Sequence[str]) -> Any:
-    from parity.cli import _policy  # imported at call time: parity.cli imports this module
+    from parity.commands.common import make_policy as _policy
     from parity.compare.pairing import parse_rename
     from parity.watch import CompareSettings
 

@@ -1,0 +1,209 @@
+"""Shared by the command modules: option sets, tolerance policy, progress bar, compare + report.
+
+Imports only click at module level (``parity --help`` stays light); everything heavy is
+imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from parity.errors import UsageError
+
+
+def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write the full report as JSON to this file (schema: docs/json-schema.md)."),
+        click.option("--rename", multiple=True, metavar="REGEX=TEMPLATE",
+                     help="Rename target records before pairing (re.sub syntax). Repeatable, applied in order."),
+        click.option("--allow-missing", multiple=True, metavar="PATTERN",
+                     help="Records matching PATTERN may be missing on one side without failing. Repeatable."),
+        click.option("--allow-failed", multiple=True, metavar="PATTERN",
+                     help="Known-noisy taps: non-pass outcomes are reported but do not fail. Repeatable."),
+        click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair without a --tol match."),
+        click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
+        click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
+                     help="Tolerance for pairs whose name matches PATTERN. Repeatable; first match wins."),
+        click.option("--profile", type=click.Path(dir_okay=False), default=None,
+                     help="Tolerance profile: TOML [[tolerance]] entries (or pyproject.toml [tool.parity]) "
+                          "with pattern, backend, dtype, rtol, atol, note. See docs/tolerances.md."),
+        click.option("--backend", default=None, metavar="NAME",
+                     help="Backend name that selects profile entries (e.g. rocm-mi300, cpu-avx512)."),
+        click.option("--oracle-m", type=float, default=2.0, show_default=True,
+                     help="Oracle mode: the target may be M times as far from the oracle as the baseline."),
+        click.option("--oracle-eps", type=float, default=None,
+                     help="Oracle mode: additive slack (default: unit roundoff of the target dtype)."),
+        click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write a self-contained HTML report (plots, sortable table; works offline)."),
+        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write JUnit XML: one test case per pair."),
+        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write a short Markdown summary for a pull-request comment."),
+        click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
+                     help="Rows of the worst-pairs table."),
+        click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_policy(rtol: float | None, atol: float | None, tol: Sequence[str], profile: str | None,
+            backend: str | None):
+    from parity.compare.profile import load_profile
+    from parity.compare.tolerance import TolerancePolicy, parse_override
+
+    for name, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{name} must be >= 0, got {value}")
+    return TolerancePolicy(cli_overrides=[parse_override(t) for t in tol],
+                           file_overrides=load_profile(profile) if profile else [],
+                           rtol=rtol, atol=atol, backend=backend, profile_path=profile)
+
+
+class Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self) -> "Progress":
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def task(self, description: str, total: int | None = None) -> Callable[..., None]:
+        """Start a task; returns ``update(done, total, *_)``."""
+        if self.bar is None:
+            return lambda *args: None
+        task_id = self.bar.add_task(description, total=total)
+
+        def update(done: int, total: int | None = None, *_: Any) -> None:
+            self.bar.update(task_id, completed=done, total=total)  # type: ignore[union-attr]
+        return update
+
+
+def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename: Sequence[str],
+                        allow_missing: Sequence[str], allow_failed: Sequence[str], rtol: float | None,
+                        atol: float | None, tol: Sequence[str], profile: str | None,
+                        backend: str | None, show: int,
+                        show_all: bool, progress: Progress, extra_json: str | None = None,
+                        decode: Callable[[int], str] | None = None, oracle_dir: Any = None,
+                        oracle_m: float = 2.0, oracle_eps: float | None = None,
+                        generations: tuple[list, list] | None = None,
+                        decode_ids: Callable[[list[int]], str] | None = None, html_path: str | None = None,
+                        junit_path: str | None = None, markdown_path: str | None = None) -> int:
+    from parity.compare.engine import compare
+    from parity.compare.pairing import parse_rename
+    from parity.report.json_report import write_json
+    from parity.report.terminal import make_console, render
+
+    renames = [parse_rename(r) for r in rename]
+    if oracle_dir is not None:
+        from parity.compare.oracle import compare_with_oracle
+
+        if tol or profile or rtol is not None or atol is not None:
+            raise UsageError("oracle mode judges by --oracle-m/--oracle-eps; "
+                             "--tol, --profile, --rtol and --atol do not apply to it")
+        if not oracle_m >= 1 or (oracle_eps is not None and not oracle_eps >= 0):
+            raise UsageError("--oracle-m must be >= 1 and --oracle-eps >= 0")
+        report = compare_with_oracle(oracle_dir, base, target, m=oracle_m, eps=oracle_eps, renames=renames,
+                                     allow_missing=allow_missing, allow_failed=allow_failed,
+                                     progress=progress.task("comparing against the oracle"))
+    else:
+        policy = make_policy(rtol, atol, tol, profile, backend)
+        report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
+                         allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
+    if generations is not None and decode_ids is not None:
+        from parity.compare.e2e import compare_generations, distribution_metrics
+        from parity.store.reader import load_run
+
+        e2e = compare_generations(*generations, decode=decode_ids)
+        e2e["distributions"] = distribution_metrics(load_run(base), load_run(target))
+        report.end_to_end = e2e
+    progress.__exit__(None, None, None)
+    for path in (json_path, extra_json):
+        if path:
+            write_json(report, path)
+    if html_path or junit_path or markdown_path:
+        from parity.commands.report_cmd import write_reports
+
+        write_reports(report.to_json(), html=html_path, junit=junit_path, markdown=markdown_path)
+    render(report, make_console(), show=show, show_all=show_all)
+    return 0 if report.verdict == "pass" else 1
+
+
+def prepare_out(out: Path) -> tuple[Path, Path, Path]:
+    """Clear ``out/baseline``, ``out/target`` and ``out/oracle``, replacing earlier parity dumps only."""
+    dirs = (out / "baseline", out / "target", out / "oracle")
+    for d in dirs:
+        if d.exists():
+            entries = {p.name for p in d.iterdir()}
+            if entries and not all(n == "data" or (n.startswith("manifest-rank") and n.endswith(".jsonl"))
+                                   for n in entries):
+                raise UsageError(f"{d} exists and is not a parity dump; refusing to overwrite it",
+                                 hint="choose another --out")
+            shutil.rmtree(d)
+    return dirs
+
+
+def explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, json_path: str | None,
+                   progress: Progress) -> int:
+    """Reload the models the two dumps name and explain their divergence (see parity.explain)."""
+    import json as _json
+
+    from parity.backends.hf import check_model_dir, load
+    from parity.backends.spec import Spec
+    from parity.explain.render import render_explanation
+    from parity.explain.rootcause import explain
+    from parity.report.terminal import make_console
+    from parity.store.reader import load_run
+
+    runs = load_run(base_dir), load_run(target_dir)
+    specs, paths = [], []
+    for run in runs:
+        spec, model = run.header.spec, run.header.model
+        if not model.get("path") or not {"dtype", "attn"} <= set(spec):
+            raise UsageError(f"{run.path} does not say which model and spec made it; "
+                             "explain needs dumps written by `parity diff` (or with spec/model_info)")
+        try:
+            specs.append(Spec(**{k: spec[k] for k in ("engine", "dtype", "attn", "device", "quant") if k in spec},
+                              compile=bool(spec.get("compile", 0))))
+        except TypeError:
+            raise UsageError(f"{run.path}: unreadable spec {spec}") from None
+        paths.append(check_model_dir(model["path"]))
+    steps = sorted({r.step for r in runs[0].records})
+    token_ids = []
+    for step in steps:
+        ids = runs[0].step_tags(step).get("input_ids")
+        if not (isinstance(ids, list) and len(ids) == 1 and all(isinstance(i, int) for i in ids[0])):
+            raise UsageError(f"{runs[0].path} step {step} has no single-sequence input_ids to replay")
+        token_ids.append(ids[0])
+    update = progress.task("loading models for replay")
+    base, target = load(paths[0], specs[0]), load(paths[1], specs[1])
+    update(1, 1)
+    result = explain(base, target, token_ids, policy=policy, progress=progress.task("replaying", len(token_ids)))
+    progress.__exit__(None, None, None)
+    if json_path:
+        try:
+            Path(json_path).write_text(_json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+    render_explanation(result, make_console())
+    return 0 if result.case == "pass" else 1

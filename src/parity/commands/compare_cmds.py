@@ -1,0 +1,117 @@
+"""``parity compare``, ``parity diff`` and ``parity inspect``: dumps in, verdicts out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from parity.commands import CONTEXT
+from parity.commands.common import (Progress, compare_and_report, compare_options, explain_dumps, make_policy,
+                                    prepare_out)
+from parity.errors import UsageError
+
+
+@click.command("compare", context_settings=CONTEXT)
+@click.argument("base_dir", type=click.Path(file_okay=False))
+@click.argument("target_dir", type=click.Path(file_okay=False))
+@click.option("--oracle", "oracle_dir", type=click.Path(file_okay=False), default=None,
+              help="Oracle mode: judge both runs against this float64 dump (see docs/tolerances.md).")
+@compare_options
+def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
+    """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
+
+    Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
+    |t - b| <= max(atol, rtol*|b|) and reports the first divergence in execution order.
+    """
+    with Progress() as progress:
+        return compare_and_report(base_dir, target_dir, progress=progress, **options)
+
+
+@click.command("diff", context_settings=CONTEXT)
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
+              metavar="SPEC", help="Backend SPEC of the reference run.")
+@click.option("--target", "target_spec", default="dtype=bfloat16,attn=sdpa", show_default=True,
+              metavar="SPEC", help="Backend SPEC of the run under test.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Text file, one prompt per line. Default: the built-in prompt set.")
+@click.option("--out", type=click.Path(file_okay=False), default="parity-out", show_default=True,
+              help="Where the dumps (OUT/baseline, OUT/target) and OUT/report.json go.")
+@click.option("--taps", multiple=True, metavar="PATTERN",
+              help="Modules to capture (segment-aware glob or re:REGEX). Default: the decoder-LM tap set.")
+@click.option("--oracle", type=click.Choice(["fp64", "float64"]), default=None,
+              help="Oracle mode: also run the baseline in float64 (OUT/oracle) and judge both runs against it.")
+@click.option("--explain", "explain_too", is_flag=True,
+              help="When the runs diverge, also find the root cause (as `parity explain`).")
+@click.option("--stats-only", is_flag=True,
+              help="Capture statistics only (no tensors): small dumps, a statistics-based comparison.")
+@click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Greedy tokens generated per prompt on both sides (0: one forward pass of the prompt).")
+@compare_options
+def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
+             taps: Sequence[str], oracle: str | None, explain_too: bool, stats_only: bool, new_tokens: int,
+             **options: Any) -> int:
+    """Run a model under two backend SPECs, capture every tap, compare, report.
+
+    Both sides generate --new-tokens greedy tokens, then both run the baseline's sequences
+    teacher-forced under capture; the report adds the end-to-end token and logprob comparison.
+
+    \b
+    SPEC grammar: comma-separated KEY=VALUE pairs (defaults in brackets):
+      engine=hf|vllm [hf]   dtype=float32|bfloat16|float16|float64 [float32]
+      attn=eager|sdpa [eager]   compile=0|1 [0]   device=cpu|cuda|cuda:N [cpu]
+      quant=none|int8wo|int8dyn [none] (torchao, engine=hf)
+    Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16
+    """
+    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.runner import run_sides
+    from parity.backends.spec import parse_spec
+
+    specs = parse_spec(baseline_spec), parse_spec(target_spec)
+    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    prompt_list = read_prompts(prompts)
+    if stats_only and (oracle or explain_too):
+        raise UsageError("--stats-only cannot be combined with --oracle or --explain (they need tensors)")
+    if explain_too and "vllm" in (specs[0].engine, specs[1].engine):
+        raise UsageError("--explain replays transformers modules: both sides must be engine=hf")
+    if "vllm" in (specs[0].engine, specs[1].engine) and taps:
+        raise UsageError("--taps does not apply when a side runs vLLM: both sides use the canonical taps")
+    out_path = Path(out)
+    base_dir, target_dir, oracle_dir = prepare_out(out_path)
+    with Progress() as progress:
+        run = run_sides(model_path, specs[0], specs[1], prompt_list, base_dir=base_dir, target_dir=target_dir,
+                        oracle_dir=oracle_dir if oracle else None, new_tokens=new_tokens,
+                        taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task)
+        tokenizer = run.tokenizer
+        generations = ((run.baseline_generations, run.target_generations)
+                       if run.baseline_generations is not None else None)
+        code = compare_and_report(base_dir, target_dir, progress=progress,
+                                   extra_json=str(out_path / "report.json"),
+                                   decode=lambda i: tokenizer.decode([i]), generations=generations,
+                                   decode_ids=tokenizer.decode,
+                                   oracle_dir=oracle_dir if oracle else None, **options)
+    if explain_too and code == 1:
+        click.echo("")
+        with Progress() as progress:
+            explain_dumps(base_dir, target_dir, json_path=str(out_path / "explain.json"), progress=progress,
+                           policy=make_policy(options["rtol"], options["atol"], options["tol"], options["profile"],
+                                          options["backend"]))
+    return code
+
+
+@click.command("inspect", context_settings=CONTEXT)
+@click.argument("dump_dir", type=click.Path(file_okay=False))
+@click.option("--name", "pattern", default=None, metavar="PATTERN", help="Only records matching PATTERN.")
+@click.option("--step", type=int, default=None, help="Only records of this step.")
+def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None) -> int:
+    """List what a dump holds: header, steps, and per record its shape, dtype and statistics."""
+    from parity.report.inspect_view import render_inspect
+    from parity.report.terminal import make_console
+    from parity.store.reader import load_run
+
+    run = load_run(dump_dir)
+    render_inspect(run, make_console(), pattern=pattern, step=step)
+    return 0
