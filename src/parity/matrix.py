@@ -23,7 +23,7 @@ from parity.errors import UsageError
 def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompts: Sequence[str], out: Path, *,
                new_tokens: int, policy: Any, task: ProgressFactory) -> list[dict[str, Any]]:
     """Run the matrix; returns one JSON-ready row per target."""
-    from parity.compare.e2e import compare_generations, distribution_metrics
+    from parity.compare.e2e import distribution_metrics, end_to_end
     from parity.compare.engine import compare
     from parity.report.json_report import write_json
     from parity.store.reader import load_run
@@ -45,11 +45,11 @@ def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompt
         gen = capture_target(model_path, spec, prompts, sequences, target_dir, new_tokens=new_tokens,
                              canonical=canonical, taps=None, mode="full", task=task, label=f"target {k}")
         report = compare(dirs[0], target_dir, policy=policy)
-        dist = distribution_metrics(load_run(dirs[0]), load_run(target_dir))
-        e2e = compare_generations(base_gen, gen, decode=base.tokenizer.decode) if base_gen and gen else None
-        if e2e is not None:
-            e2e["distributions"] = dist
-            report.end_to_end = e2e
+        if base_gen and gen:
+            e2e = report.end_to_end = end_to_end(dirs[0], target_dir, base_gen, gen, decode=base.tokenizer.decode)
+            dist = e2e["distributions"]
+        else:
+            e2e, dist = None, distribution_metrics(load_run(dirs[0]), load_run(target_dir))
         write_json(report, target_dir / "report.json")
         first = report.first_divergence
         worst = max((o for o in report.outcomes if o.metrics), key=lambda o: o.metrics.rel_l2, default=None)

@@ -58,6 +58,11 @@ def check_model_dir(model_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
+def resolve_model_dir(model_dir: str | os.PathLike[str] | None) -> Path:
+    """``--model DIR`` checked (:func:`check_model_dir`), or the built-in model when not given."""
+    return DEFAULT_MODEL if model_dir is None else check_model_dir(model_dir)
+
+
 @dataclass
 class LoadedModel:
     """A model and tokenizer loaded under a spec."""
@@ -185,19 +190,5 @@ def run_and_capture(loaded: LoadedModel, prompts: Sequence[str], out_dir: str | 
 
     Raises :class:`BackendError` when capture turned itself off (the dump would be incomplete).
     """
-    import torch
-
-    from parity.capturing.hooks import capture
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-    info = {**model_identity(loaded.path), "architecture": type(model).__name__}
-    with capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info) as session:
-        with torch.inference_mode():
-            for index, prompt in enumerate(prompts):
-                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.spec.device)
-                model(input_ids=ids, use_cache=False)
-                if progress is not None:
-                    progress(index + 1, len(prompts))
-    if session.error is not None:
-        raise BackendError(f"capture into {out_dir} failed: {session.error}")
-    return {"records": session.records_written, "steps": len(prompts)}
+    sequences = [loaded.tokenizer(prompt).input_ids for prompt in prompts]
+    return capture_sequences(loaded, sequences, out_dir, taps=taps, mode=mode, progress=progress)

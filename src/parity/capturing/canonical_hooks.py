@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import torch
 
-from parity import _explicit
 from parity.align.canonical import Rule, unmapped
 from parity.capturing.flatten import select_element
+from parity.capturing.hooks import session_hooks
 from parity.capturing.session import CaptureSession
 
 
@@ -61,7 +61,6 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                              model_info={"class": type(model).__name__, "taps": "canonical", **(model_info or {})})
     for missing in unmapped(rules, names, num_layers):
         session.note_once(f"canonical tap {missing} is not provided by this model (not mapped)")
-    handles = []
 
     def make(name: str, matched: list[tuple[Rule, str]]):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -78,24 +77,10 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                 session.fail(f"canonical hook on {name!r}: {type(exc).__name__}: {exc}")
         return hook
 
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        try:
-            session.next_step(_step_tags(args, kwargs))
-        except Exception as exc:
-            session.fail(f"step metadata: {type(exc).__name__}: {exc}")
-
-    previous = _explicit._activate(session)
-    try:
-        if session.active:
-            handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            for name in names:
-                matched = [(rule, c) for rule in rules if (c := rule.match(name))]
-                if matched:
-                    handles.append(modules[name].register_forward_hook(make(name, matched)))
-            handles.append(model.register_forward_hook(lambda m, a, o: session.end_step()))
+    hooks = []
+    for name in names:
+        matched = [(rule, c) for rule in rules if (c := rule.match(name))]
+        if matched:
+            hooks.append((modules[name], make(name, matched)))
+    with session_hooks(model, session, hooks, _step_tags):
         yield session
-    finally:
-        for handle in handles:
-            handle.remove()
-        _explicit._restore(previous)
-        session.close()

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from parity import _explicit
 from parity.capturing.flatten import flatten_output, select_element
 from parity.capturing.session import CaptureSession
-from parity.capturing.taps import Tap, select_taps
+from parity.capturing.taps import Tap, model_taps
 
 
 def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -73,31 +73,36 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
     capture turned itself off, if it did). ``parity.dump`` calls inside the block go to the same
     dump. The dump is complete when the block exits.
     """
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    chosen = select_taps(names, taps, leaves)
+    chosen = model_taps(model, taps)
     info = {"class": type(model).__name__, **(model_info or {})}
     session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info)
-    handles = []
     modules = dict(model.named_modules())
+    hooks = [(modules[name], _make_hook(session, name, tap, type(modules[name]).__name__))
+             for name, tap in chosen.items()]
+    with session_hooks(model, session, hooks, _step_tags):
+        yield session
 
+
+@contextlib.contextmanager
+def session_hooks(model: torch.nn.Module, session: CaptureSession,
+                  hooks: Sequence[tuple[torch.nn.Module, Callable[..., None]]],
+                  step_tags: Callable[[tuple, dict[str, Any]], dict[str, Any]]) -> Iterator[CaptureSession]:
+    """Run ``session`` on ``model``: a step per root forward (metadata from ``step_tags(args,
+    kwargs)``), the given forward ``hooks``, ``parity.dump`` routed to the session; all undone and
+    the session closed on exit. Nothing is installed when the session could not start."""
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         try:
-            session.next_step(_step_tags(args, kwargs))
+            session.next_step(step_tags(args, kwargs))
         except Exception as exc:
             session.fail(f"step metadata: {type(exc).__name__}: {exc}")
 
-    def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        session.end_step()
-
+    handles = []
     previous = _explicit._activate(session)
     try:
         if session.active:
             handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            for name, tap in chosen.items():
-                module = modules[name]
-                handles.append(module.register_forward_hook(_make_hook(session, name, tap, type(module).__name__)))
-            handles.append(model.register_forward_hook(post_hook))
+            handles.extend(module.register_forward_hook(hook) for module, hook in hooks)
+            handles.append(model.register_forward_hook(lambda module, args, output: session.end_step()))
         yield session
     finally:
         for handle in handles:

@@ -14,16 +14,14 @@ import numpy as np
 import torch
 
 from parity.capturing.flatten import flatten_output, select_element
-from parity.capturing.taps import select_taps
+from parity.capturing.taps import model_taps
 
 
 def collect_outputs(model: torch.nn.Module, *, taps: Sequence[str] | None = None,
                     keep_rows: int | None = None, keep_tokens: int | None = None,
                     **inputs: Any) -> dict[str, np.ndarray]:
     """Run ``model(**inputs)`` once and return the tapped outputs as float64 numpy arrays."""
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    chosen = select_taps(names, taps, leaves)
+    chosen = model_taps(model, taps)
     modules = dict(model.named_modules())
     out: dict[str, np.ndarray] = {}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from parity.errors import UsageError
 
@@ -128,6 +128,13 @@ def select_taps(names: Iterable[str], patterns: Sequence[str] | None,
         leaf_tap = Tap(text="<leaf modules>", regex=re.compile(".*"))
         chosen = {name: leaf_tap for name in leaf_names}
     return chosen
+
+
+def model_taps(model: Any, patterns: Sequence[str] | None) -> dict[str, Tap]:
+    """:func:`select_taps` over the qualified module names of a torch model (root excluded)."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    leaves = [n for n, m in named if not any(True for _ in m.children())]
+    return select_taps([n for n, _ in named], patterns, leaves)
 
 
 def layer_of(name: str) -> int | None:

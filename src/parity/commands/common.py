@@ -15,6 +15,16 @@ import click
 
 from parity.errors import UsageError
 
+#: ``--model DIR`` of the commands that run a causal LM (default: the built-in tiny Llama).
+model_option = click.option("--model", "model_dir", type=click.Path(), default=None,
+                            help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+#: ``--baseline SPEC`` (default fp32 eager).
+baseline_option = click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
+                               metavar="SPEC", help="Backend SPEC of the reference run.")
+#: ``--prompts FILE`` (default: the built-in prompt set).
+prompts_option = click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+                              help="Text file, one prompt per line. Default: the built-in prompt set.")
+
 
 def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
@@ -74,7 +84,13 @@ class Progress:
         self.bar = None
         if sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
@@ -104,11 +120,15 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         atol: float | None, tol: Sequence[str], profile: str | None,
                         backend: str | None, show: int,
                         show_all: bool, progress: Progress, extra_json: str | None = None,
-                        decode: Callable[[int], str] | None = None, oracle_dir: Any = None,
+                        oracle_dir: Any = None,
                         oracle_m: float = 2.0, oracle_eps: float | None = None,
                         generations: tuple[list, list] | None = None,
-                        decode_ids: Callable[[list[int]], str] | None = None, html_path: str | None = None,
+                        decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
                         junit_path: str | None = None, markdown_path: str | None = None) -> int:
+    """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
+    ``generations`` are given, write the requested files and print the report; returns the exit
+    code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
+    token ids into text (default None: no token labels)."""
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -129,14 +149,12 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     else:
         policy = make_policy(rtol, atol, tol, profile, backend)
         report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                         allow_failed=allow_failed, progress=progress.task("comparing"), decode=decode)
-    if generations is not None and decode_ids is not None:
-        from parity.compare.e2e import compare_generations, distribution_metrics
-        from parity.store.reader import load_run
+                         allow_failed=allow_failed, progress=progress.task("comparing"),
+                         decode=(lambda token: decode([token])) if decode is not None else None)
+    if generations is not None and decode is not None:
+        from parity.compare.e2e import end_to_end
 
-        e2e = compare_generations(*generations, decode=decode_ids)
-        e2e["distributions"] = distribution_metrics(load_run(base), load_run(target))
-        report.end_to_end = e2e
+        report.end_to_end = end_to_end(base, target, *generations, decode=decode)
     progress.__exit__(None, None, None)
     for path in (json_path, extra_json):
         if path:

@@ -8,8 +8,17 @@ from typing import Any, Sequence
 import click
 
 from parity.commands import CONTEXT
-from parity.commands.common import (Progress, compare_and_report, compare_options, explain_dumps, make_policy,
-                                    prepare_out)
+from parity.commands.common import (
+    Progress,
+    baseline_option,
+    compare_and_report,
+    compare_options,
+    explain_dumps,
+    make_policy,
+    model_option,
+    prepare_out,
+    prompts_option,
+)
 from parity.errors import UsageError
 
 
@@ -30,14 +39,11 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
 
 
 @click.command("diff", context_settings=CONTEXT)
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
-@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
-              metavar="SPEC", help="Backend SPEC of the reference run.")
+@model_option
+@baseline_option
 @click.option("--target", "target_spec", default="dtype=bfloat16,attn=sdpa", show_default=True,
               metavar="SPEC", help="Backend SPEC of the run under test.")
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
-              help="Text file, one prompt per line. Default: the built-in prompt set.")
+@prompts_option
 @click.option("--out", type=click.Path(file_okay=False), default="parity-out", show_default=True,
               help="Where the dumps (OUT/baseline, OUT/target) and OUT/report.json go.")
 @click.option("--taps", multiple=True, metavar="PATTERN",
@@ -66,12 +72,12 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
       quant=none|int8wo|int8dyn [none] (torchao, engine=hf)
     Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16
     """
-    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.hf import read_prompts, resolve_model_dir
     from parity.backends.runner import run_sides
     from parity.backends.spec import parse_spec
 
     specs = parse_spec(baseline_spec), parse_spec(target_spec)
-    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    model_path = resolve_model_dir(model_dir)
     prompt_list = read_prompts(prompts)
     if stats_only and (oracle or explain_too):
         raise UsageError("--stats-only cannot be combined with --oracle or --explain (they need tensors)")
@@ -90,8 +96,7 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
                        if run.baseline_generations is not None else None)
         code = compare_and_report(base_dir, target_dir, progress=progress,
                                    extra_json=str(out_path / "report.json"),
-                                   decode=lambda i: tokenizer.decode([i]), generations=generations,
-                                   decode_ids=tokenizer.decode,
+                                   decode=tokenizer.decode, generations=generations,
                                    oracle_dir=oracle_dir if oracle else None, **options)
     if explain_too and code == 1:
         click.echo("")

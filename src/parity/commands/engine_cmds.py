@@ -8,7 +8,14 @@ from typing import Sequence
 import click
 
 from parity.commands import CONTEXT
-from parity.commands.common import Progress, make_policy, prepare_out
+from parity.commands.common import (
+    Progress,
+    baseline_option,
+    make_policy,
+    model_option,
+    prepare_out,
+    prompts_option,
+)
 from parity.errors import UsageError
 
 
@@ -88,13 +95,11 @@ def scores_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, pair
 
 
 @click.command("matrix", context_settings=CONTEXT)
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
-@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
-              metavar="SPEC", help="Backend SPEC of the reference run (captured once).")
+@model_option
+@baseline_option
 @click.option("--target", "target_specs", multiple=True, required=True, metavar="SPEC",
               help="A target SPEC (repeatable): each becomes one row.")
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="One prompt per line.")
+@prompts_option
 @click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens generated per prompt on every side.")
 @click.option("--out", type=click.Path(file_okay=False), default="parity-matrix", show_default=True,
@@ -112,14 +117,14 @@ def matrix_cmd(model_dir: str | None, baseline_spec: str, target_specs: Sequence
     Per target: verdict, first divergence, worst relative L2 error over taps, mean logits KL and
     greedy token match rate. Exit 0 when every target passes, 1 otherwise.
     """
-    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+    from parity.backends.hf import read_prompts, resolve_model_dir
     from parity.backends.spec import parse_spec
     from parity.matrix import render_matrix, run_matrix, write_rows
     from parity.report.terminal import make_console
 
     baseline = parse_spec(baseline_spec)
     targets = [parse_spec(t) for t in target_specs]
-    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    model_path = resolve_model_dir(model_dir)
     prompt_list = read_prompts(prompts)
     policy = make_policy(rtol, atol, (), profile, backend)
     with Progress() as progress:

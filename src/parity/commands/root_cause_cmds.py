@@ -8,7 +8,13 @@ from typing import Sequence
 import click
 
 from parity.commands import CONTEXT
-from parity.commands.common import Progress, explain_dumps, make_policy
+from parity.commands.common import (
+    Progress,
+    explain_dumps,
+    make_policy,
+    model_option,
+    prompts_option,
+)
 from parity.errors import UsageError
 
 
@@ -42,11 +48,10 @@ def explain_cmd(base_dir: str, target_dir: str, json_path: str | None, rtol: flo
 @click.option("--scale", type=float, required=True, help="Noise standard deviation (or a multiple of RMS).")
 @click.option("--relative", is_flag=True, help="Scale is relative to the tensor's RMS at each call.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise generator.")
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
+@model_option
 @click.option("--spec", "spec_text", default="dtype=float32,attn=eager", show_default=True, metavar="SPEC",
               help="Backend SPEC to run under.")
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="One prompt per line.")
+@prompts_option
 @click.option("--new-tokens", type=click.IntRange(min=1), default=24, show_default=True,
               help="Tokens generated greedily per prompt.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
@@ -60,13 +65,13 @@ def inject_cmd(tap: str, scale: float, relative: bool, seed: int, model_dir: str
     """
     import json as _json
 
-    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, load, read_prompts
+    from parity.backends.hf import load, read_prompts, resolve_model_dir
     from parity.backends.spec import parse_spec
     from parity.explain.inject import inject, render_injection
     from parity.report.terminal import make_console
 
     spec = parse_spec(spec_text)
-    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    model_path = resolve_model_dir(model_dir)
     prompt_list = read_prompts(prompts)
     with Progress() as progress:
         loaded = load(model_path, spec)

@@ -8,19 +8,21 @@ from typing import Sequence
 import click
 
 from parity.commands import CONTEXT
-from parity.commands.common import Progress
+from parity.commands.common import (
+    Progress,
+    baseline_option,
+    model_option,
+    prompts_option,
+)
 from parity.errors import UsageError
 
 
 @click.command("calibrate", context_settings=CONTEXT)
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Local Hugging Face causal-LM folder. Default: the built-in tiny Llama.")
-@click.option("--baseline", "baseline_spec", default="dtype=float32,attn=eager", show_default=True,
-              metavar="SPEC", help="Backend SPEC of the reference run.")
+@model_option
+@baseline_option
 @click.option("--target", "target_spec", default="dtype=float32,attn=sdpa", show_default=True,
               metavar="SPEC", help="Backend SPEC the profile is calibrated for.")
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
-              help="Text file, one prompt per line. Default: the built-in prompt set.")
+@prompts_option
 @click.option("--backend", default=None, metavar="NAME",
               help="Backend name written into every entry (then it applies only with --backend NAME).")
 @click.option("--quantile", type=float, default=0.99, show_default=True,
@@ -47,13 +49,13 @@ def calibrate_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, p
     """
     import json as _json
 
-    from parity.backends.hf import DEFAULT_MODEL, check_model_dir, load, read_prompts
+    from parity.backends.hf import load, read_prompts, resolve_model_dir
     from parity.backends.spec import parse_spec
     from parity.calibration import PERTURBATIONS, calibrate, render_calibration
     from parity.report.terminal import make_console
 
     specs = parse_spec(baseline_spec), parse_spec(target_spec)
-    model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+    model_path = resolve_model_dir(model_dir)
     prompt_list = read_prompts(prompts)
     if rtol is not None and not rtol >= 0:
         raise UsageError(f"--rtol must be >= 0, got {rtol}")

@@ -121,12 +121,12 @@ def watch_cmd(baseline_dump: str | None, ingest: str | None, include_existing: b
             raise UsageError(f"ingest directory {ingest_path} does not exist", hint="create it first")
         source = IngestSource(base_path, ingest_path, include_existing=include_existing)
     else:
-        from parity.backends.hf import DEFAULT_MODEL, check_model_dir, read_prompts
+        from parity.backends.hf import read_prompts, resolve_model_dir
         from parity.backends.spec import parse_spec
         from parity.watch import DEFAULT_SAMPLE
 
         specs = parse_spec(baseline_spec or DEFAULT_BASELINE_SPEC), parse_spec(target_spec or DEFAULT_TARGET_SPEC)
-        model_path = check_model_dir(model_dir) if model_dir else DEFAULT_MODEL
+        model_path = resolve_model_dir(model_dir)
         source = ModelSource(model_path, specs[0], specs[1], read_prompts(prompts),
                              sample=sample or DEFAULT_SAMPLE, taps=list(taps) or None)
     options = WatchOptions(host=host, port=port, interval=interval, iterations=iterations, json_path=json_path,

@@ -109,3 +109,14 @@ def compare_generations(base: Sequence[Any], target: Sequence[Any], *, decode: C
         prompts.append(entry)
     return {"prompts": prompts, "token_match_rate": matches / total if total else 1.0, "verdicts": verdicts,
             "new_tokens": max((len(b.tokens) for b in base), default=0)}
+
+
+def end_to_end(base_dir: Any, target_dir: Any, base_generations: Sequence[Any], target_generations: Sequence[Any],
+               *, decode: Callable[[list[int]], str]) -> dict[str, Any]:
+    """The report's ``end_to_end`` section: the generations compared, plus the next-token
+    distributions over every teacher-forced position of the two dumps."""
+    from parity.store.reader import load_run
+
+    result = compare_generations(base_generations, target_generations, decode=decode)
+    result["distributions"] = distribution_metrics(load_run(base_dir), load_run(target_dir))
+    return result

@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.compare.metrics import PairMetrics, pair_metrics
+from parity.compare.metrics import PairMetrics, assemble_metrics, pair_metrics
 from parity.store.safetensors_io import to_float
 
 #: Elements per block of the kernel (the unit of partial results and of the NaN/Inf fallback).
@@ -818,38 +818,11 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
      max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t, zero_b, zero_t) = fields
     mismatched += nonfinite_mismatch
 
-    # From here on, the reference's own final formulas.
-    norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
-    if norm_b > 0:
-        rel_l2 = norm_d / norm_b
-    else:
-        rel_l2 = 0.0 if norm_d == 0 else math.inf
-    if sum_dd == 0 and nonfinite_mismatch == 0:
-        cosine = 1.0
-    elif norm_b > 0 and norm_t > 0:
-        cosine = max(-1.0, min(1.0, sum_tb / (norm_b * norm_t)))
-    else:
-        cosine = 1.0 if norm_b == norm_t == 0 else 0.0
-    if sum_dd == 0:
-        sqnr = math.inf
-    elif sum_bb == 0:
-        sqnr = -math.inf
-    else:
-        sqnr = 10.0 * math.log10(sum_bb / sum_dd)
-    found = counted > 0  # the reference: n > 0 and max_abs >= 0
-    index = [int(i) for i in np.unravel_index(max_abs_at, baseline.shape)] if found else []
-    b_at = t_at = None
-    if found:  # as the reference reads them
-        b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], baseline_dtype)[0])
-        t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], target_dtype)[0])
-    return PairMetrics(
-        numel=n, max_abs=max(max_abs, 0.0), max_abs_index=index, baseline_at_max=b_at, target_at_max=t_at,
-        mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
-        sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
-        needed_rtol=needed_rtol, needed_atol=needed_atol,
-        nan_baseline=nan_b, nan_target=nan_t, inf_baseline=inf_b, inf_target=inf_t,
-        nonfinite_mismatch=nonfinite_mismatch,
-        all_zero_baseline=nan_b == 0 and inf_b == 0 and not varies_b and zero_b,
-        all_zero_target=nan_t == 0 and inf_t == 0 and not varies_t and zero_t,
-        constant_baseline=n > 1 and not varies_b, constant_target=n > 1 and not varies_t,
-    )
+    return assemble_metrics(
+        baseline=baseline, baseline_dtype=baseline_dtype, target=target, target_dtype=target_dtype,
+        counted=counted, sums=(sum_abs, sum_dd, sum_bb, sum_tt, sum_tb), max_abs=max_abs, max_abs_at=max_abs_at,
+        max_rel=max_rel, mismatched=mismatched, needed_rtol=needed_rtol, needed_atol=needed_atol,
+        nan=(nan_b, nan_t), inf=(inf_b, inf_t), nonfinite_mismatch=nonfinite_mismatch,
+        all_zero=(nan_b == 0 and inf_b == 0 and not varies_b and bool(zero_b),
+                  nan_t == 0 and inf_t == 0 and not varies_t and bool(zero_t)),
+        varies=(bool(varies_b), bool(varies_t)))

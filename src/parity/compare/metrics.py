@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from parity.jsonsafe import json_float
 from parity.store.safetensors_io import to_float
+
+__all__ = ["PairMetrics", "assemble_metrics", "json_float", "pair_metrics"]
 
 #: Elements per chunk (default 64 Ki: 512 KB per float64 temporary, cache-friendly).
 CHUNK_ELEMENTS = 1 << 16
@@ -63,13 +66,6 @@ class PairMetrics:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings ``inf``, ``-inf``, ``nan``)."""
         return {k: json_float(v) for k, v in asdict(self).items()}
-
-
-def json_float(value: Any) -> Any:
-    """Non-finite floats as strings, everything else unchanged."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
 
 
 class _Side:
@@ -162,6 +158,27 @@ def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, 
                     chunk_rtol = float(np.nextafter(chunk_rtol, math.inf))
             needed_rtol = max(needed_rtol, chunk_rtol)
     mismatched += nonfinite_mismatch
+    return assemble_metrics(
+        baseline=baseline, baseline_dtype=baseline_dtype, target=target, target_dtype=target_dtype,
+        counted=counted, sums=(sum_abs, sum_dd, sum_bb, sum_tt, sum_tb), max_abs=max_abs, max_abs_at=max_abs_at,
+        max_rel=max_rel, mismatched=mismatched, needed_rtol=needed_rtol, needed_atol=needed_atol,
+        nan=(sb.nan, st.nan), inf=(sb.inf, st.inf), nonfinite_mismatch=nonfinite_mismatch,
+        all_zero=(n > 0 and sb.nonzero == 0 and sb.nan == 0, n > 0 and st.nonzero == 0 and st.nan == 0),
+        varies=(sb.varies, st.varies))
+
+
+def assemble_metrics(*, baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
+                     counted: int, sums: tuple[float, float, float, float, float], max_abs: float,
+                     max_abs_at: int, max_rel: float, mismatched: int, needed_rtol: float, needed_atol: float,
+                     nan: tuple[int, int], inf: tuple[int, int], nonfinite_mismatch: int,
+                     all_zero: tuple[bool, bool], varies: tuple[bool, bool]) -> PairMetrics:
+    """The final formulas shared by every way of accumulating a pair (numpy chunks, compiled kernel).
+
+    ``sums`` are Σ|d|, Σd², Σb², Σt², Σt·b over the ``counted`` elements finite on both sides;
+    ``mismatched`` already includes ``nonfinite_mismatch``.
+    """
+    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = sums
+    n = baseline.size
     norm_b, norm_t, norm_d = math.sqrt(sum_bb), math.sqrt(sum_tt), math.sqrt(sum_dd)
     if norm_b > 0:
         rel_l2 = norm_d / norm_b
@@ -179,10 +196,11 @@ def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, 
         sqnr = -math.inf
     else:
         sqnr = 10.0 * math.log10(sum_bb / sum_dd)
-    found = n > 0 and max_abs >= 0
+    found = counted > 0  # some element finite on both sides: max_abs_at is meaningful
     index = [int(i) for i in np.unravel_index(max_abs_at, baseline.shape)] if found else []
     b_at = t_at = None
     if found:
+        b_flat, t_flat = baseline.reshape(-1), target.reshape(-1)
         b_at = float(to_float(b_flat[max_abs_at:max_abs_at + 1], baseline_dtype)[0])
         t_at = float(to_float(t_flat[max_abs_at:max_abs_at + 1], target_dtype)[0])
     return PairMetrics(
@@ -190,9 +208,7 @@ def pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, 
         mean_abs=sum_abs / counted if counted else 0.0, max_rel=max_rel, rel_l2=rel_l2, cosine=cosine,
         sqnr_db=sqnr, mismatched=mismatched, mismatch_fraction=mismatched / n if n else 0.0,
         needed_rtol=needed_rtol, needed_atol=needed_atol,
-        nan_baseline=sb.nan, nan_target=st.nan, inf_baseline=sb.inf, inf_target=st.inf,
-        nonfinite_mismatch=nonfinite_mismatch,
-        all_zero_baseline=n > 0 and sb.nonzero == 0 and sb.nan == 0,
-        all_zero_target=n > 0 and st.nonzero == 0 and st.nan == 0,
-        constant_baseline=n > 1 and not sb.varies, constant_target=n > 1 and not st.varies,
+        nan_baseline=nan[0], nan_target=nan[1], inf_baseline=inf[0], inf_target=inf[1],
+        nonfinite_mismatch=nonfinite_mismatch, all_zero_baseline=all_zero[0], all_zero_target=all_zero[1],
+        constant_baseline=n > 1 and not varies[0], constant_target=n > 1 and not varies[1],
     )

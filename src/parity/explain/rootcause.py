@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from parity.capturing.taps import layer_of, select_taps
+from parity.capturing.taps import layer_of, model_taps
 from parity.compare.metrics import PairMetrics, json_float, pair_metrics
 from parity.compare.tolerance import Tolerance, TolerancePolicy
 from parity.explain.recorder import Recording, record_forward, replay
@@ -136,9 +136,7 @@ class Explanation:
 
 def tapped_modules(model: torch.nn.Module, taps: Sequence[str] | None = None) -> list[str]:
     """The module names the explanation covers (default: the decoder-LM tap set)."""
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    return list(select_taps(names, taps, leaves))
+    return list(model_taps(model, taps))
 
 
 _COMPILED: dict[int, Any] = {}

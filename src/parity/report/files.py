@@ -59,3 +59,14 @@ def fmt_up(x: Any, missing: str = "-") -> str:
 
     value = num(x)
     return g_up(value) if value is not None else missing
+
+
+def worse(a: float | None, b: float | None, *, high: bool = True) -> float | None:
+    """The worse of two values (higher, or lower when ``high`` is false); NaN is worst, None is nothing."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b) if high else min(a, b)

@@ -35,7 +35,8 @@ import os
 import re
 from typing import Any
 
-from parity.report.files import num, write_text_atomic
+from parity.jsonsafe import json_float
+from parity.report.files import num, worse, write_text_atomic
 
 #: Outcomes in the order the page lists them.
 OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
@@ -48,24 +49,6 @@ PAIR_COLUMNS = ("index", "step", "rank", "layer", "name", "outcome", "allowed", 
 
 
 _num = num
-
-
-def _jsonable(x: float | None) -> Any:
-    """A float for JSON: non-finite values as the report's strings."""
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def _worst(a: float | None, b: float | None, *, high: bool = True) -> float | None:
-    """The worse of two values (higher, or lower when ``high`` is false); NaN is worst."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return max(a, b) if high else min(a, b)
 
 
 def _is_worse(new: float, old: float | None) -> bool:
@@ -137,13 +120,13 @@ def _depth_series(data: dict[str, Any]) -> list[dict[str, Any]]:
         if not (pair.get("outcome") == "pass" or pair.get("allowed")):
             point["fail"] = True
         tolerance = pair.get("tolerance") or {}
-        point["atol"] = _worst(point["atol"], _num(tolerance.get("atol")))
+        point["atol"] = worse(point["atol"], _num(tolerance.get("atol")))
         if isinstance(pair.get("oracle"), dict):  # oracle mode: the rel L2 bound m·err(baseline) + eps
-            point["bound"] = _worst(point["bound"], _num(pair["oracle"].get("bound")), high=False)
+            point["bound"] = worse(point["bound"], _num(pair["oracle"].get("bound")), high=False)
         if metrics:
-            point["rel_l2"] = _worst(point["rel_l2"], _num(metrics.get("rel_l2")))
-            point["max_abs"] = _worst(point["max_abs"], _num(metrics.get("max_abs")))
-            point["cosine"] = _worst(point["cosine"], _num(metrics.get("cosine")), high=False)
+            point["rel_l2"] = worse(point["rel_l2"], _num(metrics.get("rel_l2")))
+            point["max_abs"] = worse(point["max_abs"], _num(metrics.get("max_abs")))
+            point["cosine"] = worse(point["cosine"], _num(metrics.get("cosine")), high=False)
     for entry in data.get("layers", []):  # the depth profile is the reference for rel L2
         for kind, value in (entry.get("by_kind") or {}).items():
             if kind in points and entry.get("layer") in points[kind]:
@@ -152,7 +135,7 @@ def _depth_series(data: dict[str, Any]) -> list[dict[str, Any]]:
     for kind in order:
         rows = [points[kind][layer] for layer in sorted(points[kind])]
         series.append({"kind": kind, "points": [
-            {k: (_jsonable(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]})
+            {k: (json_float(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]})
     return series
 
 
@@ -187,7 +170,7 @@ def _heatmap(data: dict[str, Any]) -> dict[str, Any]:
         before = [c for c in columns[:first] if c[0] == "tap"]
         after = [c for c in columns[first:] if c[0] == "tap"]
         columns = before + layer_cols + after
-    matrix = [[({"v": _jsonable(cells[(s, c)]["v"]), "fail": cells[(s, c)]["fail"],
+    matrix = [[({"v": json_float(cells[(s, c)]["v"]), "fail": cells[(s, c)]["fail"],
                  "worst": cells[(s, c)]["worst"], "n": cells[(s, c)]["n"]} if (s, c) in cells else None)
                for c in columns] for s in steps]
     labels = [str(c[1]) if c[0] == "layer" else c[1] for c in columns]
@@ -210,8 +193,8 @@ def _positions(first: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"name": first.get("name"), "step": first.get("step"), "labels": labels,
             "decoded": bool(tokens and len(tokens) == len(max_abs)),
             "token_ids": ids if len(ids) == len(max_abs) else None,
-            "max_abs": [_jsonable(_num(x)) for x in max_abs], "rel_l2": [_jsonable(_num(x)) for x in rel],
-            "atol": _jsonable(_num(tolerance.get("atol")))}
+            "max_abs": [json_float(_num(x)) for x in max_abs], "rel_l2": [json_float(_num(x)) for x in rel],
+            "atol": json_float(_num(tolerance.get("atol")))}
 
 
 def _end_to_end(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -232,12 +215,12 @@ def _end_to_end(data: dict[str, Any]) -> dict[str, Any] | None:
                         "first_divergent_position": first if isinstance(first, int) and not isinstance(first, bool)
                         else None,
                         "verdict": str(item["verdict"]) if isinstance(item.get("verdict"), str) else None,
-                        "gap": _jsonable(gap)})
+                        "gap": json_float(gap)})
     verdicts = e2e.get("verdicts") if isinstance(e2e.get("verdicts"), dict) else {}
     dist = e2e.get("distributions") if isinstance(e2e.get("distributions"), dict) else {}
-    return {"prompts": prompts, "token_match_rate": _jsonable(_num(e2e.get("token_match_rate"))),
+    return {"prompts": prompts, "token_match_rate": json_float(_num(e2e.get("token_match_rate"))),
             "verdicts": {str(k): v for k, v in verdicts.items() if isinstance(v, int) and not isinstance(v, bool)},
-            "distributions": {k: _jsonable(_num(dist.get(k))) for k in
+            "distributions": {k: json_float(_num(dist.get(k))) for k in
                               ("positions", "kl_mean", "kl_max", "top1_agreement", "max_abs_delta_logprob_topk",
                                "top_k") if _num(dist.get(k)) is not None}}
 

@@ -24,7 +24,7 @@ import os
 import re
 from typing import Any
 
-from parity.report.files import fmt, fmt_up, num, write_text_atomic
+from parity.report.files import fmt, fmt_up, num, worse, write_text_atomic
 
 #: Rows of the worst-taps table (default 10).
 TOP = 10
@@ -64,16 +64,6 @@ def _spec(run: dict[str, Any]) -> str:
     return code(",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in spec.items()))
 
 
-def _worse(a: float | None, b: float | None, high: bool = True) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return max(a, b) if high else min(a, b)
-
-
 def worst_taps(data: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
     """Per record name: worst rel L2 over steps (and its step), max |Δ|, lowest cosine, failing
     pairs; sorted worst first (names with a pair lacking metrics first), ``top`` rows."""
@@ -95,8 +85,8 @@ def worst_taps(data: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
         old = tap["rel_l2"]
         if rel is not None and (old is None or (not math.isnan(old) and (math.isnan(rel) or rel > old))):
             tap["rel_l2"], tap["step"] = rel, pair["step"]
-        tap["max_abs"] = _worse(tap["max_abs"], _num(metrics.get("max_abs")))
-        tap["cosine"] = _worse(tap["cosine"], _num(metrics.get("cosine")), high=False)
+        tap["max_abs"] = worse(tap["max_abs"], _num(metrics.get("max_abs")))
+        tap["cosine"] = worse(tap["cosine"], _num(metrics.get("cosine")), high=False)
 
     def key(tap: dict[str, Any]) -> tuple[int, float]:
         rel = tap["rel_l2"]

@@ -12,12 +12,12 @@ The writer is not thread-safe: one thread (capture's background writer) owns it.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from parity.errors import DumpError
+from parity.jsonsafe import json_safe
 from parity.store.format import Record, RunHeader, manifest_name
 
 #: Default shard size in bytes before a shard is written (64 MiB).
@@ -37,23 +37,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def json_line(obj: dict[str, Any]) -> str:
     """One manifest line: compact strict JSON (non-finite floats written as the strings
     ``"inf"``, ``"-inf"``, ``"nan"``), newline-terminated."""
     try:
         text = json.dumps(obj, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        text = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False)
+        text = json.dumps(json_safe(obj), separators=(",", ":"), allow_nan=False)
     return text + "\n"
 
 
