@@ -32,7 +32,7 @@ import torch
 
 import parity
 from parity.errors import CorruptDataError, DumpError
-from parity.store.format import Record, RunHeader, manifest_name
+from parity.store.format import FORMAT_VERSION, Record, RunHeader, manifest_name
 from parity.store.reader import load_run
 from parity.store.writer import DumpWriter
 
@@ -139,7 +139,7 @@ def bits(t: torch.Tensor) -> np.ndarray:
 def test_round_trip_keeps_names_shapes_dtypes_and_execution_order(captured):
     root, seen = captured
     run = load_run(root)
-    assert run.header.format_version == "1.0" and run.mode == "full" and run.world_size == 1
+    assert run.header.format_version == FORMAT_VERSION and run.mode == "full" and run.world_size == 1
     assert run.notes == []
     names = list(EXPECTED_DTYPES)
     assert [(r.step, r.name) for r in run.records] == [(s, n) for s in (0, 1) for n in names]

@@ -4,7 +4,9 @@
 under its canonical name (``layers.3.mlp``), applying the rule's selection, residual sum or
 logits derivation, and reshaping 2-D token-major tensors to ``[1, tokens, hidden]``. Canonical
 taps the model cannot provide are written as notes. Each root forward is one step; its token
-ids (1-D or 2-D) and positions are stored as step metadata.
+ids (1-D or 2-D), positions and — when the forward gets them as keywords — ``seq_lens`` and
+``request_ids`` are stored as step metadata (a packed step's tokens past ``sum(seq_lens)`` are
+padding). ``sharding`` and ``layout`` are passed to the session (multi-rank runs).
 """
 
 from __future__ import annotations
@@ -47,18 +49,26 @@ def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         tags["seq_lens"] = [int(tags["input_ids"].shape[-1])] * int(tags["input_ids"].shape[0])
     if isinstance(positions, torch.Tensor):
         tags["positions"] = positions.unsqueeze(0) if positions.dim() == 1 else positions
+    for key in ("seq_lens", "request_ids"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, (list, tuple)):
+            tags[key] = list(value)
     return tags
 
 
 @contextlib.contextmanager
 def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], rules: tuple[Rule, ...], *,
                       num_layers: int, mode: str = "full", spec: dict[str, Any] | None = None,
-                      model_info: dict[str, Any] | None = None) -> Iterator[CaptureSession]:
+                      model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
+                      layout: dict[str, int] | None = None) -> Iterator[CaptureSession]:
     """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring)."""
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     session = CaptureSession(out_dir, mode=mode, spec=spec,
-                             model_info={"class": type(model).__name__, "taps": "canonical", **(model_info or {})})
+                             model_info={"class": type(model).__name__, "taps": "canonical", **(model_info or {})},
+                             sharding=sharding, layout=layout)
     for missing in unmapped(rules, names, num_layers):
         session.note_once(f"canonical tap {missing} is not provided by this model (not mapped)")
 

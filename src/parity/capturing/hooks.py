@@ -66,16 +66,21 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Sequence[str] | None = None,
             *, mode: str = "full", spec: dict[str, Any] | None = None,
-            model_info: dict[str, Any] | None = None) -> Iterator[CaptureSession]:
+            model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
+            layout: dict[str, int] | None = None) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
 
     Yields the :class:`~parity.capturing.session.CaptureSession` (``session.error`` says why
     capture turned itself off, if it did). ``parity.dump`` calls inside the block go to the same
-    dump. The dump is complete when the block exits.
+    dump. The dump is complete when the block exits. Under torch.distributed call it on every
+    rank with the same ``out_dir``; ``sharding`` ({tap pattern: ``split:DIM`` | ``sum`` |
+    ``replicated``}, default none) says how each tap's shards rebuild the full tensor and
+    ``layout`` (``tp_rank``/``tp_size``/``dp_rank``/``dp_size``, default one tensor-parallel
+    group of all ranks) where this rank sits (see :mod:`parity.align.shards`).
     """
     chosen = model_taps(model, taps)
     info = {"class": type(model).__name__, **(model_info or {})}
-    session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info)
+    session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info, sharding=sharding, layout=layout)
     modules = dict(model.named_modules())
     hooks = [(modules[name], _make_hook(session, name, tap, type(modules[name]).__name__))
              for name, tap in chosen.items()]

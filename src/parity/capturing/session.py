@@ -14,6 +14,12 @@ Policy (defaults in brackets):
   manifest when still possible, and capture turns itself off. ``session.error`` holds the
   reason. Nothing raises into the model's forward.
 - Each completed forward pass (step) is flushed to a durable shard at its end.
+- Under torch.distributed every rank writes its own manifest (``manifest-rank{r}.jsonl``) and
+  shards into the same directory, without cross-rank locking. Rank and world size come from
+  torch.distributed when initialised, else ``RANK``/``WORLD_SIZE``; the parallel ``layout``
+  [one tensor-parallel group of all ranks] and the ``sharding`` rules [none] (tap pattern ->
+  ``split:DIM`` / ``sum`` / ``replicated``, see :mod:`parity.align.shards`) are stored with the
+  run: the layout in the header, each record's annotation in ``tags["shard"]``.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class CaptureSession:
     def __init__(self, out_dir: str | os.PathLike[str], *, mode: str = "full",
                  spec: dict[str, Any] | None = None, model_info: dict[str, Any] | None = None,
                  rank: int | None = None, world_size: int | None = None,
+                 layout: dict[str, int] | None = None, sharding: dict[str, str] | None = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, shard_bytes: int = SHARD_BYTES) -> None:
         if mode not in ("full", "stats"):
             raise ValueError(f"mode must be 'full' or 'stats', not {mode!r}")
@@ -92,8 +99,13 @@ class CaptureSession:
         world_size = auto_world if world_size is None else world_size
         self.out_dir = Path(out_dir)
         self.mode = mode
+        from parity.align.shards import shard_rules
+
+        self.sharding = shard_rules(sharding)
+        if layout is None and world_size > 1:
+            layout = {"tp_rank": rank, "tp_size": world_size, "dp_rank": 0, "dp_size": 1}
         self.header = RunHeader(
-            format_version=FORMAT_VERSION, rank=rank, world_size=world_size, mode=mode,
+            format_version=FORMAT_VERSION, rank=rank, world_size=world_size, mode=mode, layout=dict(layout or {}),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             spec=spec or {}, model=model_info or {}, env=environment())
         self.max_pending_bytes = max_pending_bytes
@@ -169,6 +181,12 @@ class CaptureSession:
             all_tags: dict[str, Any] = {} if layer is None else {"layer": layer}
             if tags:
                 all_tags.update(_jsonable(tags))
+            if self.sharding and "shard" not in all_tags:
+                from parity.align.shards import annotation_for
+
+                annotation = annotation_for(name, self.sharding)
+                if annotation is not None:
+                    all_tags["shard"] = annotation
             record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
                             shape=tuple(copy.shape), dtype=dtype, file=None,
                             key=f"{step}/{self._order}/{unique}", stats={}, tags=all_tags)

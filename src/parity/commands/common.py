@@ -36,6 +36,13 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Records matching PATTERN may be missing on one side without failing. Repeatable."),
         click.option("--allow-failed", multiple=True, metavar="PATTERN",
                      help="Known-noisy taps: non-pass outcomes are reported but do not fail. Repeatable."),
+        click.option("--shard", "shards", multiple=True, metavar="PATTERN=SPEC",
+                     help="Multi-rank runs: how the ranks' records of matching taps rebuild the full tensor "
+                          "(split:DIM, sum or replicated); overrides the capture's annotation. Repeatable."),
+        click.option("--align", type=click.Choice(["steps", "tokens"]), default="steps", show_default=True,
+                     help="steps: pair records step by step. tokens: pair tokens across steps and layouts "
+                          "(padded/packed/chunked, padding dropped) by token ids, positions, sequence lengths "
+                          "and request ids; tokens of one side only are reported."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair without a --tol match."),
         click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
         click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
@@ -124,7 +131,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         oracle_m: float = 2.0, oracle_eps: float | None = None,
                         generations: tuple[list, list] | None = None,
                         decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
-                        junit_path: str | None = None, markdown_path: str | None = None) -> int:
+                        junit_path: str | None = None, markdown_path: str | None = None,
+                        shards: Sequence[str] = (), align: str = "steps") -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
@@ -138,6 +146,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     if oracle_dir is not None:
         from parity.compare.oracle import compare_with_oracle
 
+        if shards or align != "steps":
+            raise UsageError("--shard and --align tokens do not apply to oracle mode (single-rank dumps only)")
         if tol or profile or rtol is not None or atol is not None:
             raise UsageError("oracle mode judges by --oracle-m/--oracle-eps; "
                              "--tol, --profile, --rtol and --atol do not apply to it")
@@ -149,7 +159,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     else:
         policy = make_policy(rtol, atol, tol, profile, backend)
         report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                         allow_failed=allow_failed, progress=progress.task("comparing"),
+                         allow_failed=allow_failed, progress=progress.task("comparing"), shards=shards,
+                         align=align,
                          decode=(lambda token: decode([token])) if decode is not None else None)
     if generations is not None and decode is not None:
         from parity.compare.e2e import end_to_end

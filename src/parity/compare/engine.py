@@ -18,7 +18,7 @@ from parity.compare.metrics import pair_metrics
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import TolerancePolicy
-from parity.errors import DumpError
+from parity.errors import DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES
 from parity.store.reader import Run, load_run
 
@@ -51,14 +51,35 @@ def _metrics(base: Any, base_dtype: str, target: Any, target_dtype: str, *, rtol
     return pair_metrics(base, base_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
 
+def _incomplete(record: Any) -> str | None:
+    return record.tags.get("incomplete") if record is not None else None
+
+
+def _shard_findings(run: Any, record: Any) -> list[Any]:
+    findings = getattr(run, "findings", None)
+    return findings(record) if findings is not None else []
+
+
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
                   allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = ()) -> Outcome:
-    """Evaluate one pair: metrics, tolerance, outcome kind and a one-line reason."""
+    """Evaluate one pair: metrics, tolerance, outcome kind and a one-line reason.
+
+    Multi-rank runs come in as :class:`parity.align.shards.LogicalRun` (token-aligned ones as
+    :class:`parity.align.tokens.AlignedRun`): a logical record some rank (or step) lacks counts
+    as missing on that side; problems with single ranks' shards (an all-zero
+    shard, a replicated copy that disagrees) make the pair fail and name the rank.
+    """
     b, t = pair.baseline, pair.target
     some = b or t
     assert some is not None
     layer = some.layer if some.layer is not None else layer_of(pair.name)
     sides = (Side(list(b.shape), b.dtype) if b else None, Side(list(t.shape), t.dtype) if t else None)
+    for side, record, kind in (("baseline", b, "missing_in_baseline"), ("target", t, "missing_in_target")):
+        if _incomplete(record):
+            outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind,
+                              f"incomplete in the {side} run: {_incomplete(record)}", *sides)
+            outcome.allowed = _matches(allow_missing, pair.name)
+            return outcome
     if b is None or t is None:
         kind = "missing_in_baseline" if b is None else "missing_in_target"
         where = "target" if b is None else "baseline"
@@ -97,6 +118,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     del base_arr, target_arr
     base.release(b)
     target.release(t)
+    findings = [("baseline", f) for f in _shard_findings(base, b)] + [("target", f) for f in _shard_findings(target, t)]
     m = metrics
     at = f"max |Δ| {_fmt(m.max_abs)} at {m.max_abs_index}"
     if m.max_abs_index:
@@ -122,7 +144,16 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
         kind = "degenerate" if degenerate else "fail"
         reason = (f"{degenerate}; " if degenerate else "") + (
             f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; {at}")
-    outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind, reason, *sides,
+    rank = pair.rank
+    if findings:
+        side, worst = next(((s_, f) for s_, f in findings if f.degenerate), findings[0])
+        rank = worst.rank
+        notes.extend(f"{s_} {f.message}" for s_, f in findings if f is not worst)
+        if kind != "nonfinite":
+            kind = "degenerate" if worst.degenerate else "fail"
+            reason = f"{side} {worst.message}; " + ("the tensor rebuilt from the other ranks is within "
+                                                    f"tolerance; {at}" if m.mismatched == 0 else reason)
+    outcome = Outcome(pair.name, pair.step, rank, layer, kind, reason, *sides,
                       metrics=metrics, tolerance=tolerance, notes=notes)
     outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
     return outcome
@@ -221,6 +252,17 @@ def _stats_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
     return profile
 
 
+def _token_outcomes(alignment: Any) -> list[Outcome]:
+    """A ``tokens`` outcome per kind of token that did not pair (none when all paired)."""
+    out = []
+    for kind, items, what in (("missing_in_target", alignment.baseline_only, "in the baseline only"),
+                              ("missing_in_baseline", alignment.target_only, "in the target only"),
+                              ("fail", alignment.differing, "with different token ids on the two sides")):
+        if items:
+            out.append(Outcome("tokens", 0, 0, None, kind, f"tokens {what}: {'; '.join(items)}", None, None))
+    return out
+
+
 def describe_run(run: Run) -> dict[str, object]:
     """What the report says about one run: path, header facts, record count."""
     h = run.header
@@ -232,16 +274,34 @@ def describe_run(run: Run) -> dict[str, object]:
 def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             policy: TolerancePolicy | None = None, renames: Sequence[RenameRule] = (),
             allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
-            progress: Progress | None = None, decode: Callable[[int], str] | None = None) -> Report:
+            progress: Progress | None = None, decode: Callable[[int], str] | None = None,
+            shards: Sequence[str] = (), align: str = "steps") -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
     outcomes are reported but do not fail the verdict. ``progress(done, total, name)`` is called
     after each pair. ``decode(token_id) -> str`` labels the per-position errors of the first
-    divergence with token text.
+    divergence with token text. ``shards`` (``PATTERN=SPEC`` strings, default none) override the
+    sharding annotations of multi-rank runs (see :mod:`parity.align.shards`); a multi-rank run
+    is compared one rebuilt logical tensor at a time. ``align`` is ``"steps"`` (default: pair
+    records by step) or ``"tokens"`` (pair tokens across steps and layouts, see
+    :mod:`parity.align.tokens`).
     """
-    base_run = baseline if isinstance(baseline, Run) else load_run(baseline)
-    target_run = target if isinstance(target, Run) else load_run(target)
+    from parity.align.shards import LogicalRun, logical_view, shard_rules
+
+    overrides = shard_rules(list(shards))
+    base_run: Any = baseline if isinstance(baseline, (Run, LogicalRun)) else load_run(baseline)
+    target_run: Any = target if isinstance(target, (Run, LogicalRun)) else load_run(target)
+    base_run = logical_view(base_run, overrides) if isinstance(base_run, Run) else base_run
+    target_run = logical_view(target_run, overrides) if isinstance(target_run, Run) else target_run
+    alignment = None
+    if align == "tokens":
+        from parity.align.tokens import AlignedRun, align_runs
+
+        alignment = align_runs(base_run, target_run)
+        base_run, target_run = AlignedRun(base_run, alignment, 0), AlignedRun(target_run, alignment, 1)
+    elif align != "steps":
+        raise UsageError(f"align must be 'steps' or 'tokens', not {align!r}")
     for run in (base_run, target_run):
         if not run.records:
             raise DumpError(f"dump {run.path} holds no records", hint="did the capture run any forward pass?")
@@ -261,14 +321,22 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
             positions = position_errors(pairs[first], base_run, target_run, decode)
+        if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged
+            for outcome in _token_outcomes(alignment):
+                outcome.allowed = outcome.kind != "fail" and _matches(missing_taps, "tokens")
+                outcomes.append(outcome)
     finally:
         base_run.close()
         target_run.close()
     notes = [f"baseline: {n}" for n in base_run.notes] + [f"target: {n}" for n in target_run.notes]
+    if alignment is not None:
+        notes.insert(0, alignment.summary())
     tolerance = policy.describe()
     tolerance["allow_missing"] = list(allow_missing)
     tolerance["allow_failed"] = list(allow_failed)
     tolerance["renames"] = [f"{r.regex.pattern}={r.template}" for r in renames]
+    if shards:
+        tolerance["shards"] = list(shards)
     return Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
                   outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
                   first_positions=positions or None)

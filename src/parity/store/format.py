@@ -5,13 +5,16 @@ Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
 ``header`` (first line, exactly once)
     ``format_version`` ("MAJOR.MINOR"), ``created`` (ISO time), ``rank``, ``world_size``,
     ``spec`` (backend spec, free-form object), ``model`` (identity: path, class, config hash),
-    ``env`` (python / torch / transformers versions, device), ``mode`` ("full" or "stats").
+    ``env`` (python / torch / transformers versions, device), ``mode`` ("full" or "stats"),
+    ``layout`` (since 1.1, optional: the parallel layout of this rank, ``tp_rank``,
+    ``tp_size``, ``dp_rank``, ``dp_size``; absent means one tensor-parallel group of all ranks).
 ``record``
     ``name``, ``step``, ``rank``, ``order`` (capture order within the step), ``shape``,
     ``dtype`` (torch dtype name without prefix, e.g. ``bfloat16``), ``file`` (path of the
     safetensors shard relative to the dump directory, or null in stats mode), ``key`` (tensor
     key inside the shard), ``stats`` (see :data:`STAT_KEYS`) and ``tags`` (``layer``,
-    ``module`` class, anything the caller passed).
+    ``module`` class, ``shard`` — the sharding annotation of a multi-rank run, see
+    :mod:`parity.align.shards` — anything the caller passed).
 ``step``
     ``step``, ``rank``, ``tags``: per forward pass metadata (``input_ids``, ``positions``,
     ``seq_lens`` where known).
@@ -29,7 +32,7 @@ from typing import Any
 
 from parity.errors import DumpError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 
 #: Summary statistics stored per record. min/max/mean/abs_max/l2 are over the finite
@@ -45,6 +48,9 @@ DTYPES: dict[str, tuple[str, int]] = {
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 MANIFEST_GLOB = "manifest-rank*.jsonl"
+
+#: Keys of a header's ``layout`` (the rank's place in the parallel groups).
+LAYOUT_KEYS = ("tp_rank", "tp_size", "dp_rank", "dp_size")
 
 
 def manifest_name(rank: int) -> str:
@@ -64,12 +70,14 @@ class RunHeader:
     spec: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The header as a manifest line object."""
         return {"type": "header", "format_version": self.format_version, "created": self.created,
                 "rank": self.rank, "world_size": self.world_size, "mode": self.mode,
-                "spec": self.spec, "model": self.model, "env": self.env}
+                "spec": self.spec, "model": self.model, "env": self.env,
+                **({"layout": self.layout} if self.layout else {})}
 
 
 @dataclass(frozen=True)
@@ -142,8 +150,14 @@ def parse_header(obj: dict[str, Any], where: str) -> RunHeader:
     for k, v in dicts.items():
         if not isinstance(v, dict):
             raise DumpError(f"{where}: field {k!r} must be an object")
+    layout = obj.get("layout") or {}
+    if (not isinstance(layout, dict) or set(layout) - set(LAYOUT_KEYS)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layout.values())):
+        raise DumpError(f"{where}: field 'layout' must map {'/'.join(LAYOUT_KEYS)} to integers >= 0")
+    if layout.get("tp_size", 1) < 1 or layout.get("dp_size", 1) < 1:
+        raise DumpError(f"{where}: layout sizes must be >= 1")
     return RunHeader(format_version=obj["format_version"], rank=rank, world_size=world,
-                     created=str(obj.get("created", "")), mode=mode, **dicts)
+                     created=str(obj.get("created", "")), mode=mode, layout=dict(layout), **dicts)
 
 
 def parse_record(obj: dict[str, Any], where: str) -> Record:

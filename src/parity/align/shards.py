@@ -1,0 +1,375 @@
+"""Sharding annotations and the reassembly of multi-rank runs into logical tensors.
+
+Under tensor parallelism each rank holds a piece of some activations. An annotation says how
+to rebuild the full tensor from the records of the ranks of one tensor-parallel group
+(``SPEC`` grammar, as given at capture time or with ``--shard PATTERN=SPEC``):
+
+``split:DIM``
+    the ranks hold consecutive slices along ``DIM`` (negative counts from the end):
+    concatenated in tp-rank order.
+``sum``
+    the ranks hold partial sums (a row-parallel linear before its all-reduce): added up in
+    float64 and rounded once to the stored dtype.
+``replicated``
+    every rank holds the full tensor (after an all-reduce): one copy is taken — the lowest
+    rank whose copy is not degenerate — and every other rank is checked to agree bitwise.
+    Ranks that do not agree are reported (and make the pair fail).
+
+Annotations travel in each record's ``tags["shard"]``; overrides given at compare time win
+over them (first matching pattern), so a wrong annotation never forces a re-run. A tap of a
+multi-rank run with no annotation is an error that names the tap.
+
+The parallel layout of each rank (``tp_rank``/``tp_size``/``dp_rank``/``dp_size``, header
+field ``layout``; default: every rank in one tensor-parallel group) decides the groups. With
+several data-parallel groups the tensors each group rebuilt are concatenated along the token
+axis (the second-to-last axis; the first for 1-D tensors).
+
+Degenerate shards: a shard (of any annotation) that is all zeros, or holds NaN/Inf, while
+another rank's shard of the same tensor is healthy is flagged with its rank — the failure
+class of an all-reduce that returned zeros on one rank.
+
+:class:`LogicalRun` presents a multi-rank :class:`~parity.store.reader.Run` as a single-rank
+one: one logical record per (name, step), rebuilt on demand by :meth:`LogicalRun.raw` one
+tensor at a time (only that tensor is held in memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from parity.capturing.taps import Tap, compile_tap
+from parity.errors import DumpError, UsageError
+from parity.store.format import FLOAT_DTYPES, Record
+from parity.store.reader import Run
+from parity.store.safetensors_io import to_float
+
+KINDS = ("split", "sum", "replicated")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How the ranks' records of one tap combine: ``kind`` in :data:`KINDS`, ``dim`` for split."""
+
+    kind: str
+    dim: int | None = None
+
+    def __str__(self) -> str:
+        return f"split:{self.dim}" if self.kind == "split" else self.kind
+
+
+def parse_shard_spec(text: str) -> ShardSpec:
+    """Parse ``split:DIM``, ``sum`` or ``replicated`` (also ``concat:DIM``, ``partial``)."""
+    value = str(text).strip().lower()
+    head, _, arg = value.partition(":")
+    if head in ("split", "concat"):
+        try:
+            return ShardSpec("split", int(arg))
+        except ValueError:
+            raise UsageError(f"sharding {text!r}: split needs an integer dimension, e.g. split:-1") from None
+    if head in ("sum", "partial", "reduce-sum") and not arg:
+        return ShardSpec("sum")
+    if head in ("replicated", "replicate") and not arg:
+        return ShardSpec("replicated")
+    raise UsageError(f"sharding {text!r} is not split:DIM, sum or replicated")
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """``pattern`` (a tap pattern over record names) → ``spec``."""
+
+    pattern: Tap
+    spec: ShardSpec
+
+
+def parse_shard_rule(text: str) -> ShardRule:
+    """Parse ``PATTERN=SPEC`` (``--shard 'layers.*.attn=sum'``); the last ``=`` separates."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--shard {text!r}: expected PATTERN=SPEC (SPEC: split:DIM, sum or replicated)")
+    return ShardRule(compile_tap(pattern), parse_shard_spec(spec))
+
+
+def shard_rules(mapping: dict[str, str] | Sequence[str] | None) -> list[ShardRule]:
+    """Rules from ``{pattern: spec}`` or a list of ``PATTERN=SPEC`` strings (None: none)."""
+    if not mapping:
+        return []
+    if isinstance(mapping, dict):
+        return [ShardRule(compile_tap(p), parse_shard_spec(s)) for p, s in mapping.items()]
+    return [parse_shard_rule(text) for text in mapping]
+
+
+def annotation_for(name: str, rules: Sequence[ShardRule]) -> str | None:
+    """The spec text of the first rule matching ``name`` (None: no rule matches)."""
+    for rule in rules:
+        if rule.pattern.matches(name.split("#")[0]) or rule.pattern.matches(name):
+            return str(rule.spec)
+    return None
+
+
+@dataclass(frozen=True)
+class ShardFinding:
+    """Something wrong with one rank's piece of a logical tensor."""
+
+    rank: int
+    message: str
+    degenerate: bool
+
+
+@dataclass
+class _Group:
+    """The records of one logical tensor: per DP group, the records in tp-rank order."""
+
+    spec: ShardSpec
+    parts: list[list[Record]]
+    findings: list[ShardFinding] = field(default_factory=list)
+
+
+def _layout(run: Run, rank: int) -> tuple[int, int, int, int]:
+    layout = run.headers[rank].layout or {}
+    world = run.world_size
+    tp_size = int(layout.get("tp_size", world))
+    dp_size = int(layout.get("dp_size", max(world // max(tp_size, 1), 1)))
+    tp_rank = int(layout.get("tp_rank", rank % tp_size))
+    dp_rank = int(layout.get("dp_rank", rank // tp_size))
+    return tp_rank, tp_size, dp_rank, dp_size
+
+
+def _degenerate(values: np.ndarray) -> str | None:
+    if values.size == 0:
+        return None
+    finite = np.isfinite(values)
+    if not finite.all():
+        return f"holds {int(values.size - np.count_nonzero(finite))} NaN/Inf values"
+    if not np.any(values):
+        return "is all zeros"
+    return None
+
+
+def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded once to ``dtype`` in storage form (bfloat16 as uint16 bits)."""
+    if dtype == "bfloat16":
+        bits = values.astype(np.float32).view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        nan = np.isnan(values)
+        out = (rounded >> np.uint32(16)).astype(np.uint16)
+        out[nan] = np.uint16(0x7FC0)
+        return out
+    return values.astype(np.dtype(dtype))
+
+
+class LogicalRun:
+    """A multi-rank run seen as one rank: a logical record per (name, step); see the module docstring.
+
+    ``overrides`` (default none) win over the annotations stored at capture. Raises
+    :class:`UsageError` naming the tap when a multi-rank tap has no annotation, and
+    :class:`DumpError` when the ranks disagree on a tap's shape or annotation.
+    """
+
+    def __init__(self, run: Run, overrides: Sequence[ShardRule] = ()) -> None:
+        self.run = run
+        self.path = run.path
+        self.headers = {0: run.header}
+        self.steps = {(step, 0): tags for (step, rank), tags in run.steps.items() if rank == min(run.headers)}
+        self.notes = list(run.notes)
+        missing = sorted(set(range(run.world_size)) - set(run.headers))
+        if missing:
+            self.notes.append(f"{run.world_size}-rank run without the manifests of ranks {missing}")
+        self._groups: dict[tuple[str, int], _Group] = {}
+        self.records = self._build(overrides)
+
+    # -------------------------------------------------------------- Run interface
+    @property
+    def header(self):  # noqa: ANN201 - same type as Run.header
+        """The header of the lowest rank."""
+        return self.run.header
+
+    @property
+    def world_size(self) -> int:
+        """World size of the underlying run."""
+        return self.run.world_size
+
+    @property
+    def mode(self) -> str:
+        """``full`` or ``stats``."""
+        return self.run.mode
+
+    def step_tags(self, step: int, rank: int = 0) -> dict[str, Any]:
+        """Step metadata of the lowest rank."""
+        return self.run.step_tags(step, min(self.run.headers))
+
+    def close(self) -> None:
+        """Close the underlying run's files."""
+        self.run.close()
+
+    def release(self, record: Record) -> None:
+        """Release the memory pages of every shard of ``record``."""
+        group = self._groups.get((record.name, record.step))
+        for part in group.parts if group else []:
+            for shard in part:
+                self.run.release(shard)
+
+    def findings(self, record: Record) -> list[ShardFinding]:
+        """Problems found with individual ranks while rebuilding ``record`` (after :meth:`raw`)."""
+        group = self._groups.get((record.name, record.step))
+        return list(group.findings) if group else []
+
+    def array(self, record: Record, dtype: type = np.float64) -> np.ndarray:
+        """The rebuilt tensor widened to ``dtype``."""
+        return to_float(self.raw(record), record.dtype, dtype)
+
+    def raw(self, record: Record) -> np.ndarray:
+        """The rebuilt tensor in storage form (bfloat16 as uint16 bits); findings are refreshed."""
+        group = self._groups[(record.name, record.step)]
+        group.findings = []
+        pieces = [self._rebuild(group, part) for part in group.parts]
+        if len(pieces) == 1:
+            return pieces[0]
+        axis = max(pieces[0].ndim - 2, 0)
+        return np.concatenate(pieces, axis=axis)
+
+    # -------------------------------------------------------------- building
+    def _build(self, overrides: Sequence[ShardRule]) -> list[Record]:
+        run = self.run
+        by_key: dict[tuple[str, int], list[Record]] = {}
+        for record in run.records:
+            by_key.setdefault((record.name, record.step), []).append(record)
+        layouts = {rank: _layout(run, rank) for rank in run.headers}
+        out: list[Record] = []
+        for (name, step), records in by_key.items():
+            spec = self._spec(name, step, records, overrides)
+            groups: dict[int, list[tuple[int, Record]]] = {}
+            for record in records:
+                tp_rank, _, dp_rank, _ = layouts[record.rank]
+                groups.setdefault(dp_rank, []).append((tp_rank, record))
+            parts = [[r for _, r in sorted(groups[dp])] for dp in sorted(groups)]
+            expected = {rank for rank in run.headers}
+            present = {r.rank for r in records}
+            lacking = sorted(expected - present)
+            self._groups[(name, step)] = _Group(spec, parts)
+            shape = self._shape(name, step, spec, parts)
+            first = min(records, key=lambda r: r.rank)
+            tags = {**first.tags, "ranks": sorted(present), "shard": str(spec)}
+            if lacking:
+                tags["incomplete"] = f"ranks {lacking} hold no record of it (its shards are incomplete)"
+            stats = self._stats(spec, parts)
+            out.append(replace(first, rank=0, order=min(r.order for r in records), shape=shape,
+                               stats=stats, tags=tags,
+                               file=first.file if all(r.file for r in records) else None))
+        out.sort(key=lambda r: (r.step, r.order))
+        return out
+
+    def _spec(self, name: str, step: int, records: list[Record], overrides: Sequence[ShardRule]) -> ShardSpec:
+        base = name.split("#")[0]
+        for rule in overrides:
+            if rule.pattern.matches(base) or rule.pattern.matches(name):
+                return rule.spec
+        stored = {r.tags.get("shard") for r in records}
+        if len(stored) > 1:
+            raise DumpError(f"ranks of {self.path} disagree on the sharding of {name!r} step {step}: "
+                            f"{sorted(map(str, stored))}")
+        text = stored.pop()
+        if text is None:
+            if len(records) == 1 and self.run.world_size == 1:
+                return ShardSpec("replicated")
+            raise UsageError(f"tap {name!r} of the {self.run.world_size}-rank run {self.path} has no "
+                             "sharding annotation",
+                             hint=f"pass --shard '{base}=split:DIM|sum|replicated' or annotate it at capture")
+        try:
+            return parse_shard_spec(text)
+        except UsageError:
+            raise DumpError(f"{self.path}: tap {name!r} has an unreadable sharding annotation {text!r}") from None
+
+    def _shape(self, name: str, step: int, spec: ShardSpec, parts: list[list[Record]]) -> tuple[int, ...]:
+        shapes = []
+        for part in parts:
+            first = part[0].shape
+            if spec.kind == "split":
+                ndim = len(first)
+                if not -ndim <= (spec.dim or 0) < ndim:
+                    raise UsageError(f"tap {name!r}: split:{spec.dim} is out of range for shape {list(first)}")
+                dim = spec.dim % ndim  # type: ignore[operator]
+                for r in part:
+                    if len(r.shape) != ndim or any(a != b for i, (a, b) in enumerate(zip(r.shape, first)) if i != dim):
+                        raise DumpError(f"{self.path}: shards of {name!r} step {step} cannot be joined along "
+                                        f"dim {spec.dim}: {[list(x.shape) for x in part]}")
+                shapes.append(tuple(sum(r.shape[dim] for r in part) if i == dim else d for i, d in enumerate(first)))
+            else:
+                if any(r.shape != first for r in part):
+                    raise DumpError(f"{self.path}: ranks of {name!r} step {step} ({spec}) have different "
+                                    f"shapes: {[list(x.shape) for x in part]}")
+                shapes.append(first)
+        if len(shapes) == 1:
+            return shapes[0]
+        axis = max(len(shapes[0]) - 2, 0)
+        return tuple(sum(s[axis] for s in shapes) if i == axis else d for i, d in enumerate(shapes[0]))
+
+    @staticmethod
+    def _stats(spec: ShardSpec, parts: list[list[Record]]) -> dict[str, Any]:
+        """Statistics of the logical tensor where they follow from the shards' (empty for sums)."""
+        shards = [r for part in parts for r in part] if spec.kind == "split" or len(parts) > 1 else []
+        if spec.kind == "replicated" and len(parts) == 1:
+            return dict(parts[0][0].stats)
+        if spec.kind == "sum" or not shards or any(not r.stats for r in shards):
+            return {}
+        stats = [r.stats for r in shards]
+        numel = sum(int(s.get("numel") or 0) for s in stats)
+        out: dict[str, Any] = {"numel": numel}
+        for key in ("nan", "inf", "zero"):
+            out[key] = sum(int(s.get(key) or 0) for s in stats)
+        finite = [s for s in stats if s.get("min") is not None]
+        if finite:
+            out["min"] = min(s["min"] for s in finite)
+            out["max"] = max(s["max"] for s in finite)
+            out["abs_max"] = max(s["abs_max"] for s in finite)
+            out["l2"] = math.sqrt(sum(float(s["l2"]) ** 2 for s in finite))
+            counts = [int(s["numel"]) - int(s.get("nan") or 0) - int(s.get("inf") or 0) for s in finite]
+            total = sum(counts)
+            out["mean"] = sum(float(s["mean"]) * c for s, c in zip(finite, counts)) / total if total else None
+        else:
+            out.update(min=None, max=None, abs_max=None, l2=None, mean=None)
+        return out
+
+    # -------------------------------------------------------------- rebuilding
+    def _rebuild(self, group: _Group, part: list[Record]) -> np.ndarray:
+        spec = group.spec
+        raws = [self.run.raw(r) for r in part]
+        dtype = part[0].dtype
+        floats = dtype in FLOAT_DTYPES
+        problems = {}
+        if floats and len(part) > 1:
+            for r, raw in zip(part, raws):
+                problem = _degenerate(to_float(raw, dtype, np.float32))
+                if problem:
+                    problems[r.rank] = problem
+        healthy = [r.rank for r in part if r.rank not in problems]
+        if healthy:  # a degenerate shard is only news when another rank's is healthy
+            for rank, problem in problems.items():
+                group.findings.append(ShardFinding(rank, f"rank {rank}'s shard ({spec}) {problem} "
+                                                   f"while rank {healthy[0]}'s is not", True))
+        if spec.kind == "split":
+            return np.concatenate(raws, axis=spec.dim)  # type: ignore[arg-type]
+        if spec.kind == "sum":
+            total = np.zeros(part[0].shape, dtype=np.float64)
+            for raw in raws:
+                total += to_float(raw, dtype, np.float64)
+            return _round_to(total, dtype) if floats else total.astype(np.dtype(dtype))
+        keep = next((i for i, r in enumerate(part) if r.rank not in problems), 0)
+        chosen = raws[keep]
+        for r, raw in zip(part, raws):
+            if r is part[keep] or r.rank in problems or np.array_equal(raw, chosen):
+                continue
+            delta = float(np.max(np.abs(to_float(raw, dtype) - to_float(chosen, dtype)))) if floats else float("nan")
+            group.findings.append(ShardFinding(r.rank, f"rank {r.rank}'s copy of a replicated tensor differs "
+                                               f"from rank {part[keep].rank}'s (max |Δ| {delta:.3g})", False))
+        return chosen
+
+
+def logical_view(run: Run, overrides: Sequence[ShardRule] = ()) -> Run | LogicalRun:
+    """``run`` itself when it has one rank, else its :class:`LogicalRun`."""
+    if run.world_size == 1 and len(run.headers) == 1:
+        return run
+    return LogicalRun(run, overrides)

@@ -1,0 +1,1 @@
+"""Parallel execution helpers: an in-repo tensor-parallel Llama (:mod:`parity.parallel.tp_llama`)."""
