@@ -11,7 +11,8 @@ only), ``spec`` / ``model_info`` are stored in the run header as given.
 
 Each call of the root module's ``forward`` is one step. Its ``input_ids``, ``position_ids`` and
 ``attention_mask`` (keyword or first positional argument) are stored as step metadata:
-``input_ids``, ``positions`` and ``seq_lens`` (non-padding tokens per sequence). Hooks never
+``input_ids``, ``positions``, ``seq_lens`` (non-padding tokens per sequence) and, when the
+batch is padded, the ``attention_mask`` itself. Hooks never
 raise into the model and return nothing, so outputs are unchanged (bitwise).
 """
 
@@ -42,6 +43,8 @@ def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         tags["seq_lens"] = mask.sum(dim=-1)
+        if not bool(mask.all()):  # where the padding is (left or right): the token aligner needs it
+            tags["attention_mask"] = mask
     elif isinstance(ids, torch.Tensor) and ids.dim() >= 1:
         tags["seq_lens"] = [ids.shape[-1]] * (ids.shape[0] if ids.dim() == 2 else 1)
     return tags

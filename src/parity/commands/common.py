@@ -43,6 +43,8 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="steps: pair records step by step. tokens: pair tokens across steps and layouts "
                           "(padded/packed/chunked, padding dropped) by token ids, positions, sequence lengths "
                           "and request ids; tokens of one side only are reported."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Evaluate the pairs in N processes (each reads its share of the dumps)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair without a --tol match."),
         click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
         click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
@@ -132,11 +134,13 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         generations: tuple[list, list] | None = None,
                         decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
                         junit_path: str | None = None, markdown_path: str | None = None,
-                        shards: Sequence[str] = (), align: str = "steps") -> int:
+                        shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
+                        distributed: bool = False) -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
-    token ids into text (default None: no token labels)."""
+    token ids into text (default None: no token labels). ``distributed``: this process is one rank
+    of a torchrun launch sharing the pairs; only rank 0 writes files and prints."""
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -146,8 +150,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     if oracle_dir is not None:
         from parity.compare.oracle import compare_with_oracle
 
-        if shards or align != "steps":
-            raise UsageError("--shard and --align tokens do not apply to oracle mode (single-rank dumps only)")
+        if shards or align != "steps" or workers > 1 or distributed:
+            raise UsageError("--shard, --align tokens, --workers and --distributed do not apply to oracle mode (single-rank dumps only)")
         if tol or profile or rtol is not None or atol is not None:
             raise UsageError("oracle mode judges by --oracle-m/--oracle-eps; "
                              "--tol, --profile, --rtol and --atol do not apply to it")
@@ -160,13 +164,18 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
         policy = make_policy(rtol, atol, tol, profile, backend)
         report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                          allow_failed=allow_failed, progress=progress.task("comparing"), shards=shards,
-                         align=align,
+                         align=align, workers=workers, distributed=distributed,
                          decode=(lambda token: decode([token])) if decode is not None else None)
     if generations is not None and decode is not None:
         from parity.compare.e2e import end_to_end
 
         report.end_to_end = end_to_end(base, target, *generations, decode=decode)
     progress.__exit__(None, None, None)
+    if distributed:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:  # every rank holds the report; rank 0 prints it and exits with the verdict
+            return 0
     for path in (json_path, extra_json):
         if path:
             write_json(report, path)

@@ -27,12 +27,16 @@ from parity.errors import UsageError
 @click.argument("target_dir", type=click.Path(file_okay=False))
 @click.option("--oracle", "oracle_dir", type=click.Path(file_okay=False), default=None,
               help="Oracle mode: judge both runs against this float64 dump (see docs/tolerances.md).")
+@click.option("--distributed", is_flag=True,
+              help="Run under torchrun: the ranks share the pairs and gather one report (rank 0 prints it).")
 @compare_options
 def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
 
     Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
     |t - b| <= max(atol, rtol*|b|) and reports the first divergence in execution order.
+    Multi-rank dumps (torchrun) are rebuilt into full tensors from their sharding annotations
+    (--shard overrides them); --align tokens pairs tokens across different step layouts.
     """
     with Progress() as progress:
         return compare_and_report(base_dir, target_dir, progress=progress, **options)

@@ -271,24 +271,18 @@ def describe_run(run: Run) -> dict[str, object]:
             "env": h.env, "records": len(run.records), "notes": run.notes}
 
 
-def compare(baseline: str | Path | Run, target: str | Path | Run, *,
-            policy: TolerancePolicy | None = None, renames: Sequence[RenameRule] = (),
-            allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
-            progress: Progress | None = None, decode: Callable[[int], str] | None = None,
-            shards: Sequence[str] = (), align: str = "steps") -> Report:
-    """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
+def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), shards: Sequence[str] = (),
+            align: str = "steps") -> tuple[Any, Any, list[Pair], Any]:
+    """Open both runs as the comparison sees them and pair their records.
 
-    ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
-    outcomes are reported but do not fail the verdict. ``progress(done, total, name)`` is called
-    after each pair. ``decode(token_id) -> str`` labels the per-position errors of the first
-    divergence with token text. ``shards`` (``PATTERN=SPEC`` strings, default none) override the
-    sharding annotations of multi-rank runs (see :mod:`parity.align.shards`); a multi-rank run
-    is compared one rebuilt logical tensor at a time. ``align`` is ``"steps"`` (default: pair
-    records by step) or ``"tokens"`` (pair tokens across steps and layouts, see
-    :mod:`parity.align.tokens`).
+    Returns (baseline view, target view, pairs, token alignment or None). Multi-rank runs become
+    :class:`~parity.align.shards.LogicalRun` views (``shards`` overrides their annotations);
+    ``align="tokens"`` wraps both in :class:`~parity.align.tokens.AlignedRun`.
     """
     from parity.align.shards import LogicalRun, logical_view, shard_rules
 
+    if align not in ("steps", "tokens"):
+        raise UsageError(f"align must be 'steps' or 'tokens', not {align!r}")
     overrides = shard_rules(list(shards))
     base_run: Any = baseline if isinstance(baseline, (Run, LogicalRun)) else load_run(baseline)
     target_run: Any = target if isinstance(target, (Run, LogicalRun)) else load_run(target)
@@ -300,24 +294,55 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
 
         alignment = align_runs(base_run, target_run)
         base_run, target_run = AlignedRun(base_run, alignment, 0), AlignedRun(target_run, alignment, 1)
-    elif align != "steps":
-        raise UsageError(f"align must be 'steps' or 'tokens', not {align!r}")
     for run in (base_run, target_run):
         if not run.records:
             raise DumpError(f"dump {run.path} holds no records", hint="did the capture run any forward pass?")
+    return base_run, target_run, pair_records(base_run.records, target_run.records, renames), alignment
+
+
+def compare(baseline: str | Path | Run, target: str | Path | Run, *,
+            policy: TolerancePolicy | None = None, renames: Sequence[RenameRule] = (),
+            allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
+            progress: Progress | None = None, decode: Callable[[int], str] | None = None,
+            shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
+            distributed: bool = False) -> Report:
+    """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
+
+    ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
+    outcomes are reported but do not fail the verdict. ``progress(done, total, name)`` is called
+    after each pair. ``decode(token_id) -> str`` labels the per-position errors of the first
+    divergence with token text. ``shards`` (``PATTERN=SPEC`` strings, default none) override the
+    sharding annotations of multi-rank runs (see :mod:`parity.align.shards`); a multi-rank run
+    is compared one rebuilt logical tensor at a time. ``align`` is ``"steps"`` (default: pair
+    records by step) or ``"tokens"`` (pair tokens across steps and layouts, see
+    :mod:`parity.align.tokens`). ``workers`` (default 1) > 1 evaluates the pairs in that many
+    processes; ``distributed=True`` shares them among the ranks of a torchrun launch (see
+    :mod:`parity.compare.parallel`); the report is the same.
+    """
+    if workers < 1:
+        raise UsageError(f"workers must be >= 1, got {workers}")
+    base_run, target_run, pairs, alignment = prepare(baseline, target, renames=renames, shards=shards,
+                                                     align=align)
     policy = policy or TolerancePolicy()
     missing_taps = [compile_tap(p) for p in allow_missing]
     failed_taps = [compile_tap(p) for p in allow_failed]
-    pairs = pair_records(base_run.records, target_run.records, renames)
     outcomes: list[Outcome] = []
     positions = None
     try:
-        for index, pair in enumerate(pairs):
-            outcome = evaluate_pair(pair, base_run, target_run, policy,
-                                    allow_missing=missing_taps, allow_failed=failed_taps)
-            outcomes.append(outcome)
-            if progress is not None:
-                progress(index + 1, len(pairs), pair.name)
+        if (workers > 1 and len(pairs) > 1) or distributed:
+            from parity.compare import parallel
+
+            job = parallel.Job(str(base_run.path), str(target_run.path), policy, renames, shards, align,
+                               allow_missing, allow_failed)
+            outcomes = (parallel.run_distributed(job, pairs) if distributed
+                        else parallel.run_workers(job, pairs, workers, progress))
+        else:
+            for index, pair in enumerate(pairs):
+                outcome = evaluate_pair(pair, base_run, target_run, policy,
+                                        allow_missing=missing_taps, allow_failed=failed_taps)
+                outcomes.append(outcome)
+                if progress is not None:
+                    progress(index + 1, len(pairs), pair.name)
         first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
             positions = position_errors(pairs[first], base_run, target_run, decode)
@@ -337,6 +362,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     tolerance["renames"] = [f"{r.regex.pattern}={r.template}" for r in renames]
     if shards:
         tolerance["shards"] = list(shards)
+    if align != "steps":
+        tolerance["align"] = align
     return Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
                   outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
                   first_positions=positions or None)

@@ -59,7 +59,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,8 +83,10 @@ _NF = 7
  _I_NAN_B, _I_INF_B, _I_NAN_T, _I_INF_T, _I_NONFINITE, _I_INDEX, _I_FIXUP, _I_APPROX) = range(17)
 _NI = 17
 
-_kernels: Any = None
-_load_error: BaseException | None = None
+_kernels: Any = None  # the numba definitions (only in a process that compiles)
+_natives: dict[tuple[str, str], Any] = {}  # (baseline kind, target kind) -> _Native
+_failed: dict[tuple[str, str], BaseException] = {}
+_available: bool | None = None
 _lock = threading.Lock()
 _pools: dict[int, Any] = {}  # workers -> ThreadPoolExecutor
 _warned: list[bool] = []  # the fallback warning is logged once
@@ -91,7 +95,6 @@ _strict = False  # tests set it: a failing kernel raises instead of falling back
 _nb_widen: Any = None
 _nb_bits: Any = None
 _nb_f64_bits: Any = None
-_nb_scratch: Any = None
 _nb_bits_f64: Any = None
 _nb_f32_bits: Any = None
 _nb_f32bits_f64: Any = None
@@ -109,7 +112,7 @@ def _build() -> Any:
     The kernels reach their helpers through module globals (``_nb_*``), not closure cells:
     numba's cache key hashes closure contents, which differ from process to process.
     """
-    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_scratch, _nb_stage
+    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_stage
     global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_exact_one
     from types import SimpleNamespace
 
@@ -120,7 +123,7 @@ def _build() -> Any:
     # No nnan/ninf (data may hold NaN/Inf: a block is checked after its first loop) and no arcp
     # (x/y must stay a correctly rounded division): the sums may be reassociated, nothing else.
     # error_model="numpy": x/0 gives inf instead of raising (a raise-check stops vectorization).
-    opts = {"nogil": True, "fastmath": {"reassoc", "nsz", "contract"}, "error_model": "numpy", "cache": True}
+    opts = {"nogil": True, "fastmath": {"reassoc", "nsz", "contract"}, "error_model": "numpy"}
 
     @intrinsic
     def f64_bits(typingctx, x):  # float64 -> int64, same bits
@@ -200,9 +203,6 @@ def _build() -> Any:
     def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
-    def scratch(a, n):  # pragma: no cover - stands for the overload below inside kernels
-        raise NotImplementedError
-
     def stage(a, buf):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
 
@@ -231,12 +231,6 @@ def _build() -> Any:
             return lambda a, i: a[i]
         return None
 
-    @overload(scratch)
-    def _scratch(a, n):  # float32 staging buffer for 16-bit storage (none for 32/64-bit)
-        if a.dtype in (types.uint16, types.int16):
-            return lambda a, n: np.empty(n, np.float32)
-        return lambda a, n: np.empty(0, np.float32)
-
     @overload(stage)
     def _stage(a, buf):  # a block as the loops read it: 16-bit storage widened once to float32
         if a.dtype == types.uint16:
@@ -255,7 +249,7 @@ def _build() -> Any:
             return impl
         return lambda a, buf: a
 
-    _nb_widen, _nb_bits, _nb_f64_bits, _nb_scratch, _nb_stage = widen, bits, f64_bits, scratch, stage
+    _nb_widen, _nb_bits, _nb_f64_bits, _nb_stage = widen, bits, f64_bits, stage
     _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64 = bits_f64, f32_bits, f32bits_f64
 
     @njit(**opts)
@@ -335,16 +329,15 @@ def _build() -> Any:
     _nb_exact_tol, _nb_approx_tol, _nb_exact_one = exact_tol, approx_tol, exact_one
 
     @njit(**opts)
-    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running):
-        """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc)."""
+    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running, b_buf, t_buf):
+        """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc);
+        ``b_buf`` / ``t_buf``: float32 staging buffers of ``block`` elements (16-bit storage)."""
         exp_mask = 0x7FF0000000000000
         f32_safe = 0x47D0000000000000  # bits of 2^126: |t - b| cannot overflow float32 below it
         rtol32 = np.float32(rtol)
         atol32 = np.float32(atol)
         atol_hi = atol32 * np.float32(1.0 + 2.0 ** -18) + np.float32(2.0 ** -126)
         atol_lo = max(atol32 * np.float32(1.0 - 2.0 ** -18) - np.float32(2.0 ** -126), np.float32(0.0))
-        b_buf = _nb_scratch(b, block)
-        t_buf = _nb_scratch(t, block)
         flagged = 0
         shrink = 1.0 - 2.0 ** -18
         f32max = 3.4028234663852886e38
@@ -469,7 +462,7 @@ def _build() -> Any:
             ipart[k, 16] = approx
         return flagged
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True)
     def first_max(b, t, lo, hi, m):
         """First i in [lo, hi) with |t[i] - b[i]| == m (float64), or -1."""
         bs = b[lo:hi]
@@ -479,7 +472,7 @@ def _build() -> Any:
                 return lo + i
         return -1
 
-    @njit(nogil=True, error_model="numpy", cache=True)
+    @njit(nogil=True, error_model="numpy")
     def needs_ulp(b, t, lo, hi, r, atol):
         """Whether some i in [lo, hi) has |d| > atol and r·|b| < |d| (the reference's fix-up).
 
@@ -495,7 +488,7 @@ def _build() -> Any:
 
     _nb_first_max, _nb_needs_ulp = first_max, needs_ulp
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True)
     def settle(b, t, n, block, ipart, rtol, atol):
         """Settle in float64 any approximate maximum that could still be a global one.
 
@@ -531,7 +524,7 @@ def _build() -> Any:
                         settled += 1
         return settled
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True)
     def ulp_fix(b, t, n, block, ipart, r_bits, atol):
         """The reference's ``needed_rtol`` fix-up: does some element with |d| > atol have
         r·|b| < |d|, r the largest ratio? Only elements whose ratio equals r can, and they lie
@@ -547,7 +540,7 @@ def _build() -> Any:
                     return True
         return False
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True)
     def fold(fpart, ipart):
         """Fold the per-block partials in block order (one compiled version for every dtype)."""
         s_abs = 0.0
@@ -620,21 +613,219 @@ def _build() -> Any:
     return SimpleNamespace(blocks=blocks, settle=settle, fold=fold, first_max=first_max, ulp_fix=ulp_fix)
 
 
-def _load() -> Any:
-    global _kernels, _load_error
-    if _kernels is None and _load_error is None:
-        with _lock:
-            if _kernels is None and _load_error is None:
-                try:
-                    _kernels = _build()
-                except Exception as exc:  # noqa: BLE001 - numba missing or broken: the numpy path is used
-                    _load_error = exc
+#: numpy dtype of a kernel view -> the name of its compiled variant
+_KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.uint16): "bf16",
+          np.dtype(np.int16): "f16"}
+#: The five entry points compiled per dtype combination (C ABI), in object-file order.
+_ENTRIES = ("blocks", "settle", "fold", "first_max", "ulp_fix")
+#: External symbols of numba's runtime that the entry points reference only on paths they never take
+#: (an exception, the release of an array numba allocated): bound to ``abort`` unless numba set them.
+_TRAPPED = ("NRT_", "numba_")
+
+
+def _numba_kernels() -> Any:
+    """The numba kernels (:func:`_build`), defined once per process (imports numba)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = _build()
     return _kernels
 
 
+def _compile(b_kind: str, t_kind: str) -> bytes:
+    """Compile the entry points of one dtype combination with numba; returns the cache payload.
+
+    Each entry point is a ``cfunc`` (C ABI: pointers and scalars) around a kernel of
+    :func:`_build`; its optimized LLVM module is emitted as a native object file for this CPU.
+    Payload: 8-byte length, a JSON header (symbol names, object sizes, external symbols), the
+    objects.
+    """
+    import json
+    import struct
+
+    import llvmlite.binding as llvm
+    from numba import carray, cfunc, types
+
+    k = _numba_kernels()
+    storage = {"f32": types.float32, "f64": types.float64, "bf16": types.uint16, "f16": types.int16}
+    i64, f64 = types.int64, types.float64
+    bp, tp = types.CPointer(storage[b_kind]), types.CPointer(storage[t_kind])
+    pf, pi, ps = types.CPointer(f64), types.CPointer(i64), types.CPointer(types.float32)
+    nb_blocks, nb_settle, nb_fold, nb_first_max, nb_ulp_fix = k.blocks, k.settle, k.fold, k.first_max, k.ulp_fix
+    opts = {"nogil": True, "error_model": "numpy"}
+
+    @cfunc(i64(bp, tp, i64, i64, i64, i64, i64, f64, f64, i64, pf, pi, pi, i64, ps, ps), **opts)
+    def c_blocks(b, t, n, block, nblocks, first, last, rtol, atol, f32ok, fp, ip, run, nbuf, bbuf, tbuf):
+        return nb_blocks(carray(b, (n,)), carray(t, (n,)), first, last, n, block, rtol, atol, f32ok != 0,
+                         carray(fp, (nblocks, _NF)), carray(ip, (nblocks, _NI)), carray(run, (3,)),
+                         carray(bbuf, (nbuf,)), carray(tbuf, (nbuf,)))
+
+    @cfunc(i64(bp, tp, i64, i64, i64, pi, f64, f64), **opts)
+    def c_settle(b, t, n, block, nblocks, ip, rtol, atol):
+        return nb_settle(carray(b, (n,)), carray(t, (n,)), n, block, carray(ip, (nblocks, _NI)), rtol, atol)
+
+    @cfunc(i64(pf, pi, i64, pf, pi), **opts)
+    def c_fold(fp, ip, nblocks, out_f, out_i):
+        r = nb_fold(carray(fp, (nblocks, _NF)), carray(ip, (nblocks, _NI)))
+        of = carray(out_f, (5,))
+        oi = carray(out_i, (16,))
+        of[0], of[1], of[2], of[3], of[4] = r[0], r[1], r[2], r[3], r[4]
+        oi[0], oi[1], oi[2], oi[3], oi[4], oi[5], oi[6], oi[7] = r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12]
+        oi[8], oi[9], oi[10], oi[11] = r[13], r[14], r[15], r[16]
+        oi[12], oi[13], oi[14], oi[15] = r[17], r[18], r[19], r[20]
+        return 0
+
+    @cfunc(i64(bp, tp, i64, i64, i64, f64), **opts)
+    def c_first_max(b, t, n, lo, hi, m):
+        return nb_first_max(carray(b, (n,)), carray(t, (n,)), lo, hi, m)
+
+    @cfunc(i64(bp, tp, i64, i64, i64, pi, i64, f64), **opts)
+    def c_ulp_fix(b, t, n, block, nblocks, ip, r_bits, atol):
+        return 1 if nb_ulp_fix(carray(b, (n,)), carray(t, (n,)), n, block, carray(ip, (nblocks, _NI)),
+                               r_bits, atol) else 0
+
+    tm = _target_machine()
+    names, objects, externals = [], [], set()
+    for entry in (c_blocks, c_settle, c_fold, c_first_max, c_ulp_fix):
+        module = llvm.parse_assembly(entry.inspect_llvm())
+        module.verify()
+        for fn in module.functions:
+            if fn.is_declaration and not fn.name.startswith("llvm."):
+                externals.add(fn.name)
+        for var in module.global_variables:
+            if var.is_declaration:
+                externals.add(var.name)
+        names.append(entry.native_name)
+        objects.append(tm.emit_object(module))
+    header = json.dumps({"names": names, "sizes": [len(o) for o in objects],
+                         "externals": sorted(externals)}).encode()
+    return struct.pack("<Q", len(header)) + header + b"".join(objects)
+
+
+def _target_machine() -> Any:
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3,
+        codemodel="jitdefault")
+
+
+def _cache_dir() -> Path:
+    """Where compiled objects are kept: ``$NUMBA_CACHE_DIR`` when set, else ``__pycache__`` next
+    to this file when writable, else ``$XDG_CACHE_HOME/parity`` (``~/.cache/parity``)."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent / "__pycache__"
+    if os.access(here if here.is_dir() else here.parent, os.W_OK):
+        return here
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parity"
+
+
+def _cache_key(b_kind: str, t_kind: str) -> str:
+    """Hash of what the machine code depends on: this file, the numba and llvmlite installs, the CPU."""
+    import hashlib
+    import importlib.util
+    import sys
+
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    spec = importlib.util.find_spec("numba")  # located, not imported
+    numba_init = spec.origin if spec is not None and spec.origin else ""
+    stamp = os.stat(numba_init).st_mtime_ns if numba_init else 0
+    for part in (b_kind, t_kind, llvmlite.__version__, numba_init, str(stamp), sys.version,
+                 llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()):
+        h.update(b"\0" + str(part).encode())
+    return h.hexdigest()[:24]
+
+
+class _Native:
+    """The entry points of one dtype combination, loaded from object code (ctypes calls: no GIL)."""
+
+    def __init__(self, payload: bytes) -> None:
+        import ctypes
+        import json
+        import struct
+
+        import llvmlite.binding as llvm
+
+        (size,) = struct.unpack_from("<Q", payload)
+        header = json.loads(payload[8:8 + size])
+        abort = ctypes.cast(ctypes.CDLL(None).abort, ctypes.c_void_p).value
+        for name in header["externals"]:
+            if name.startswith(_TRAPPED) and not llvm.address_of_symbol(name):
+                llvm.add_symbol(name, abort)  # numba's own (when loaded) win: set only when missing
+        tm = _target_machine()
+        self._engines = []
+        offset = 8 + size
+        p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        argtypes = {"blocks": (p, p, i, i, i, i, i, d, d, i, p, p, p, i, p, p), "settle": (p, p, i, i, i, p, d, d),
+                    "fold": (p, p, i, p, p), "first_max": (p, p, i, i, i, d), "ulp_fix": (p, p, i, i, i, p, i, d)}
+        for entry, name, length in zip(_ENTRIES, header["names"], header["sizes"]):
+            engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+            engine.add_object_file(llvm.ObjectFileRef.from_data(payload[offset:offset + length]))
+            engine.finalize_object()
+            offset += length
+            address = engine.get_function_address(name)
+            if not address:
+                raise RuntimeError(f"compiled kernel {entry} lacks its symbol")
+            self._engines.append(engine)
+            setattr(self, entry, ctypes.CFUNCTYPE(i, *argtypes[entry])(address))
+
+
+def _load_native(b_kind: str, t_kind: str) -> _Native:
+    """The entry points of a dtype combination: from the object cache, else compiled (and cached)."""
+    directory = _cache_dir()
+    path = directory / f"fastpath-{b_kind}-{t_kind}-{_cache_key(b_kind, t_kind)}.kernels"
+    try:
+        return _Native(path.read_bytes())
+    except (OSError, ValueError, KeyError, RuntimeError):
+        pass
+    payload = _compile(b_kind, t_kind)
+    native = _Native(payload)  # loads before it is cached: a payload that cannot load is not kept
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return native
+
+
+def _load(b_kind: str, t_kind: str) -> _Native | None:
+    """The compiled entry points of a dtype combination, or None when they cannot be had."""
+    key = (b_kind, t_kind)
+    native = _natives.get(key)
+    if native is None and key not in _failed:
+        with _lock:
+            native = _natives.get(key)
+            if native is None and key not in _failed:
+                try:
+                    native = _natives[key] = _load_native(b_kind, t_kind)
+                except Exception as exc:  # noqa: BLE001 - numba missing or broken: the numpy path is used
+                    _failed[key] = exc
+                    if _strict:
+                        raise
+    return native
+
+
 def available() -> bool:
-    """Whether the compiled path can be used (numba importable). Imports numba on first call."""
-    return _load() is not None
+    """Whether the compiled path can be used: numba and llvmlite are installed (neither is imported)."""
+    global _available
+    if _available is None:
+        import importlib.util
+
+        _available = all(importlib.util.find_spec(name) is not None for name in ("numba", "llvmlite"))
+    return _available
+
+
+def loaded(baseline_kind: np.dtype, target_kind: np.dtype) -> bool:
+    """Whether the entry points of this pair of kernel-view dtypes are already loaded."""
+    return (_KINDS.get(baseline_kind), _KINDS.get(target_kind)) in _natives
 
 
 def _pool(workers: int) -> Any:
@@ -752,34 +943,45 @@ def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndar
     fpart = np.empty((nblocks, _NF), np.float64)
     ipart = np.empty((nblocks, _NI), np.int64)
     running = np.zeros(3, np.int64)
+    bp, tp = bk.ctypes.data, tk.ctypes.data
+    fp, ip, rp = fpart.ctypes.data, ipart.ctypes.data, running.ctypes.data
+    nbuf = BLOCK if min(bk.dtype.itemsize, tk.dtype.itemsize) == 2 else 0  # float32 staging of 16-bit data
+
+    def run(first: int, last: int) -> int:
+        bufs = np.empty((2, nbuf), np.float32)
+        return kernels.blocks(bp, tp, n, BLOCK, nblocks, first, last, rtol, atol, int(f32ok), fp, ip, rp, nbuf,
+                              bufs.ctypes.data, bufs.ctypes.data + 4 * nbuf)
+
     workers = max(1, int(workers))
     if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
-        flagged = kernels.blocks(bk, tk, 0, nblocks, n, BLOCK, rtol, atol, f32ok, fpart, ipart, running)
+        flagged = run(0, nblocks)
     else:
         pieces = min(nblocks, workers * PIECES_PER_WORKER)
         bounds = [nblocks * p // pieces for p in range(pieces + 1)]
         pool = _pool(workers)
-        futures = [pool.submit(kernels.blocks, bk, tk, bounds[p], bounds[p + 1], n, BLOCK, rtol, atol, f32ok,
-                               fpart, ipart, running)
-                   for p in range(pieces)]
+        futures = [pool.submit(run, bounds[p], bounds[p + 1]) for p in range(pieces)]
         flagged = sum(future.result() for future in futures)
     if flagged:
         for k in np.flatnonzero(ipart[:, _I_FLAG] == 1):
             lo, hi = int(k) * BLOCK, min((int(k) + 1) * BLOCK, n)
             _numpy_block(b_flat[lo:hi], b_dtype, t_flat[lo:hi], t_dtype, lo, rtol, atol, fpart[k], ipart[k])
-    kernels.settle(bk, tk, n, BLOCK, ipart, rtol, atol)
-    (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite, top, top_row, max_rel, n_atol,
-     n_rtol, nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, zero_b, zero_t) = kernels.fold(fpart, ipart)
+    kernels.settle(bp, tp, n, BLOCK, nblocks, ip, rtol, atol)
+    out_f = np.empty(5, np.float64)
+    out_i = np.empty(16, np.int64)
+    kernels.fold(fp, ip, nblocks, out_f.ctypes.data, out_i.ctypes.data)
+    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = out_f.tolist()
+    (counted, mismatched, nonfinite, top, top_row, max_rel, n_atol, n_rtol, nan_b, inf_b, nan_t, inf_t,
+     vary_b, vary_t, zero_b, zero_t) = out_i.tolist()
     max_abs, index, needed_rtol = -1.0, -1, 0.0
     if counted:
         max_abs = _float(top)
         index = int(ipart[top_row, _I_INDEX])
         if index < 0:
             lo = top_row * BLOCK
-            index = kernels.first_max(bk, tk, lo, min(lo + BLOCK, n), max_abs)
+            index = kernels.first_max(bp, tp, n, lo, min(lo + BLOCK, n), max_abs)
         needed_rtol = _float(n_rtol)
         # the reference's ulp fix-up, when the ratio is finite and some |d| > atol
-        if n_rtol < _INF_BITS and max_abs > atol and kernels.ulp_fix(bk, tk, n, BLOCK, ipart, n_rtol, atol):
+        if n_rtol < _INF_BITS and max_abs > atol and kernels.ulp_fix(bp, tp, n, BLOCK, nblocks, ip, n_rtol, atol):
             needed_rtol = _float(n_rtol + 1)  # the next float64 up
     return (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite, max_abs, index,
             _float(max_rel), _float(n_atol), needed_rtol, nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, zero_b, zero_t)
@@ -798,10 +1000,11 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
     if t_flat.size != n:
         raise ValueError("pair_metrics needs arrays of the same size")
     rtol, atol = float(rtol), float(atol)
-    kernels = _load() if n else None
-    bk = _kernel_view(b_flat, baseline_dtype) if kernels is not None else None
+    usable = n > 0 and available() and 0.0 <= rtol < math.inf and 0.0 <= atol < math.inf
+    bk = _kernel_view(b_flat, baseline_dtype) if usable else None
     tk = _kernel_view(t_flat, target_dtype) if bk is not None else None
-    if tk is None or not (0.0 <= rtol < math.inf and 0.0 <= atol < math.inf):
+    kernels = _load(_KINDS[bk.dtype], _KINDS[tk.dtype]) if tk is not None else None
+    if kernels is None:
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
     try:

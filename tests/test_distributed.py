@@ -1,0 +1,210 @@
+"""Multi-rank runs: the in-repo tensor-parallel Llama under torchrun (gloo, 2 ranks) against the
+TP=1 transformers run; reassembly, annotations and overrides, the all-reduce fault of incident 3,
+the padding token of incident 4, token alignment across layouts, --workers and torchrun compare.
+
+Everything runs for real: torchrun processes, gloo collectives, transformers on the tiny Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.compare.engine import compare
+
+pytestmark = pytest.mark.xdist_group("distributed")
+
+PROMPT = "The quick brown fox"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def tp_run(out: Path, *args: str) -> Path:
+    """Run the TP=2 Llama under torchrun into ``out``."""
+    result = subprocess.run([*TORCHRUN, "-m", "parity.parallel.tp_llama", "--out", str(out), "--prompt", PROMPT,
+                             *args], capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def cli(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [*TORCHRUN, "-m", "parity.cli"] if torchrun else [sys.executable, "-m", "parity.cli"]
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300,
+                          env={**_env(), "COLUMNS": "160"})
+
+
+@pytest.fixture(scope="module")
+def hf_tp1(fp32_model, tmp_path_factory) -> Path:
+    """The transformers run (TP=1) of PROMPT under canonical taps."""
+    from parity.backends.hf import capture_sequences
+
+    out = tmp_path_factory.mktemp("dist") / "hf"
+    capture_sequences(fp32_model, [fp32_model.tokenizer(PROMPT).input_ids], out, canonical=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory) -> Path:
+    return tp_run(tmp_path_factory.mktemp("dist") / "tp2")
+
+
+def test_tp2_run_is_one_dump_with_a_manifest_per_rank(tp2):
+    headers = [json.loads((tp2 / f"manifest-rank{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    assert [(h["rank"], h["world_size"]) for h in headers] == [(0, 2), (1, 2)]
+    assert headers[1]["layout"] == {"tp_rank": 1, "tp_size": 2, "dp_rank": 0, "dp_size": 1}
+    records = [json.loads(line) for line in (tp2 / "manifest-rank1.jsonl").read_text().splitlines()
+               if '"record"' in line]
+    by_name = {r["name"]: r for r in records}
+    assert by_name["logits"]["shape"] == [1, 11, 256] and by_name["logits"]["tags"]["shard"] == "split:-1"
+    assert by_name["layers.0.attn"]["tags"]["shard"] == "sum"
+
+
+def test_tp2_matches_tp1_at_fp32_tolerance_after_reassembly(hf_tp1, tp2):
+    report = compare(hf_tp1, tp2)
+    assert report.verdict == "pass", [o.reason for o in report.outcomes if not o.ok]
+    names = {o.name for o in report.outcomes}
+    assert {"embeddings", "layers.0.attn", "layers.3.mlp", "final_norm", "logits"} <= names
+    assert len(report.outcomes) == 23  # every canonical tap of the 4-layer model, one logical tensor each
+    logits = next(o for o in report.outcomes if o.name == "logits")
+    assert logits.target.shape == [1, 11, 512]  # two vocabulary halves joined
+    attn = next(o for o in report.outcomes if o.name == "layers.0.attn")
+    assert attn.metrics.max_abs > 0  # the partial sums were added: not bit-identical, but close
+
+
+def test_all_reduce_returning_zeros_on_one_rank_is_flagged_with_its_rank(hf_tp1, tmp_path):
+    faulty = tp_run(tmp_path / "faulty", "--fault", "mlp:0:1")
+    report = compare(hf_tp1, faulty)
+    first = report.first_divergence
+    assert first is not None
+    assert (first.name, first.kind, first.rank) == ("layers.0.mlp", "degenerate", 1)
+    assert "rank 1" in first.reason and "all zeros" in first.reason
+    assert all(o.ok for o in report.outcomes[:report.outcomes.index(first)])
+
+
+def test_missing_annotation_is_an_error_naming_the_tap_and_override_fixes_it(hf_tp1, tp2, tmp_path):
+    dump = tmp_path / "unannotated"
+    shutil.copytree(tp2, dump)
+    for rank in (0, 1):
+        path = dump / f"manifest-rank{rank}.jsonl"
+        lines = []
+        for line in path.read_text().splitlines():
+            obj = json.loads(line)
+            if obj.get("name") == "logits":
+                obj["tags"].pop("shard")
+            lines.append(json.dumps(obj))
+        path.write_text("\n".join(lines) + "\n")
+    result = cli("compare", str(hf_tp1), str(dump))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'logits'" in lines[0] and "no sharding annotation" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert cli("compare", str(hf_tp1), str(dump), "--shard", "logits=split:-1").returncode == 0
+
+
+def test_a_wrong_annotation_is_overridden_at_compare_time_without_a_rerun(hf_tp1, tp2):
+    wrong = compare(hf_tp1, tp2, shards=["layers.*.attn=replicated"])
+    attn = next(o for o in wrong.outcomes if o.name == "layers.0.attn")
+    assert attn.kind == "fail" and "rank 1's copy of a replicated tensor differs" in attn.reason
+    assert compare(hf_tp1, tp2, shards=["layers.*.attn=sum"]).verdict == "pass"
+    bad = cli("compare", str(hf_tp1), str(tp2), "--shard", "logits=split:x")
+    assert bad.returncode == 2 and "split needs an integer dimension" in bad.stderr
+
+
+def test_incident_4_padding_token_is_aligned_away(hf_tp1, tmp_path):
+    padded = tp_run(tmp_path / "padded", "--pad", "1")
+    by_step = compare(hf_tp1, padded)
+    assert by_step.verdict == "fail" and {o.kind for o in by_step.outcomes} == {"shape_mismatch"}
+    aligned = compare(hf_tp1, padded, align="tokens")
+    assert aligned.verdict == "pass", [o.reason for o in aligned.outcomes if not o.ok]
+    assert any("11 tokens" in n and "1 target slot" in n for n in aligned.notes)
+    result = cli("compare", str(hf_tp1), str(padded), "--align", "tokens")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tokens_on_one_side_only_are_reported_not_truncated(hf_tp1, tmp_path):
+    shorter = tmp_path / "short"
+    result = subprocess.run([*TORCHRUN, "-m", "parity.parallel.tp_llama", "--out", str(shorter),
+                             "--prompt", "The quick brown"], capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = compare(hf_tp1, shorter, align="tokens")
+    tokens = [o for o in report.outcomes if o.name == "tokens"]
+    assert len(tokens) == 1 and tokens[0].kind == "missing_in_target"
+    assert "positions" in tokens[0].reason and report.verdict == "fail"
+    assert all(o.ok for o in report.outcomes if o.name != "tokens")  # the shared prefix agrees
+    assert compare(hf_tp1, shorter, align="tokens", allow_missing=["tokens"]).verdict == "pass"
+
+
+def test_workers_and_torchrun_sharded_compare_give_the_serial_report(hf_tp1, tmp_path):
+    faulty = tp_run(tmp_path / "faulty", "--fault", "attn:1:0")
+    reports = {}
+    for label, extra, torchrun in (("serial", [], False), ("workers", ["--workers", "2"], False),
+                                   ("torchrun", ["--distributed"], True)):
+        out = tmp_path / f"{label}.json"
+        result = cli("compare", str(hf_tp1), str(faulty), "--json", str(out), *extra, torchrun=torchrun)
+        assert result.returncode in (0, 1), result.stderr[-2000:]
+        reports[label] = json.loads(out.read_text())
+    assert reports["serial"]["summary"]["verdict"] == "fail"
+    for label in ("workers", "torchrun"):
+        assert reports[label]["pairs"] == reports["serial"]["pairs"], label
+        assert reports[label]["first_divergence"] == reports["serial"]["first_divergence"], label
+
+
+# ---------------------------------------------------------------- token layouts (real captures)
+def _write(dump: Path, steps: list[dict], *, hidden: int = 8) -> Path:
+    """A dump written by CaptureSession: per step, a [*, hidden] activation whose row for a token
+    is a fixed function of (request, position) — so only a correct alignment compares equal."""
+    from parity.capturing.session import CaptureSession
+
+    session = CaptureSession(dump)
+    for step in steps:
+        session.next_step(step["tags"])
+        rows = [torch.full((hidden,), -1.0) if key is None else
+                torch.linspace(0, 1, hidden) * (key[1] + 1) + 10 * key[0] for key in step["rows"]]
+        value = torch.stack(rows).reshape(*step.get("shape", (len(rows),)), hidden)
+        session.record("layers.0.mlp", value)
+        session.end_step()
+    session.close()
+    return dump
+
+
+def test_chunked_prefill_and_padded_batches_align_with_one_packed_step(tmp_path):
+    ids_a, ids_b = [5, 6, 7, 8, 9], [5, 6, 11]
+    packed = _write(tmp_path / "packed", [{
+        "tags": {"input_ids": [ids_a + ids_b], "positions": [[0, 1, 2, 3, 4, 0, 1, 2]], "seq_lens": [5, 3]},
+        "rows": [(0, p) for p in range(5)] + [(1, p) for p in range(3)]}])
+    # target: request A in two chunks (steps 0 and 1) next to B in a padded [2, 4] batch (B right-
+    # padded), then A's second chunk packed with a padding slot; request ids tie the chunks together
+    chunked = _write(tmp_path / "chunked", [
+        {"tags": {"input_ids": [[5, 6, 7, 8], [5, 6, 11, 0]], "attention_mask": [[1, 1, 1, 0], [1, 1, 1, 0]],
+                  "request_ids": ["a", "b"]},
+         "rows": [(0, 0), (0, 1), (0, 2), None, (1, 0), (1, 1), (1, 2), None], "shape": (2, 4)},
+        {"tags": {"input_ids": [[8, 9, 0]], "positions": [[3, 4, 0]], "seq_lens": [2], "request_ids": ["a"]},
+         "rows": [(0, 3), (0, 4), None]}])
+    report = compare(packed, chunked, align="tokens")
+    assert report.verdict == "pass", [o.reason for o in report.outcomes]
+    assert "8 tokens of 2 request(s)" in report.notes[0] and "3 target slot" in report.notes[0]
+    assert compare(packed, chunked).verdict == "fail"  # step by step, the layouts cannot pair
+
+
+def test_requests_pair_by_request_id_in_any_order(tmp_path):
+    base = _write(tmp_path / "b", [{"tags": {"input_ids": [[1, 2, 3, 4]], "seq_lens": [2, 2],
+                                             "request_ids": ["x", "y"]},
+                                    "rows": [(0, 0), (0, 1), (1, 0), (1, 1)]}])
+    swapped = _write(tmp_path / "t", [{"tags": {"input_ids": [[3, 4, 1, 2]], "seq_lens": [2, 2],
+                                                "request_ids": ["y", "x"]},
+                                       "rows": [(1, 0), (1, 1), (0, 0), (0, 1)]}])
+    assert compare(base, swapped, align="tokens").verdict == "pass"
+    wrong = _write(tmp_path / "w", [{"tags": {"input_ids": [[3, 4, 1, 2]], "seq_lens": [2, 2],
+                                              "request_ids": ["y", "x"]},
+                                     "rows": [(0, 0), (0, 1), (1, 0), (1, 1)]}])  # rows not moved
+    assert compare(base, wrong, align="tokens").verdict == "fail"
