@@ -208,3 +208,41 @@ def test_requests_pair_by_request_id_in_any_order(tmp_path):
                                               "request_ids": ["y", "x"]},
                                      "rows": [(0, 0), (0, 1), (1, 0), (1, 1)]}])  # rows not moved
     assert compare(base, wrong, align="tokens").verdict == "fail"
+
+
+def test_statistics_only_multi_rank_dumps_combine_shard_statistics(fp32_model, tmp_path):
+    from parity.backends.hf import capture_sequences
+
+    hf = tmp_path / "hf-stats"
+    capture_sequences(fp32_model, [fp32_model.tokenizer(PROMPT).input_ids], hf, canonical=True, mode="stats")
+    report = compare(hf, tp_run(tmp_path / "tp-stats", "--stats-only"))
+    by_kind = {}
+    for o in report.outcomes:
+        by_kind.setdefault(o.kind, []).append(o.name)
+    # split (logits) and replicated taps are judged from combined statistics; partial sums cannot be
+    assert sorted(by_kind["missing_in_target"]) == [f"layers.{i}.attn" for i in range(4)]
+    assert set(by_kind) == {"pass", "missing_in_target"} and "logits" in by_kind["pass"]
+    assert all(o.statistics_based for o in report.outcomes if o.kind == "pass")
+    faulty = compare(hf, tp_run(tmp_path / "tp-stats-bad", "--stats-only", "--fault", "mlp:0:1"),
+                     allow_missing=["layers.*.attn"])
+    assert faulty.first_divergence is not None and faulty.first_divergence.name == "layers.0.mlp"
+
+
+def test_vllm_tensor_parallel_2_matches_transformers(tmp_path):
+    """vLLM with tensor_parallel_size=2 on CPU (two worker processes, each capturing its rank)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--target", "engine=vllm,tp=2",
+                             "--prompts", str(prompts), "--new-tokens", "4", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env={**_env(), "COLUMNS": "160"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "PASS" in result.stdout
+    headers = [json.loads((out / "target" / f"manifest-rank{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    assert [(h["rank"], h["world_size"], h["spec"]["tp"]) for h in headers] == [(0, 2, 2), (1, 2, 2)]
+    report = json.loads((out / "report.json").read_text())
+    logits = [p for p in report["pairs"] if p["name"] == "logits"]
+    assert logits and all(p["target"]["shape"][-1] == 512 and p["outcome"] == "pass" for p in logits)
+    assert report["summary"]["passed"] == report["summary"]["pairs"] == 23
+    step = json.loads((out / "target" / "manifest-rank1.jsonl").read_text().splitlines()[1])
+    assert step["type"] == "step" and step["tags"]["seq_lens"] == [len(step["tags"]["input_ids"][0])]

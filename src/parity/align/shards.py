@@ -213,9 +213,39 @@ class LogicalRun:
                 self.run.release(shard)
 
     def findings(self, record: Record) -> list[ShardFinding]:
-        """Problems found with individual ranks while rebuilding ``record`` (after :meth:`raw`)."""
+        """Problems found with individual ranks: from the data while rebuilding ``record`` (after
+        :meth:`raw`), from the stored statistics for statistics-only dumps."""
         group = self._groups.get((record.name, record.step))
-        return list(group.findings) if group else []
+        if group is None:
+            return []
+        if record.file is None:
+            return self._stats_findings(group)
+        return list(group.findings)
+
+    @staticmethod
+    def _stats_findings(group: _Group) -> list[ShardFinding]:
+        out: list[ShardFinding] = []
+        for part in group.parts:
+            if len(part) < 2 or not all(r.stats for r in part):
+                continue
+            problems = {}
+            for r in part:
+                st = r.stats
+                if int(st.get("nan") or 0) + int(st.get("inf") or 0):
+                    problems[r.rank] = "holds NaN/Inf values"
+                elif int(st.get("zero") or 0) == int(st.get("numel") or -1) and r.numel:
+                    problems[r.rank] = "is all zeros"
+            healthy = [r for r in part if r.rank not in problems]
+            if healthy:
+                out.extend(ShardFinding(rank, f"rank {rank}'s shard ({group.spec}) {problem} while rank "
+                                              f"{healthy[0].rank}'s is not (from statistics)", True)
+                           for rank, problem in problems.items())
+                if group.spec.kind == "replicated":
+                    keep = healthy[0]
+                    out.extend(ShardFinding(r.rank, f"rank {r.rank}'s copy of a replicated tensor has other "
+                                                    f"statistics than rank {keep.rank}'s", False)
+                               for r in healthy[1:] if r.stats != keep.stats)
+        return out
 
     def array(self, record: Record, dtype: type = np.float64) -> np.ndarray:
         """The rebuilt tensor widened to ``dtype``."""
@@ -256,6 +286,9 @@ class LogicalRun:
             if lacking:
                 tags["incomplete"] = f"ranks {lacking} hold no record of it (its shards are incomplete)"
             stats = self._stats(spec, parts)
+            if not all(r.file for r in records) and not stats:
+                tags["incomplete"] = (f"statistics-only dump: statistics of {spec} shards cannot be combined "
+                                      "(capture this tap after its all-reduce, or with tensors)")
             out.append(replace(first, rank=0, order=min(r.order for r in records), shape=shape,
                                stats=stats, tags=tags,
                                file=first.file if all(r.file for r in records) else None))
@@ -311,8 +344,9 @@ class LogicalRun:
     def _stats(spec: ShardSpec, parts: list[list[Record]]) -> dict[str, Any]:
         """Statistics of the logical tensor where they follow from the shards' (empty for sums)."""
         shards = [r for part in parts for r in part] if spec.kind == "split" or len(parts) > 1 else []
-        if spec.kind == "replicated" and len(parts) == 1:
-            return dict(parts[0][0].stats)
+        if spec.kind == "replicated" and len(parts) == 1:  # the first copy that is not all zeros
+            healthy = [r for r in parts[0] if int(r.stats.get("zero") or 0) != int(r.stats.get("numel") or -1)]
+            return dict((healthy or parts[0])[0].stats)
         if spec.kind == "sum" or not shards or any(not r.stats for r in shards):
             return {}
         stats = [r.stats for r in shards]

