@@ -11,8 +11,8 @@ What it measures
       a divergence found, counts as a completed compare);
     - for reference (no goal): ``python -c pass`` (the interpreter alone),
       ``import parity.compare.fastpath`` (must stay cheap: numba is imported lazily) and
-      ``fastpath.available()`` (what the compiled compare path adds once it is used: numba
-      import and the kernels' set-up; compiled code comes later, from numba's cache).
+      ``fastpath.available()`` (whether numba and llvmlite are installed; neither is imported:
+      compiled code comes later, loaded from the kernel cache with llvmlite).
 
     The dumps are written by a child process (torch is imported there only) with
     :class:`parity.store.writer.DumpWriter` (``durable=False``); the target is the baseline
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"parity compare, {args.records} records, --json",
              [py, "-m", "parity.cli", "compare", str(base), str(target), "--json", str(report)], 1.5, (0, 1)),
             ("python -c 'import parity.compare.fastpath'", [py, "-c", "import parity.compare.fastpath"], None, (0,)),
-            ("python -c 'fastpath.available()' (numba import)",
+            ("python -c 'fastpath.available()'",
              [py, "-c", "from parity.compare import fastpath; assert fastpath.available()"], None, (0,)),
         ]
         print(f"{'command':<52} {'median s':>9} {'min s':>7} {'max s':>7}  goal")

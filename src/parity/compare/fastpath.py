@@ -43,16 +43,23 @@ Design
     float32 buffer that the loops share.
 
 Threads
-    ``workers`` threads (default 2) run the kernel (compiled ``nogil``) over contiguous ranges
-    of blocks (:data:`PIECES_PER_WORKER` ranges per thread), from a shared thread pool; pairs
+    ``workers`` threads (default 2) run the kernel (a C function called through ctypes, which
+    releases the GIL) over contiguous ranges of blocks (:data:`PIECES_PER_WORKER` ranges per thread), from a shared thread pool; pairs
     under :data:`PARALLEL_MIN` elements run on the calling thread. Combining is serial.
 
 Compilation
-    numba is imported on first use (``import parity.compare.fastpath`` stays cheap). Kernels
-    are compiled with ``cache=True``: the first process compiles each dtype combination
-    (a few seconds for the first, about a second for each further one), later processes load
-    the machine code from numba's cache (``__pycache__`` next to this file, numba's user cache
-    directory when that is not writable, or ``NUMBA_CACHE_DIR``).
+    Per dtype combination (baseline, target), five entry points (per-block partials, settling,
+    folding, first index of the maximum, ulp fix-up) are numba ``cfunc`` wrappers (C ABI:
+    pointers and scalars) around the kernels of :func:`_build`. The first process that needs a
+    combination imports numba, compiles it (a few seconds for the first, about a second for
+    each further one) and stores the machine code (native object files for this CPU) in a
+    cache file; later processes load that file with llvmlite and call the entry points through
+    ctypes, without importing numba (a few ms instead of about 0.4 s of numba import and
+    cache loading). The cache file's name holds a hash of this source file, the numba and
+    llvmlite installs, the Python version and the CPU (name and features); it lies in
+    ``NUMBA_CACHE_DIR`` when set, else in ``__pycache__`` next to this file when writable, else
+    in ``$XDG_CACHE_HOME/parity`` (``~/.cache/parity``). ``import parity.compare.fastpath``
+    stays cheap: numba and llvmlite are imported on first use.
 """
 
 from __future__ import annotations
@@ -107,10 +114,9 @@ _nb_stage: Any = None
 
 
 def _build() -> Any:
-    """Define and return the numba kernels (imports numba; compiles lazily, per signature).
+    """Define and return the numba kernels (imports numba; compiled by :func:`_compile`).
 
-    The kernels reach their helpers through module globals (``_nb_*``), not closure cells:
-    numba's cache key hashes closure contents, which differ from process to process.
+    The kernels reach their helpers through module globals (``_nb_*``), not closure cells.
     """
     global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_stage
     global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_exact_one
@@ -791,6 +797,9 @@ def _load_native(b_kind: str, t_kind: str) -> _Native:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(payload)
         os.replace(tmp, path)
+        for stale in directory.glob(f"fastpath-{b_kind}-{t_kind}-*.kernels"):  # earlier sources, CPUs
+            if stale != path:
+                stale.unlink(missing_ok=True)
     except OSError:
         pass
     return native
@@ -810,7 +819,15 @@ def _load(b_kind: str, t_kind: str) -> _Native | None:
                     _failed[key] = exc
                     if _strict:
                         raise
+                    _warn(exc)
     return native
+
+
+def _warn(exc: BaseException) -> None:
+    if not _warned:
+        _warned.append(True)
+        logging.getLogger(__name__).warning("compiled comparison failed (%s: %s); using numpy",
+                                            type(exc).__name__, exc)
 
 
 def available() -> bool:
@@ -821,11 +838,6 @@ def available() -> bool:
 
         _available = all(importlib.util.find_spec(name) is not None for name in ("numba", "llvmlite"))
     return _available
-
-
-def loaded(baseline_kind: np.dtype, target_kind: np.dtype) -> bool:
-    """Whether the entry points of this pair of kernel-view dtypes are already loaded."""
-    return (_KINDS.get(baseline_kind), _KINDS.get(target_kind)) in _natives
 
 
 def _pool(workers: int) -> Any:
@@ -1012,10 +1024,7 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
     except Exception as exc:  # a kernel that fails (to compile) must not stop a comparison
         if _strict:
             raise
-        if not _warned:
-            _warned.append(True)
-            logging.getLogger(__name__).warning("compiled comparison failed (%s: %s); using numpy",
-                                                type(exc).__name__, exc)
+        _warn(exc)
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
     (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite_mismatch, max_abs, max_abs_at,
      max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t, zero_b, zero_t) = fields

@@ -21,7 +21,7 @@ For baseline ``b`` (the reference) and target ``t``, over the elements finite on
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,12 @@ class PairMetrics:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings ``inf``, ``-inf``, ``nan``)."""
-        return {k: json_float(v) for k, v in asdict(self).items()}
+        # what asdict() gives (field order, the index list copied), without its recursive deep copy
+        return {k: list(v) if isinstance(v, list) else json_float(v)
+                for k, v in ((f, getattr(self, f)) for f in _FIELD_NAMES)}
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(PairMetrics))
 
 
 class _Side:
