@@ -246,3 +246,38 @@ def test_vllm_tensor_parallel_2_matches_transformers(tmp_path):
     assert report["summary"]["passed"] == report["summary"]["pairs"] == 23
     step = json.loads((out / "target" / "manifest-rank1.jsonl").read_text().splitlines()[1])
     assert step["type"] == "step" and step["tags"]["seq_lens"] == [len(step["tags"]["input_ids"][0])]
+
+
+def test_tensor_and_data_parallel_layout_rebuilds_per_group_then_joins_tokens(tmp_path):
+    """4 ranks = TP 2 x DP 2: each DP group holds its own tokens; within a group the hidden
+    axis is split (x) or replicated (y). Written by four real capture sessions."""
+    from parity.capturing.session import CaptureSession
+
+    full = torch.arange(6 * 4, dtype=torch.float32).reshape(1, 6, 4) / 7
+    base = CaptureSession(tmp_path / "base")
+    base.next_step({})
+    base.record("x", full)
+    base.record("y", full * 2)
+    base.close()
+    for rank in range(4):
+        tp, dp = rank % 2, rank // 2
+        session = CaptureSession(tmp_path / "tpdp", rank=rank, world_size=4,
+                                 layout={"tp_rank": tp, "tp_size": 2, "dp_rank": dp, "dp_size": 2},
+                                 sharding={"x": "split:-1", "y": "replicated"})
+        session.next_step({})
+        tokens = full[:, 3 * dp:3 * dp + 3]
+        session.record("x", tokens[..., 2 * tp:2 * tp + 2])
+        session.record("y", tokens * 2)
+        session.close()
+    report = compare(tmp_path / "base", tmp_path / "tpdp")
+    assert report.verdict == "pass" and [o.target.shape for o in report.outcomes] == [[1, 6, 4], [1, 6, 4]]
+    assert all(o.metrics.max_abs == 0 for o in report.outcomes)
+
+
+def test_inspect_shows_ranks_layouts_and_annotations_and_explain_refuses_multi_rank(hf_tp1, tp2):
+    shown = cli("inspect", str(tp2), "--name", "logits")
+    assert shown.returncode == 0
+    assert "rank 1 layout: tp_rank=1, tp_size=2" in shown.stdout and "split:-1" in shown.stdout
+    refused = cli("explain", str(hf_tp1), str(tp2))
+    assert refused.returncode == 2 and "2-rank run" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -216,6 +216,9 @@ def explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, 
     runs = load_run(base_dir), load_run(target_dir)
     specs, paths = [], []
     for run in runs:
+        if run.world_size > 1:
+            raise UsageError(f"{run.path} is a {run.world_size}-rank run; explain replays single-process "
+                             "transformers runs", hint="parity compare names the first divergent tap and rank")
         spec, model = run.header.spec, run.header.model
         if not model.get("path") or not {"dtype", "attn"} <= set(spec):
             raise UsageError(f"{run.path} does not say which model and spec made it; "
