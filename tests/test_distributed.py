@@ -281,3 +281,29 @@ def test_inspect_shows_ranks_layouts_and_annotations_and_explain_refuses_multi_r
     refused = cli("explain", str(hf_tp1), str(tp2))
     assert refused.returncode == 2 and "2-rank run" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_padded_transformers_batch_aligns_with_one_request_per_step(fp32_model, tmp_path):
+    """transformers, left-padded batch of two prompts (mask and positions captured automatically)
+    against the same prompts run one per step: --align tokens pairs every real token."""
+    import parity
+
+    model, tok = fp32_model.model, fp32_model.tokenizer
+    prompts = ["The quick brown fox", "A"]
+    singles = tmp_path / "singles"
+    with parity.capture(model, singles), torch.inference_mode():
+        for text in prompts:
+            model(input_ids=torch.tensor([tok(text).input_ids]), use_cache=False)
+    ids = [tok(text).input_ids for text in prompts]
+    width = max(map(len, ids))
+    pad = model.config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batched = tmp_path / "batched"
+    with parity.capture(model, batched), torch.inference_mode():
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    report = compare(singles, batched, align="tokens")
+    assert report.verdict == "pass", [o.reason for o in report.outcomes if not o.ok][:3]
+    assert f"{sum(map(len, ids))} tokens of 2 request(s)" in report.notes[0]
+    assert f"{2 * width - sum(map(len, ids))} target slot" in report.notes[0]
