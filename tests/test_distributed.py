@@ -307,3 +307,121 @@ def test_padded_transformers_batch_aligns_with_one_request_per_step(fp32_model, 
     assert report.verdict == "pass", [o.reason for o in report.outcomes if not o.ok][:3]
     assert f"{sum(map(len, ids))} tokens of 2 request(s)" in report.notes[0]
     assert f"{2 * width - sum(map(len, ids))} target slot" in report.notes[0]
+
+
+def _dp_run(path: Path, groups: list[dict], *, tp: int = 1, sharding: dict | None = None) -> Path:
+    """A TP x DP run written by one real capture session per rank: ``groups[dp]`` gives that DP
+    group's step tags and its full [1, T, H] tensor (split over tp along the last axis)."""
+    from parity.capturing.session import CaptureSession
+
+    world = tp * len(groups)
+    for rank in range(world):
+        tp_rank, dp_rank = rank % tp, rank // tp
+        session = CaptureSession(path, rank=rank, world_size=world,
+                                 layout={"tp_rank": tp_rank, "tp_size": tp, "dp_rank": dp_rank, "dp_size": len(groups)},
+                                 sharding=sharding or {"**": "split:-1"})
+        group = groups[dp_rank]
+        session.next_step(group["tags"])
+        width = group["value"].shape[-1] // tp
+        session.record("layers.0.mlp", group["value"][..., tp_rank * width:(tp_rank + 1) * width])
+        session.end_step()
+        session.close()
+    return path
+
+
+def test_incident_4_empty_data_parallel_rank_adds_a_padding_token(tmp_path):
+    """DP=2 x TP=2 where DP rank 1 had no request and contributed one padding token: [6, ...]
+    against the baseline's [5, ...]; the step metadata of each DP group rebuilds the real tokens."""
+    from parity.capturing.session import CaptureSession
+
+    value = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0))
+    ids = [7, 8, 9, 10, 11]
+    base = CaptureSession(tmp_path / "tp2")
+    base.next_step({"input_ids": [ids]})
+    base.record("layers.0.mlp", value)
+    base.close()
+    target = _dp_run(tmp_path / "tp2dp2", [
+        {"tags": {"input_ids": [ids], "seq_lens": [5]}, "value": value},
+        {"tags": {"input_ids": [[0]], "seq_lens": []}, "value": torch.zeros(1, 1, 8)}], tp=2)
+    by_step = compare(tmp_path / "tp2", target)
+    assert [o.kind for o in by_step.outcomes] == ["shape_mismatch"] and "[1, 6, 8]" in by_step.outcomes[0].reason
+    aligned = compare(tmp_path / "tp2", target, align="tokens")
+    assert aligned.verdict == "pass" and aligned.outcomes[0].metrics.max_abs == 0
+    assert "5 tokens of 1 request(s)" in aligned.notes[0] and "1 target slot" in aligned.notes[0]
+
+
+def test_shard_faults_stay_visible_under_token_alignment(tmp_path):
+    value = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1))
+    tags = {"input_ids": [[1, 2, 3, 4]]}
+    from parity.capturing.session import CaptureSession
+
+    base = CaptureSession(tmp_path / "base")
+    base.next_step(tags)
+    base.record("layers.0.mlp", value)
+    base.close()
+    for rank in range(2):
+        session = CaptureSession(tmp_path / "tp", rank=rank, world_size=2, sharding={"**": "replicated"})
+        session.next_step(tags)
+        session.record("layers.0.mlp", value if rank == 0 else torch.zeros_like(value))
+        session.close()
+    for align in ("steps", "tokens"):
+        outcome = compare(tmp_path / "base", tmp_path / "tp", align=align).outcomes[0]
+        assert (outcome.kind, outcome.rank) == ("degenerate", 1), align
+        assert "rank 1's shard (replicated) is all zeros" in outcome.reason
+
+
+def test_replicated_copies_take_the_majority_and_zero_split_shards_are_only_notes(tmp_path):
+    from parity.capturing.session import CaptureSession
+
+    value = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(2))
+    base = CaptureSession(tmp_path / "base")
+    base.next_step({})
+    base.record("r", value)
+    base.record("s", torch.cat([value[..., :4], torch.zeros(1, 4, 4)], dim=-1))
+    base.close()
+    for rank in range(3):
+        session = CaptureSession(tmp_path / "tp", rank=rank, world_size=3,
+                                 sharding={"r": "replicated", "s": "sum"})
+        session.next_step({})
+        session.record("r", value + 1 if rank == 0 else value)  # rank 0 alone is wrong
+        partial = torch.cat([value[..., :4], torch.zeros(1, 4, 4)], dim=-1) if rank == 1 else torch.zeros(1, 4, 8)
+        session.record("s", partial)  # ranks 0 and 2 legitimately contribute nothing
+        session.close()
+    report = compare(tmp_path / "base", tmp_path / "tp")
+    r, s = report.outcomes
+    assert (r.kind, r.rank) == ("fail", 0) and "copy of ranks 1, 2" in r.reason and r.metrics.max_abs == 0
+    assert s.kind == "pass" and any("all zeros" in n for n in s.notes)
+
+
+def test_inconsistent_layouts_and_missing_torchrun_are_clear_errors(tmp_path):
+    from parity.capturing.session import CaptureSession
+    from parity.errors import DumpError
+
+    for rank in range(2):
+        session = CaptureSession(tmp_path / "bad", rank=rank, world_size=2, sharding={"**": "replicated"},
+                                 layout={"tp_rank": 0, "tp_size": 2, "dp_rank": 0, "dp_size": 1})
+        session.next_step({})
+        session.record("x", torch.ones(2))
+        session.close()
+    with pytest.raises(DumpError, match="both claim tp_rank 0"):
+        compare(tmp_path / "bad", tmp_path / "bad")
+    result = cli("compare", str(tmp_path / "bad"), str(tmp_path / "bad"), "--distributed")
+    assert result.returncode == 2 and "runs under torchrun" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generate_with_decode_steps_aligns_with_one_teacher_forced_pass(fp32_model, tmp_path):
+    """transformers generate (prefill, then one decode step per token, KV cache) against the
+    whole sequence in one forward pass: every tap with a token axis pairs token by token."""
+    import parity
+
+    model, tok = fp32_model.model, fp32_model.tokenizer
+    ids = torch.tensor([tok(PROMPT).input_ids])
+    with parity.capture(model, tmp_path / "generate"), torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with parity.capture(model, tmp_path / "forced"), torch.inference_mode():
+        model(input_ids=out[:, :-1], use_cache=False)  # the last token was never fed to the model
+    report = compare(tmp_path / "forced", tmp_path / "generate", align="tokens")
+    aligned = [o for o in report.outcomes if o.step == 0 and o.target and o.target.shape[0] == out.shape[1] - 1]
+    assert len(aligned) >= 20 and all(o.ok for o in aligned), [o.reason for o in aligned if not o.ok][:2]
+    assert f"{out.shape[1] - 1} tokens of 1 request(s)" in report.notes[0]

@@ -117,6 +117,10 @@ class ShardFinding:
     rank: int
     message: str
     degenerate: bool
+    #: True: the pair fails whatever its numbers (a replicated copy that is degenerate or
+    #: disagrees). False: a split/sum shard that is all zeros or non-finite — legitimate at
+    #: times (an expert rank that got no tokens), so it only explains a pair that fails anyway.
+    hard: bool = True
 
 
 @dataclass
@@ -178,6 +182,7 @@ class LogicalRun:
         missing = sorted(set(range(run.world_size)) - set(run.headers))
         if missing:
             self.notes.append(f"{run.world_size}-rank run without the manifests of ranks {missing}")
+        self.layouts = _check_layouts(run)
         self._groups: dict[tuple[str, int], _Group] = {}
         self.records = self._build(overrides)
 
@@ -197,9 +202,25 @@ class LogicalRun:
         """``full`` or ``stats``."""
         return self.run.mode
 
+    def group_step_tags(self, step: int) -> list[dict[str, Any]]:
+        """Step metadata per data-parallel group, in the order their tensors are joined (each
+        from the group's lowest tensor-parallel rank present)."""
+        heads: dict[int, tuple[int, int]] = {}
+        for rank, (tp_rank, _, dp_rank, _) in self.layouts.items():
+            if dp_rank not in heads or tp_rank < heads[dp_rank][0]:
+                heads[dp_rank] = (tp_rank, rank)
+        return [self.run.step_tags(step, heads[dp][1]) for dp in sorted(heads)]
+
     def step_tags(self, step: int, rank: int = 0) -> dict[str, Any]:
-        """Step metadata of the lowest rank."""
-        return self.run.step_tags(step, min(self.run.headers))
+        """Step metadata: the lowest rank's; with several data-parallel groups, their token ids
+        joined in group order (``input_ids`` only, as a single row)."""
+        groups = self.group_step_tags(step)
+        if len(groups) == 1:
+            return groups[0]
+        from parity.align.tokens import _flat
+
+        ids = [_flat(tags.get("input_ids")) for tags in groups]
+        return {"input_ids": [[i for part in ids for i in (part or [])]]} if all(ids) else {}
 
     def close(self) -> None:
         """Close the underlying run's files."""
@@ -228,17 +249,12 @@ class LogicalRun:
         for part in group.parts:
             if len(part) < 2 or not all(r.stats for r in part):
                 continue
-            problems = {}
-            for r in part:
-                st = r.stats
-                if int(st.get("nan") or 0) + int(st.get("inf") or 0):
-                    problems[r.rank] = "holds NaN/Inf values"
-                elif int(st.get("zero") or 0) == int(st.get("numel") or -1) and r.numel:
-                    problems[r.rank] = "is all zeros"
+            problems = {r.rank: p for r in part if (p := _stats_problem(r.stats))}
             healthy = [r for r in part if r.rank not in problems]
             if healthy:
+                hard = group.spec.kind == "replicated"
                 out.extend(ShardFinding(rank, f"rank {rank}'s shard ({group.spec}) {problem} while rank "
-                                              f"{healthy[0].rank}'s is not (from statistics)", True)
+                                              f"{healthy[0].rank}'s is not (from statistics)", True, hard)
                            for rank, problem in problems.items())
                 if group.spec.kind == "replicated":
                     keep = healthy[0]
@@ -267,7 +283,7 @@ class LogicalRun:
         by_key: dict[tuple[str, int], list[Record]] = {}
         for record in run.records:
             by_key.setdefault((record.name, record.step), []).append(record)
-        layouts = {rank: _layout(run, rank) for rank in run.headers}
+        layouts = self.layouts
         out: list[Record] = []
         for (name, step), records in by_key.items():
             spec = self._spec(name, step, records, overrides)
@@ -276,7 +292,7 @@ class LogicalRun:
                 tp_rank, _, dp_rank, _ = layouts[record.rank]
                 groups.setdefault(dp_rank, []).append((tp_rank, record))
             parts = [[r for _, r in sorted(groups[dp])] for dp in sorted(groups)]
-            expected = {rank for rank in run.headers}
+            expected = set(range(run.world_size))
             present = {r.rank for r in records}
             lacking = sorted(expected - present)
             self._groups[(name, step)] = _Group(spec, parts)
@@ -284,6 +300,7 @@ class LogicalRun:
             first = min(records, key=lambda r: r.rank)
             tags = {**first.tags, "ranks": sorted(present), "shard": str(spec)}
             if lacking:
+                tags["lacking_ranks"] = lacking
                 tags["incomplete"] = f"ranks {lacking} hold no record of it (its shards are incomplete)"
             stats = self._stats(spec, parts)
             if not all(r.file for r in records) and not stats:
@@ -338,17 +355,23 @@ class LogicalRun:
         if len(shapes) == 1:
             return shapes[0]
         axis = max(len(shapes[0]) - 2, 0)
+        if any(len(x) != len(shapes[0]) or any(a != b for i, (a, b) in enumerate(zip(x, shapes[0])) if i != axis)
+               for x in shapes):
+            raise DumpError(f"{self.path}: the data-parallel groups' {name!r} step {step} cannot be joined along "
+                            f"the token axis: {[list(x) for x in shapes]}")
         return tuple(sum(s[axis] for s in shapes) if i == axis else d for i, d in enumerate(shapes[0]))
 
     @staticmethod
     def _stats(spec: ShardSpec, parts: list[list[Record]]) -> dict[str, Any]:
         """Statistics of the logical tensor where they follow from the shards' (empty for sums)."""
-        shards = [r for part in parts for r in part] if spec.kind == "split" or len(parts) > 1 else []
-        if spec.kind == "replicated" and len(parts) == 1:  # the first copy that is not all zeros
-            healthy = [r for r in parts[0] if int(r.stats.get("zero") or 0) != int(r.stats.get("numel") or -1)]
-            return dict((healthy or parts[0])[0].stats)
-        if spec.kind == "sum" or not shards or any(not r.stats for r in shards):
+        if spec.kind == "sum" or any(not r.stats for part in parts for r in part):
             return {}
+        if spec.kind == "replicated":  # one copy per group: the first that is not degenerate
+            shards = [next((r for r in part if not _stats_problem(r.stats)), part[0]) for part in parts]
+        else:
+            shards = [r for part in parts for r in part]
+        if len(shards) == 1:
+            return dict(shards[0].stats)
         stats = [r.stats for r in shards]
         numel = sum(int(s.get("numel") or 0) for s in stats)
         out: dict[str, Any] = {"numel": numel}
@@ -383,7 +406,8 @@ class LogicalRun:
         if healthy:  # a degenerate shard is only news when another rank's is healthy
             for rank, problem in problems.items():
                 group.findings.append(ShardFinding(rank, f"rank {rank}'s shard ({spec}) {problem} "
-                                                   f"while rank {healthy[0]}'s is not", True))
+                                                   f"while rank {healthy[0]}'s is not", True,
+                                                   hard=spec.kind == "replicated"))
         if spec.kind == "split":
             return np.concatenate(raws, axis=spec.dim)  # type: ignore[arg-type]
         if spec.kind == "sum":
@@ -391,15 +415,66 @@ class LogicalRun:
             for raw in raws:
                 total += to_float(raw, dtype, np.float64)
             return _round_to(total, dtype) if floats else total.astype(np.dtype(dtype))
-        keep = next((i for i, r in enumerate(part) if r.rank not in problems), 0)
-        chosen = raws[keep]
-        for r, raw in zip(part, raws):
-            if r is part[keep] or r.rank in problems or np.array_equal(raw, chosen):
+        # replicated: the copy most healthy ranks agree on bitwise (the lowest rank's on a tie)
+        clusters: list[list[int]] = []
+        for i, r in enumerate(part):
+            if r.rank in problems:
                 continue
-            delta = float(np.max(np.abs(to_float(raw, dtype) - to_float(chosen, dtype)))) if floats else float("nan")
-            group.findings.append(ShardFinding(r.rank, f"rank {r.rank}'s copy of a replicated tensor differs "
-                                               f"from rank {part[keep].rank}'s (max |Δ| {delta:.3g})", False))
-        return chosen
+            home = next((c for c in clusters if np.array_equal(raws[c[0]], raws[i])), None)
+            if home is None:
+                clusters.append([i])
+            else:
+                home.append(i)
+        if not clusters:
+            return raws[0]
+        chosen = max(clusters, key=len)
+        tie = sum(1 for c in clusters if len(c) == len(chosen)) > 1
+        keep = raws[chosen[0]]
+        agree = ", ".join(str(part[i].rank) for i in chosen)
+        for cluster in clusters:
+            if cluster is chosen:
+                continue
+            for i in cluster:
+                delta = (float(np.max(np.abs(to_float(raws[i], dtype) - to_float(keep, dtype)))) if floats
+                         else float("nan"))
+                where = f"rank {agree}'s (no majority)" if tie else f"the copy of ranks {agree}"
+                group.findings.append(ShardFinding(part[i].rank, f"rank {part[i].rank}'s copy of a replicated "
+                                                   f"tensor differs from {where} (max |Δ| {delta:.3g})", False))
+        return keep
+
+
+def _stats_problem(stats: dict[str, Any]) -> str | None:
+    """Why stored statistics show a degenerate tensor (NaN/Inf, all zeros), or None."""
+    if not stats:
+        return None
+    if int(stats.get("nan") or 0) + int(stats.get("inf") or 0):
+        return "holds NaN/Inf values"
+    numel = int(stats.get("numel") or 0)
+    if numel and int(stats.get("zero") or 0) == numel:
+        return "is all zeros"
+    return None
+
+
+def _check_layouts(run: Run) -> dict[int, tuple[int, int, int, int]]:
+    """Each rank's (tp_rank, tp_size, dp_rank, dp_size), checked to describe one consistent grid."""
+    layouts = {rank: _layout(run, rank) for rank in run.headers}
+    sizes = {(tp_size, dp_size) for _, tp_size, _, dp_size in layouts.values()}
+    if len(sizes) > 1:
+        raise DumpError(f"{run.path}: ranks disagree on the parallel layout sizes (tp_size, dp_size): {sorted(sizes)}")
+    (tp_size, dp_size), = sizes
+    if tp_size * dp_size != run.world_size:
+        raise DumpError(f"{run.path}: layout tp_size {tp_size} x dp_size {dp_size} is not the world size "
+                        f"{run.world_size}")
+    seen: dict[tuple[int, int], int] = {}
+    for rank, (tp_rank, _, dp_rank, _) in sorted(layouts.items()):
+        if tp_rank >= tp_size or dp_rank >= dp_size:
+            raise DumpError(f"{run.path}: rank {rank} has tp_rank {tp_rank} / dp_rank {dp_rank} outside the "
+                            f"layout {tp_size} x {dp_size}")
+        if (dp_rank, tp_rank) in seen:
+            raise DumpError(f"{run.path}: ranks {seen[(dp_rank, tp_rank)]} and {rank} both claim tp_rank {tp_rank} "
+                            f"of dp group {dp_rank}")
+        seen[(dp_rank, tp_rank)] = rank
+    return layouts
 
 
 def logical_view(run: Run, overrides: Sequence[ShardRule] = ()) -> Run | LogicalRun:

@@ -10,26 +10,35 @@ by token.
 
 Reading one step's metadata (:func:`step_tokens`):
 
-- ``input_ids`` ``[T]`` or ``[1, T]``: packed; ``seq_lens`` (default ``[T]``) are consecutive
-  sequences and slots past ``sum(seq_lens)`` are padding.
-- ``input_ids`` ``[B, S]`` with B > 1: padded rows; ``attention_mask`` marks the real slots,
-  else the first ``seq_lens[b]`` slots of row b are real (right padding), else all are.
+- ``attention_mask`` (rows like ``input_ids``; of a decode step, its last ``S`` columns) marks
+  the real slots of each row, whatever the padding side.
+- else ``input_ids`` ``[T]`` or ``[1, T]``: packed; ``seq_lens`` (default ``[T]``) are
+  consecutive sequences and slots past ``sum(seq_lens)`` are padding;
+- else ``input_ids`` ``[B, S]`` with B > 1: the first ``seq_lens[b]`` slots of row b are real
+  (right padding), or all of them without ``seq_lens``.
 - ``positions`` (same layout) give each token's position in its sequence; default: its index
   within the sequence.
+- Multi-rank runs with several data-parallel groups: each group's metadata is read on its own
+  and its slots follow the previous groups' (the order in which the groups' tensors are joined).
 
-Requests: a sequence with a ``request_ids`` entry belongs to that request. Without ids, a
-sequence whose first position is 0 starts a new request and one that starts at position p > 0
-continues the most recent request that ends at p - 1 (chunked prefill, decode).
+Requests: a sequence with a ``request_ids`` entry belongs to that request (an id seen again
+for positions it already holds starts a new request). Without ids, a sequence whose first
+position is 0 starts a new request and one that starts at position p > 0 continues the oldest
+request that ends at p - 1 and was not continued in the same step (chunked prefill, decode).
 
 Matching (:func:`align_runs`): requests pair by request id when both runs have ids, otherwise
-by token-id prefix (the first unmatched request of the other run whose tokens agree at every
-position both hold). Within a request pair, tokens pair by position when their ids agree.
-Nothing is truncated silently: tokens of one side only (and positions whose ids differ) are
-listed in the :class:`Alignment` summary and fail the comparison as a ``tokens`` outcome.
+by token-id prefix (the unmatched request of the other run sharing the longest prefix of token
+ids, at least one). Within a request pair, tokens pair by position up to the first position
+whose token ids differ; later positions have different contexts and are not compared. Nothing
+is truncated silently: tokens of one side only and positions from the first differing id on
+are listed in the :class:`Alignment` summary and fail the comparison as a ``tokens`` outcome;
+so does an alignment in which no token paired at all (that one cannot be allowed away).
+Statistics-only dumps cannot be aligned (statistics of a tensor do not split by token).
 
-A tap takes part when, in every step that holds one of its records, the leading dimensions of
-the record multiply to the step's number of slots (``[1, T, H]``, ``[T, H]``, ``[B, S, H]``):
-those dimensions become the token axis. Other taps are compared step by step as usual.
+A tap takes part when, in every step that holds one of its records, its leading dimensions
+— as many as ``input_ids`` has, else the longest prefix that fits — multiply to the step's
+number of slots (``[1, T, H]``, ``[T, H]``, ``[B, S, H]``): those dimensions become the token
+axis. Other taps are compared step by step as usual.
 :class:`AlignedRun` presents the result as a run with one record per aligned tap (step 0,
 shape ``[tokens, *rest]``), gathered one tap at a time.
 """
@@ -78,6 +87,9 @@ class StepLayout:
     sequences: list[list[Token]]
     request_ids: list[Any] | None
     padding: int
+    dims: int = 1
+    notes: list[str] = field(default_factory=list)
+    batch: int = 1
 
 
 def _flat(value: Any) -> list[Any] | None:
@@ -105,19 +117,24 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
     seq_lens = [int(x) for x in seq_lens] if isinstance(seq_lens, list) and all(
         isinstance(x, (int, float)) for x in seq_lens) else None
     real: list[list[int]] = []
-    padded = isinstance(ids, list) and len(ids) > 1 and all(isinstance(r, list) for r in ids)
-    if padded:
-        width = len(ids[0])
-        mask = tags.get("attention_mask")
-        for b in range(len(ids)):
-            if isinstance(mask, list) and len(mask) == len(ids):
-                real.append([b * width + s for s, m in enumerate(mask[b]) if m])
-            elif seq_lens is not None and len(seq_lens) == len(ids):
-                real.append([b * width + s for s in range(min(seq_lens[b], width))])
-            else:
-                real.append([b * width + s for s in range(width)])
+    notes: list[str] = []
+    rows = ids if isinstance(ids, list) and ids and all(isinstance(r, list) for r in ids) else None
+    mask = tags.get("attention_mask")
+    if rows is not None and isinstance(mask, list) and len(mask) == len(rows) and all(
+            isinstance(m, list) and len(m) >= len(r) for m, r in zip(mask, rows)):
+        offset = 0
+        for row, m in zip(rows, mask):
+            real.append([offset + s for s, keep in enumerate(m[len(m) - len(row):]) if keep])
+            offset += len(row)
+    elif rows is not None and len(rows) > 1:
+        width = len(rows[0])
+        for b in range(len(rows)):
+            count = min(seq_lens[b], width) if seq_lens is not None and len(seq_lens) == len(rows) else width
+            real.append([b * width + s for s in range(count)])
     else:
         lengths = seq_lens if seq_lens is not None else [len(flat_ids)]
+        if sum(lengths) > len(flat_ids):
+            notes.append(f"step {step}: seq_lens {lengths} add up to more than its {len(flat_ids)} tokens")
         start = 0
         for length in lengths:
             real.append(list(range(start, min(start + length, len(flat_ids)))))
@@ -135,22 +152,56 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
         request_ids = None
     used = sum(len(s) for s in sequences)
     return StepLayout(slots=len(flat_ids), sequences=sequences, request_ids=request_ids,
-                      padding=len(flat_ids) - used)
+                      padding=len(flat_ids) - used, dims=2 if rows is not None else 1, notes=notes,
+                      batch=len(rows) if rows is not None else 1)
 
 
-def requests_of(run: Any) -> tuple[list[Request], dict[int, StepLayout], int]:
-    """The requests of a run (one rank's view), the layout per step, and the padding slots dropped."""
+def _join(step: int, layouts: list[StepLayout]) -> StepLayout:
+    """The layouts of several data-parallel groups as one step: slots follow each other."""
+    if len(layouts) == 1:
+        return layouts[0]
+    offset = 0
+    sequences: list[list[Token]] = []
+    for layout in layouts:
+        if layout.batch > 1:
+            raise DumpError(f"step {step}: data-parallel groups holding padded [batch, seq] batches cannot be "
+                            "aligned token by token (their tensors are joined along the sequence axis)")
+        sequences.extend([Token(t.step, t.slot + offset, t.position, t.token_id) for t in seq]
+                         for seq in layout.sequences)
+        offset += layout.slots
+    ids = [layout.request_ids for layout in layouts]
+    return StepLayout(slots=offset, sequences=sequences,
+                      request_ids=[i for part in ids for i in part] if all(p is not None for p in ids) else None,
+                      padding=sum(layout.padding for layout in layouts), dims=layouts[0].dims,
+                      notes=[n for layout in layouts for n in layout.notes])
+
+
+def _step_layout(run: Any, step: int) -> StepLayout | None:
+    groups = getattr(run, "group_step_tags", None)
+    tags_list = groups(step) if groups is not None else [run.step_tags(step)]
+    layouts = [step_tokens(step, tags) for tags in tags_list]
+    if not layouts or any(layout is None for layout in layouts):
+        return None
+    return _join(step, layouts)  # type: ignore[arg-type]
+
+
+def requests_of(run: Any) -> tuple[list[Request], dict[int, StepLayout], int, list[str]]:
+    """The requests of a run (one rank's view), the layout per step, the padding slots dropped
+    and notes about the metadata."""
     steps = sorted({r.step for r in run.records})
     requests: list[Request] = []
     by_id: dict[Any, Request] = {}
     layouts: dict[int, StepLayout] = {}
     padding = 0
+    notes: list[str] = []
     for step in steps:
-        layout = step_tokens(step, run.step_tags(step))
+        layout = _step_layout(run, step)
         if layout is None:
             continue
         layouts[step] = layout
         padding += layout.padding
+        notes.extend(layout.notes)
+        continued: set[int] = set()
         for k, seq in enumerate(layout.sequences):
             if not seq:
                 continue
@@ -158,18 +209,23 @@ def requests_of(run: Any) -> tuple[list[Request], dict[int, StepLayout], int]:
             request = None
             if rid is not None:
                 request = by_id.get(rid)
+                if request is not None and any(t.position in request.tokens for t in seq):
+                    request = None  # the id is reused for a new request
             elif seq[0].position > 0:
-                request = next((r for r in reversed(requests) if r.request_id is None and r.end == seq[0].position),
-                               None)
+                request = next((r for r in requests if r.request_id is None and id(r) not in continued
+                                and r.end == seq[0].position), None)
             if request is None:
-                request = Request(key=f"request {len(requests)}", request_id=rid)
+                request = Request(key=f"request {len(requests)}" if rid is None else f"request {rid!r}",
+                                  request_id=rid)
+                if rid is not None and rid in by_id:
+                    request.key += f" (#{sum(1 for r in requests if r.request_id == rid) + 1})"
                 requests.append(request)
                 if rid is not None:
                     by_id[rid] = request
-                    request.key = f"request {rid}"
+            continued.add(id(request))
             for token in seq:
                 request.tokens[token.position] = token
-    return requests, layouts, padding
+    return requests, layouts, padding, notes
 
 
 @dataclass
@@ -183,6 +239,7 @@ class Alignment:
     padding: tuple[int, int]
     layouts: tuple[dict[int, StepLayout], dict[int, StepLayout]]
     requests: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the report."""
@@ -192,7 +249,7 @@ class Alignment:
                              ("token ids differ", self.differing)):
             if items:
                 parts.append(f"{label}: {'; '.join(items[:4])}{' …' if len(items) > 4 else ''}")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)
 
 
 def _ranges(positions: Sequence[int]) -> str:
@@ -207,15 +264,24 @@ def _ranges(positions: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def _agree(a: Request, b: Request) -> bool:
-    common = set(a.tokens) & set(b.tokens)
-    return bool(common) and all(a.tokens[p].token_id == b.tokens[p].token_id for p in common)
+def _prefix(a: Request, b: Request) -> int:
+    """How many leading positions (of those both hold) carry the same token ids."""
+    count = 0
+    for position in sorted(set(a.tokens) & set(b.tokens)):
+        if a.tokens[position].token_id != b.tokens[position].token_id:
+            break
+        count += 1
+    return count
 
 
 def align_runs(baseline: Any, target: Any) -> Alignment:
     """Pair the real tokens of two runs (see the module docstring). Raises DumpError without metadata."""
-    base_req, base_layouts, base_pad = requests_of(baseline)
-    target_req, target_layouts, target_pad = requests_of(target)
+    for run in (baseline, target):
+        if run.mode == "stats":
+            raise DumpError(f"{run.path} is a statistics-only dump: --align tokens needs tensors "
+                            "(statistics do not split by token)")
+    base_req, base_layouts, base_pad, base_notes = requests_of(baseline)
+    target_req, target_layouts, target_pad, target_notes = requests_of(target)
     for run, layouts in ((baseline, base_layouts), (target, target_layouts)):
         if not layouts:
             raise DumpError(f"{run.path} stores no token metadata (input_ids) per step: --align tokens cannot "
@@ -229,7 +295,9 @@ def align_runs(baseline: Any, target: Any) -> Alignment:
         if by_id:
             other = next((t for t in unmatched if t.request_id == request.request_id), None)
         else:
-            other = next((t for t in unmatched if _agree(request, t)), None)
+            scored = [(_prefix(request, t), -i, t) for i, t in enumerate(unmatched)]
+            best = max(scored, key=lambda item: item[:2], default=None)
+            other = best[2] if best is not None and best[0] > 0 else None
         if other is None:
             baseline_only.append(f"{request.key} (positions {_ranges(list(request.tokens))})")
             continue
@@ -245,29 +313,27 @@ def align_runs(baseline: Any, target: Any) -> Alignment:
             baseline_only.append(f"{b.key} positions {_ranges(only_b)}")
         if only_t:
             target_only.append(f"{t.key} positions {_ranges(only_t)}")
-        bad = []
-        for position in sorted(set(b.tokens) & set(t.tokens)):
-            tb, tt = b.tokens[position], t.tokens[position]
-            if tb.token_id != tt.token_id:
-                bad.append(position)
-            else:
-                pairs.append((tb, tt))
-        if bad:
-            differing.append(f"{b.key} positions {_ranges(bad)}")
+        common = sorted(set(b.tokens) & set(t.tokens))
+        split = next((i for i, p in enumerate(common) if b.tokens[p].token_id != t.tokens[p].token_id), len(common))
+        pairs.extend((b.tokens[p], t.tokens[p]) for p in common[:split])
+        if split < len(common):
+            differing.append(f"{b.key} positions {_ranges(common[split:])} (token ids differ from "
+                             f"position {common[split]} on)")
     return Alignment(pairs, baseline_only, target_only, differing, (base_pad, target_pad),
-                     (base_layouts, target_layouts), (len(base_req), len(target_req)))
+                     (base_layouts, target_layouts), (len(base_req), len(target_req)),
+                     [f"baseline {n}" for n in base_notes] + [f"target {n}" for n in target_notes])
 
 
-def _token_axis(shape: tuple[int, ...], slots: int) -> int | None:
-    """How many leading dims multiply to ``slots`` (the token axis), or None."""
-    product = 1
-    for k, d in enumerate(shape):
-        product *= d
-        if product == slots:
-            return k + 1
-        if product > slots:
-            return None
-    return None
+def _token_axis(shape: tuple[int, ...], slots: int, dims: int) -> int | None:
+    """How many leading dims are the token axis: ``dims`` (those of ``input_ids``) when they
+    multiply to ``slots``, else the longest prefix that does; None when none does."""
+    if len(shape) >= dims and math.prod(shape[:dims]) == slots:
+        return dims
+    found = None
+    for k in range(1, len(shape) + 1):
+        if math.prod(shape[:k]) == slots:
+            found = k
+    return found
 
 
 class AlignedRun:
@@ -288,6 +354,7 @@ class AlignedRun:
             self._rows[step] = (np.array([r for r, _ in items], dtype=np.int64),
                                 np.array([s for _, s in items], dtype=np.int64))
         self._sources: dict[str, list[Record]] = {}
+        self._found: dict[str, list[Any]] = {}
         self.records: list[Record] = []
         names: dict[str, list[Record]] = {}
         for record in run.records:
@@ -304,7 +371,7 @@ class AlignedRun:
         rest: tuple[int, ...] | None = None
         for record in records:
             layout = layouts.get(record.step)
-            k = _token_axis(record.shape, layout.slots) if layout else None
+            k = _token_axis(record.shape, layout.slots, layout.dims) if layout else None
             if k is None:
                 return None
             if rest is not None and record.shape[k:] != rest:
@@ -315,7 +382,9 @@ class AlignedRun:
         tags = {**first.tags, "aligned_tokens": len(self.tokens)}
         have = {r.step for r in records}
         lacking = sorted(set(self._rows) - have)
-        if lacking:
+        if not self.tokens:
+            tags["incomplete"] = "no token of the two runs paired (see the tokens outcome)"
+        elif lacking:
             tags["incomplete"] = f"steps {lacking} hold tokens but no record of it"
         if len({r.dtype for r in records}) > 1:
             tags["incomplete"] = f"its records have different dtypes across steps ({sorted({r.dtype for r in records})})"
@@ -345,9 +414,10 @@ class AlignedRun:
         return {"input_ids": [[t.token_id for t in self.tokens]]} if step == 0 else self.run.step_tags(step, rank)
 
     def findings(self, record: Record) -> list[Any]:
-        """Shard findings of the underlying logical run (none for aligned records)."""
+        """Shard findings of the underlying logical run (multi-rank runs): for an aligned tap,
+        those of every step gathered by the last :meth:`raw`, each message naming its step."""
         if record.name in self._sources:
-            return []
+            return list(self._found.get(record.name, []))
         findings = getattr(self.run, "findings", None)
         return findings(record) if findings is not None else []
 
@@ -359,10 +429,14 @@ class AlignedRun:
         rest = record.shape[1:]
         width = math.prod(rest)
         out: np.ndarray | None = None
+        found: list[Any] = []
+        step_findings = getattr(self.run, "findings", None)
         for source in sources:
             if source.step not in self._rows:
                 continue
             data = self.run.raw(source)
+            if step_findings is not None:
+                found.extend(replace(f, message=f"step {source.step}: {f.message}") for f in step_findings(source))
             rows, slots = self._rows[source.step]
             flat = data.reshape(-1, width)
             if out is None:
@@ -370,6 +444,7 @@ class AlignedRun:
             out[rows] = flat[slots]
             del data, flat
             self.run.release(source)
+        self._found[record.name] = found
         if out is None:
             out = np.empty((0, width))
         return out.reshape(len(self.tokens), *rest)

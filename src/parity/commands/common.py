@@ -6,6 +6,7 @@ imported inside the functions.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from parity.errors import UsageError
+from parity.errors import ParityError, UsageError
 
 #: ``--model DIR`` of the commands that run a causal LM (default: the built-in tiny Llama).
 model_option = click.option("--model", "model_dir", type=click.Path(), default=None,
@@ -160,6 +161,19 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
         report = compare_with_oracle(oracle_dir, base, target, m=oracle_m, eps=oracle_eps, renames=renames,
                                      allow_missing=allow_missing, allow_failed=allow_failed,
                                      progress=progress.task("comparing against the oracle"))
+    elif distributed:
+        from parity.compare.parallel import finish_distributed
+
+        policy = make_policy(rtol, atol, tol, profile, backend)
+        try:
+            report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
+                             allow_failed=allow_failed, shards=shards, align=align, distributed=True)
+        except ParityError:
+            finish_distributed()
+            if int(os.environ.get("RANK", "0")) != 0:  # every rank raised the same error: rank 0 reports it
+                sys.exit(2)
+            raise
+        finish_distributed()
     else:
         policy = make_policy(rtol, atol, tol, profile, backend)
         report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
@@ -172,9 +186,9 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
         report.end_to_end = end_to_end(base, target, *generations, decode=decode)
     progress.__exit__(None, None, None)
     if distributed:
-        import torch.distributed as dist
+        from parity.compare.parallel import finish_distributed
 
-        if dist.get_rank() != 0:  # every rank holds the report; rank 0 prints it and exits with the verdict
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank holds the report; rank 0 prints it
             return 0
     for path in (json_path, extra_json):
         if path:

@@ -63,15 +63,21 @@ def _shard_findings(run: Any, record: Any) -> list[Any]:
 
 def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: Any, b: Any, target: Any, t: Any,
                    passing: str) -> tuple[str, str, int]:
-    """Fold shard findings (multi-rank runs) into an outcome: a degenerate shard or a disagreeing
-    replicated copy fails the pair and names its rank; ``passing`` replaces the reason of a pair
-    whose rebuilt tensor passed. Further findings go to ``notes``."""
+    """Fold shard findings (multi-rank runs) into an outcome: a degenerate or disagreeing
+    replicated copy fails the pair and names its rank (``passing`` then describes the rebuilt
+    tensor, which passed); an all-zero or non-finite split/sum shard explains a pair that fails
+    anyway (kind ``degenerate``, its rank) and is only a note on one that passes."""
     findings = [("baseline", f) for f in _shard_findings(base, b)] + [("target", f) for f in _shard_findings(target, t)]
     if not findings:
         return kind, reason, rank
-    side, worst = next(((s, f) for s, f in findings if f.degenerate), findings[0])
+    hard = [item for item in findings if item[1].hard]
+    if not hard and kind == "pass":  # e.g. an all-zero partial sum of an expert rank without tokens
+        notes.extend(f"{s} {f.message}" for s, f in findings)
+        return kind, reason, rank
+    side, worst = next(((s, f) for s, f in (hard or findings) if f.degenerate), (hard or findings)[0])
     notes.extend(f"{s} {f.message}" for s, f in findings if f is not worst)
     if kind == "nonfinite":
+        notes.append(f"{side} {worst.message}")
         return kind, reason, worst.rank
     new_reason = f"{side} {worst.message}; " + (passing if kind == "pass" else reason)
     return ("degenerate" if worst.degenerate else "fail"), new_reason, worst.rank
@@ -93,7 +99,8 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     sides = (Side(list(b.shape), b.dtype) if b else None, Side(list(t.shape), t.dtype) if t else None)
     for side, record, kind in (("baseline", b, "missing_in_baseline"), ("target", t, "missing_in_target")):
         if _incomplete(record):
-            outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind,
+            lacking = record.tags.get("lacking_ranks") or [pair.rank]
+            outcome = Outcome(pair.name, pair.step, int(lacking[0]), layer, kind,
                               f"incomplete in the {side} run: {_incomplete(record)}", *sides)
             outcome.allowed = _matches(allow_missing, pair.name)
             return outcome
@@ -124,7 +131,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
 
         kind, reason, details, rel = stats_check(b, t, tolerance)
         kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
-                                            "the statistics of the copy taken are consistent")
+                                            "the statistics of the copy taken are within tolerance")
         outcome = Outcome(pair.name, pair.step, rank, layer, kind, reason, *sides, tolerance=tolerance,
                           notes=notes, statistics_based=True, stats=details, stats_rel_l2=rel)
         outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
@@ -163,7 +170,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
         reason = (f"{degenerate}; " if degenerate else "") + (
             f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; {at}")
     kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
-                                        f"the tensor rebuilt from the other ranks is within tolerance; {at}")
+                                        f"the tensor rebuilt from the agreeing copies is within tolerance; {at}")
     outcome = Outcome(pair.name, pair.step, rank, layer, kind, reason, *sides,
                       metrics=metrics, tolerance=tolerance, notes=notes)
     outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
@@ -264,8 +271,13 @@ def _stats_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
 
 
 def _token_outcomes(alignment: Any) -> list[Outcome]:
-    """A ``tokens`` outcome per kind of token that did not pair (none when all paired)."""
+    """A ``tokens`` outcome per kind of token that did not pair (none when all paired); a
+    ``fail`` (never allowed) when no token paired at all."""
     out = []
+    if not alignment.pairs:
+        out.append(Outcome("tokens", 0, 0, None, "fail", "no token of the two runs paired: nothing was compared "
+                           f"({alignment.requests[0]} baseline and {alignment.requests[1]} target requests)",
+                           None, None))
     for kind, items, what in (("missing_in_target", alignment.baseline_only, "in the baseline only"),
                               ("missing_in_baseline", alignment.target_only, "in the target only"),
                               ("fail", alignment.differing, "with different token ids on the two sides")):
@@ -332,6 +344,10 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     """
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
+    if distributed:
+        from parity.compare.parallel import require_torchrun
+
+        require_torchrun()
     base_run, target_run, pairs, alignment = prepare(baseline, target, renames=renames, shards=shards,
                                                      align=align)
     policy = policy or TolerancePolicy()

@@ -93,16 +93,54 @@ def run_workers(job: Job, pairs: Sequence[Pair], workers: int,
 
 
 def run_distributed(job: Job, pairs: Sequence[Pair]) -> list[Outcome]:
-    """Evaluate this rank's share of the pairs and all-gather every rank's outcomes (pair order)."""
+    """Evaluate this rank's share of the pairs and all-gather every rank's outcomes (pair order).
+
+    An error on any rank is raised on every rank (as a :class:`ParityError` with the first
+    failing rank's message), so all ranks stop together and the launcher sees one cause.
+    """
     from dataclasses import replace
 
+    from parity.errors import ParityError
+
+    require_torchrun()
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = evaluate_job(replace(job, indices=deal(pairs, world)[rank]))
+    try:
+        mine: Any = ("ok", evaluate_job(replace(job, indices=deal(pairs, world)[rank])))
+    except ParityError as exc:
+        mine = ("error", f"rank {rank}: {exc.one_line()}")
+    except Exception as exc:  # noqa: BLE001 - sent to every rank, reported once
+        mine = ("error", f"rank {rank}: internal error: {type(exc).__name__}: {exc}")
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
-    results = dict(item for share in gathered for item in share)
+    for status, payload in gathered:
+        if status == "error":
+            raise ParityError(payload)
+    results = dict(item for _, share in gathered for item in share)
     return [results[i] for i in range(len(pairs))]
+
+
+def require_torchrun() -> None:
+    """Raise :class:`UsageError` unless the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) is there."""
+    import os
+
+    from parity.errors import UsageError
+
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        raise UsageError("--distributed runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are "
+                         "not set)", hint="torchrun --nproc-per-node N -m parity.cli compare A B --distributed")
+
+
+def finish_distributed() -> None:
+    """Leave the process group run_distributed joined (safe to call when none exists)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - shutting down: nothing left to report
+        pass
