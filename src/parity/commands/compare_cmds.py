@@ -73,8 +73,8 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     SPEC grammar: comma-separated KEY=VALUE pairs (defaults in brackets):
       engine=hf|vllm [hf]   dtype=float32|bfloat16|float16|float64 [float32]
       attn=eager|sdpa [eager]   compile=0|1 [0]   device=cpu|cuda|cuda:N [cpu]
-      quant=none|int8wo|int8dyn [none] (torchao, engine=hf)
-    Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16
+      quant=none|int8wo|int8dyn [none] (torchao, engine=hf)   tp=N [1] (engine=vllm)
+    Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16,tp=2
     """
     from parity.backends.hf import read_prompts, resolve_model_dir
     from parity.backends.runner import run_sides
