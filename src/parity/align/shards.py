@@ -142,15 +142,24 @@ def _layout(run: Run, rank: int) -> tuple[int, int, int, int]:
     return tp_rank, tp_size, dp_rank, dp_size
 
 
-def _degenerate(values: np.ndarray) -> str | None:
-    if values.size == 0:
+#: Elements per chunk when scanning a shard for degeneracy (bounded extra memory).
+CHUNK = 1 << 20
+
+
+def _degenerate(raw: np.ndarray, dtype: str) -> str | None:
+    """Why a shard is degenerate (NaN/Inf values, all zeros), or None; scanned in chunks."""
+    flat = raw.reshape(-1)
+    if flat.size == 0:
         return None
-    finite = np.isfinite(values)
-    if not finite.all():
-        return f"holds {int(values.size - np.count_nonzero(finite))} NaN/Inf values"
-    if not np.any(values):
-        return "is all zeros"
-    return None
+    nonfinite = 0
+    nonzero = False
+    for start in range(0, flat.size, CHUNK):
+        values = to_float(flat[start:start + CHUNK], dtype, np.float32)
+        nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+        nonzero = nonzero or bool(np.any(values))
+    if nonfinite:
+        return f"holds {nonfinite} NaN/Inf values"
+    return None if nonzero else "is all zeros"
 
 
 def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -399,7 +408,7 @@ class LogicalRun:
         problems = {}
         if floats and len(part) > 1:
             for r, raw in zip(part, raws):
-                problem = _degenerate(to_float(raw, dtype, np.float32))
+                problem = _degenerate(raw, dtype)
                 if problem:
                     problems[r.rank] = problem
         healthy = [r.rank for r in part if r.rank not in problems]

@@ -320,6 +320,8 @@ def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), s
     for run in (base_run, target_run):
         if not run.records:
             raise DumpError(f"dump {run.path} holds no records", hint="did the capture run any forward pass?")
+    if shards and all(run.world_size == 1 for run in (base_run, target_run)):
+        base_run.notes.append("--shard has no effect: both runs have a single rank")
     return base_run, target_run, pair_records(base_run.records, target_run.records, renames), alignment
 
 
