@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from parity.align.view import RunView
 from parity.capturing.taps import Tap, compile_tap
 from parity.errors import DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, Record
@@ -174,7 +175,7 @@ def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.dtype(dtype))
 
 
-class LogicalRun:
+class LogicalRun(RunView):
     """A multi-rank run seen as one rank: a logical record per (name, step); see the module docstring.
 
     ``overrides`` (default none) win over the annotations stored at capture. Raises
@@ -195,21 +196,7 @@ class LogicalRun:
         self._groups: dict[tuple[str, int], _Group] = {}
         self.records = self._build(overrides)
 
-    # -------------------------------------------------------------- Run interface
-    @property
-    def header(self):  # noqa: ANN201 - same type as Run.header
-        """The header of the lowest rank."""
-        return self.run.header
-
-    @property
-    def world_size(self) -> int:
-        """World size of the underlying run."""
-        return self.run.world_size
-
-    @property
-    def mode(self) -> str:
-        """``full`` or ``stats``."""
-        return self.run.mode
+    # -------------------------------------------------------------- Run interface (see RunView)
 
     def group_step_tags(self, step: int) -> list[dict[str, Any]]:
         """Step metadata per data-parallel group, in the order their tensors are joined (each
@@ -231,9 +218,6 @@ class LogicalRun:
         ids = [_flat(tags.get("input_ids")) for tags in groups]
         return {"input_ids": [[i for part in ids for i in (part or [])]]} if all(ids) else {}
 
-    def close(self) -> None:
-        """Close the underlying run's files."""
-        self.run.close()
 
     def release(self, record: Record) -> None:
         """Release the memory pages of every shard of ``record``."""

@@ -51,6 +51,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from parity.align.view import RunView
 from parity.errors import DumpError
 from parity.store.format import Record
 
@@ -336,7 +337,7 @@ def _token_axis(shape: tuple[int, ...], slots: int, dims: int) -> int | None:
     return found
 
 
-class AlignedRun:
+class AlignedRun(RunView):
     """One side of an :class:`Alignment` as a run: a record per aligned tap (see the module docstring)."""
 
     def __init__(self, run: Any, alignment: Alignment, side: int) -> None:
@@ -393,21 +394,7 @@ class AlignedRun:
                        shape=(len(self.tokens), *rest), stats={}, tags=tags,
                        file=first.file if all(r.file for r in records) else None)
 
-    # -------------------------------------------------------------- Run interface
-    @property
-    def header(self):  # noqa: ANN201 - same type as Run.header
-        """The underlying run's header."""
-        return self.run.header
-
-    @property
-    def world_size(self) -> int:
-        """World size of the underlying run."""
-        return self.run.world_size
-
-    @property
-    def mode(self) -> str:
-        """``full`` or ``stats``."""
-        return self.run.mode
+    # -------------------------------------------------------------- Run interface (see RunView)
 
     def step_tags(self, step: int, rank: int = 0) -> dict[str, Any]:
         """Aligned records: the token ids of the aligned rows; other records: their step's metadata."""
@@ -454,6 +441,3 @@ class AlignedRun:
         for source in self._sources.get(record.name, [record]):
             self.run.release(source)
 
-    def close(self) -> None:
-        """Close the underlying run."""
-        self.run.close()

@@ -152,7 +152,10 @@ def batch_tags() -> dict[str, Any]:
     this step's packed batch (from the attention metadata's ``query_start_loc``); slots past
     their sum are padding. ``{}`` outside a vLLM forward pass."""
     try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+        from vllm.forward_context import (
+            get_forward_context,
+            is_forward_context_available,
+        )
 
         if not is_forward_context_available():
             return {}
