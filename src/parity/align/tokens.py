@@ -112,11 +112,12 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
     if not flat_ids:
         return None
     positions = _flat(tags.get("positions"))
-    if positions is not None and len(positions) != len(flat_ids):
-        positions = None
+    if positions is not None and (len(positions) != len(flat_ids) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in positions)):
+        positions = None  # unusable metadata (from an untrusted manifest): positions by index
     seq_lens = tags.get("seq_lens")
     seq_lens = [int(x) for x in seq_lens] if isinstance(seq_lens, list) and all(
-        isinstance(x, (int, float)) for x in seq_lens) else None
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 2**40 for x in seq_lens) else None
     real: list[list[int]] = []
     notes: list[str] = []
     rows = ids if isinstance(ids, list) and ids and all(isinstance(r, list) for r in ids) else None
@@ -128,10 +129,11 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
             real.append([offset + s for s, keep in enumerate(m[len(m) - len(row):]) if keep])
             offset += len(row)
     elif rows is not None and len(rows) > 1:
-        width = len(rows[0])
-        for b in range(len(rows)):
-            count = min(seq_lens[b], width) if seq_lens is not None and len(seq_lens) == len(rows) else width
-            real.append([b * width + s for s in range(count)])
+        offset = 0
+        for b, row in enumerate(rows):
+            count = min(seq_lens[b], len(row)) if seq_lens is not None and len(seq_lens) == len(rows) else len(row)
+            real.append([offset + s for s in range(max(count, 0))])
+            offset += len(row)
     else:
         lengths = seq_lens if seq_lens is not None else [len(flat_ids)]
         if sum(lengths) > len(flat_ids):
@@ -149,7 +151,9 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
             seq.append(Token(step, slot, int(pos), int(token) if isinstance(token, (int, float)) else None))
         sequences.append(seq)
     request_ids = tags.get("request_ids")
-    if not (isinstance(request_ids, list) and len(request_ids) == len(sequences)):
+    if isinstance(request_ids, list) and len(request_ids) == len(sequences):
+        request_ids = [r if isinstance(r, (str, int)) else str(r) for r in request_ids]
+    else:
         request_ids = None
     used = sum(len(s) for s in sequences)
     return StepLayout(slots=len(flat_ids), sequences=sequences, request_ids=request_ids,
