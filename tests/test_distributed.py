@@ -425,3 +425,20 @@ def test_generate_with_decode_steps_aligns_with_one_teacher_forced_pass(fp32_mod
     aligned = [o for o in report.outcomes if o.step == 0 and o.target and o.target.shape[0] == out.shape[1] - 1]
     assert len(aligned) >= 20 and all(o.ok for o in aligned), [o.reason for o in aligned if not o.ok][:2]
     assert f"{out.shape[1] - 1} tokens of 1 request(s)" in report.notes[0]
+
+
+@pytest.mark.parametrize("tags", [
+    {"input_ids": [[1, 2], [3]], "seq_lens": [5, -1]},
+    {"input_ids": [1, 2, 3], "positions": ["a", None, 2], "request_ids": [[1], {"x": 1}]},
+    {"input_ids": [[1, 2, 3]], "attention_mask": [[1]], "seq_lens": [True, 10**30]},
+])
+def test_malformed_token_metadata_never_crashes_the_aligner(tmp_path, tags):
+    from parity.capturing.session import CaptureSession
+
+    for name in ("a", "b"):
+        session = CaptureSession(tmp_path / name)
+        session.next_step(tags)
+        session.record("layers.0.mlp", torch.ones(3, 4))
+        session.close()
+    result = cli("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--align", "tokens")
+    assert result.returncode in (0, 1, 2) and "internal error" not in result.stderr, result.stderr
