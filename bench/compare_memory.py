@@ -35,7 +35,10 @@ Page cache
 Running it
     ``.venv/bin/python bench/compare_memory.py`` (or ``make bench``). Options:
     ``--records 50,200,800`` (record counts), ``--shape 512,1024`` (tensor shape),
-    ``--noise 1e-6`` (relative noise of the target), ``--repeat 1`` (measured runs per N: best
+    ``--noise 1e-6`` (relative noise of the target), ``--target-ranks 1`` (R > 1 writes the
+    target as an R-rank tensor-parallel run: every tensor split along its last axis, annotated
+    ``split:-1``, so the compare rebuilds each logical tensor from R shards — the multi-rank
+    path must stay bounded too), ``--repeat 1`` (measured runs per N: best
     wall time, highest peak RSS), ``--profile`` (also run the middle N's compare once under
     cProfile; prints parity's top 10 functions by cumulative time and the top 10 by own
     time), ``--workdir DIR`` (where the dumps go; default a fresh temporary directory removed
@@ -162,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shape of every tensor, comma-separated (default 512,1024: 2 MiB float32)")
     parser.add_argument("--noise", type=float, default=1e-6,
                         help="relative noise of the target against the baseline (default 1e-6)")
+    parser.add_argument("--target-ranks", type=int, default=1,
+                        help="write the target as this many tensor-parallel ranks (default 1)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measured runs per record count (default 1)")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -174,8 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: int) -> tuple[Path, Path]:
-    """Write baseline and target dumps of ``n`` float32 records of ``shape`` under ``root``."""
+def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: int,
+               ranks: int = 1) -> tuple[Path, Path]:
+    """Write baseline and target dumps of ``n`` float32 records of ``shape`` under ``root``
+    (the target as ``ranks`` tensor-parallel ranks, split along the last axis)."""
     import torch
 
     from parity.store.format import FORMAT_VERSION, Record, RunHeader
@@ -185,7 +192,13 @@ def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: i
     header = RunHeader(format_version=FORMAT_VERSION, rank=0, world_size=1, mode="full",
                        created=time.strftime("%Y-%m-%dT%H:%M:%S"), spec={"bench": "compare_memory"},
                        model={"name": "synthetic"}, env={"torch": torch.__version__})
-    writers = [DumpWriter(d, header, durable=False) for d in (base_dir, target_dir)]
+    writers = [DumpWriter(base_dir, header, durable=False)]
+    for rank in range(ranks):
+        writers.append(DumpWriter(target_dir, RunHeader(
+            format_version=FORMAT_VERSION, rank=rank, world_size=ranks, mode="full", created=header.created,
+            spec=header.spec, model=header.model, env=header.env,
+            layout={"tp_rank": rank, "tp_size": ranks, "dp_rank": 0, "dp_size": 1} if ranks > 1 else {}),
+            durable=False))
     for w in writers:
         w.open()
     # Random numbers are the slow part of writing, so draw a small pool once and derive each
@@ -204,10 +217,12 @@ def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: i
         for i in range(n):
             base = pool[i % POOL] * (0.5 + (i % 97) / 97)
             target = base * factors[(i // POOL + i) % POOL]
-            for w, tensor in zip(writers, (base, target)):
-                record = Record(name=f"model.layers.{i}.mlp", step=0, rank=0, order=i, shape=tuple(shape),
-                                dtype="float32", file=None, key=f"model.layers.{i}.mlp/step0",
-                                stats={}, tags={"layer": i})
+            pieces = [base] + list(target.chunk(ranks, dim=-1))
+            for w, tensor in zip(writers, pieces):
+                tags = {"layer": i, **({"shard": "split:-1"} if ranks > 1 else {})}
+                record = Record(name=f"model.layers.{i}.mlp", step=0, rank=w.header.rank, order=i,
+                                shape=tuple(tensor.shape), dtype="float32", file=None,
+                                key=f"model.layers.{i}.mlp/step0", stats={}, tags=tags)
                 w.add(record, tensor.contiguous())
     finally:
         for w in writers:
@@ -216,13 +231,13 @@ def write_pair(root: Path, n: int, shape: tuple[int, ...], noise: float, seed: i
 
 
 def write_pairs_in_child(root: Path, counts: list[int], shape: tuple[int, ...],
-                         noise: float) -> dict[int, tuple[Path, Path]]:
+                         noise: float, ranks: int = 1) -> dict[int, tuple[Path, Path]]:
     """:func:`write_pair` for every count, in one child process, so that this process never
     imports torch: a large parent would not change the VmHWM of the measured processes (it
     starts afresh at exec) but would inflate their ``ru_maxrss``, which Linux carries over
     exec from the forked copy of the parent."""
     cmd = [sys.executable, str(Path(__file__).resolve()), WRITE_COMMAND, str(root),
-           ",".join(map(str, counts)), ",".join(map(str, shape)), repr(noise)]
+           ",".join(map(str, counts)), ",".join(map(str, shape)), repr(noise), str(ranks)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"writing the dumps failed: {proc.stderr.strip()[-2000:]}")
@@ -234,9 +249,10 @@ def write_pairs_in_child(root: Path, counts: list[int], shape: tuple[int, ...],
 
 
 def _write_main(argv: list[str]) -> None:
-    root, counts, shape, noise = argv
+    root, counts, shape, noise, ranks = argv
     for index, n in enumerate(_ints(counts)):
-        base, target = write_pair(Path(root), n, tuple(_ints(shape)), float(noise), seed=1234 + index)
+        base, target = write_pair(Path(root), n, tuple(_ints(shape)), float(noise), seed=1234 + index,
+                                  ranks=int(ranks))
         print(n, base, target, sep="\t", flush=True)
 
 
@@ -291,14 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     tensor_mib = 4 * math.prod(shape) / (1 << 20)
     print(f"parity compare memory benchmark: float32 {list(shape)} tensors ({tensor_mib:.3g} MiB each), "
-          f"records {counts}, relative noise {args.noise:g}, repeat {args.repeat}")
+          f"records {counts}, relative noise {args.noise:g}, repeat {args.repeat}, "
+          f"target ranks {args.target_ranks}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {root}")
     try:
         t0 = time.perf_counter()
         for n in counts:
             if (root / f"n{n}-baseline").exists() or (root / f"n{n}-target").exists():
                 raise RuntimeError(f"{root} already holds dumps for N={n}; choose an empty --workdir")
-        pairs = write_pairs_in_child(root, counts, shape, args.noise)
+        pairs = write_pairs_in_child(root, counts, shape, args.noise, args.target_ranks)
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         cached = warm_page_cache(*(d for pair in pairs.values() for d in pair))
