@@ -14,33 +14,40 @@ Design
     block, branch-free loops that LLVM vectorizes (``fastmath`` limited to reassociation, so
     that every per-element value is the reference's own float64 value):
 
-    1. float64: the five sums (|d|, d², b², t², t·b) and max |d|. A block whose b², t² or d²
-       sum is not finite holds a NaN or an Inf (or float64 values whose squares overflow): its
-       partials are recomputed by :func:`_numpy_block`, a copy of the reference's chunk body
-       (correctness over speed there).
-    2. the tolerance part: the mismatch count ``|d| > max(atol, rtol·|b|)`` and the maxima of
-       |d| where |d| > rtol·|b| (``needed_atol``), of |d|/|b| (``max_rel``; ``x/0`` is ``inf``
-       as in the reference, ``0/0`` is left out) and of |d|/|b| where |d| > atol (``needed_rtol``).
-       For data that float32 holds exactly (float32, float16, bfloat16) and tolerances it holds
-       to 2^-24, this loop runs in float32 (8 lanes instead of 4): a comparison is trusted only
-       when it holds with a margin of 2^-18 relative (and 2^-126 absolute); a block with an
-       element inside the margin is redone in float64. The float32 maxima are approximations
-       (relative error < 2^-22): a block whose approximation comes within 2^-18 of the largest
-       one seen so far is settled in float64 at once (while in cache); the blocks left
-       approximate provably cannot hold a maximum and are left out when combining.
-    3. integers: whether each side varies inside the block (storage bits XOR the first
-       element's; a block of +0/-0 only is rechecked by value).
+    1. float64: the five sums (|d|, d², b², t², t·b), over the two halves of the block at once
+       (two independent dependency chains per sum). A block whose b², t² or d² sum is not
+       finite holds a NaN or an Inf (or float64 values whose squares overflow): its partials are
+       recomputed by :func:`_numpy_block`, a copy of the reference's chunk body (correctness
+       over speed there). A block whose |d| sum is 0 is identical: loop 2 is skipped.
+    2. the tolerance part and max |d|: the mismatch count ``|d| > max(atol, rtol·|b|)`` and the
+       maxima of |d|, of |d| where |d| > rtol·|b| (``needed_atol``), of |d|/|b| (``max_rel``;
+       ``x/0`` is ``inf`` as in the reference, ``0/0`` is left out) and of |d|/|b| where
+       |d| > atol (``needed_rtol``). For data that float32 holds exactly (float32, float16,
+       bfloat16) and tolerances it holds to 2^-24, this loop runs in float32 (8 lanes instead of
+       4): a comparison is trusted only when it holds with a margin of 2^-18 relative (and
+       2^-126 absolute for atol; |d| > rtol·|b| is decided on the quotient |d|/|b|, computed for
+       the maxima anyway); a block with an element inside the margin is redone in float64. The
+       float32 maxima are approximations (relative error < 2^-22), kept per chunk of
+       :data:`CHUNK` elements: a block whose approximation comes within 2^-18 of the largest
+       one seen so far is settled in float64 at once (while in cache), over its chunks within
+       2^-18 of the block's approximation only; the blocks left approximate provably cannot hold
+       a maximum and are left out when combining.
+    3. whether each side varies inside the block: storage bits compared with the first
+       element's, 64 at a time up to the first differing chunk (a block of +0/-0 only is
+       rechecked by value).
 
     Maxima are taken over IEEE bit patterns as integers (the values are non-negative: same
     order, exact, and integer max reductions vectorize where NaN-aware float ones do not).
     Combining needs one more look at a block in two cases: the flat index of max |d| (the first
     block holding the maximum is rescanned for its first position) and the ``needed_rtol`` ulp
     fix-up of the reference (only elements whose ratio equals the global maximum can need it,
-    and they lie in the blocks whose maximum equals it: those are checked).
+    and they lie in the blocks whose maximum equals it: those are checked; a block whose
+    ``needed_rtol`` was settled in the kernel has its answer already, found over the settled
+    chunks, since with quantized data the largest ratio is often tied across many blocks).
 
     Widening is exact and inlined: float16 through LLVM ``fpext half`` (F16C), bfloat16 as
     ``uint32(bits) << 16`` reinterpreted as float32; 16-bit blocks are widened once into a
-    float32 buffer that the loops share.
+    float32 buffer that loops 1 and 2 share (converting inside loop 1 measured slower).
 
 Threads
     ``workers`` threads (default 2) run the kernel (a C function called through ctypes, which
@@ -78,6 +85,9 @@ from parity.store.safetensors_io import to_float
 
 #: Elements per block of the kernel (the unit of partial results and of the NaN/Inf fallback).
 BLOCK = 4096
+#: Elements per chunk of a block: the float32 maxima are kept per chunk, and a maximum is
+#: settled in float64 over the chunks that can hold it only.
+CHUNK = 256
 #: Pairs with fewer elements than this run on the calling thread only.
 PARALLEL_MIN = 1 << 18
 #: Kernel calls per worker for one pair (smaller pieces balance a noisy machine better).
@@ -108,6 +118,11 @@ _nb_f32bits_f64: Any = None
 _nb_exact_tol: Any = None
 _nb_approx_tol: Any = None
 _nb_exact_one: Any = None
+_nb_exact_chunks: Any = None
+_nb_varies: Any = None
+_nb_ulp_chunks: Any = None
+_nb_count32: Any = None
+_nb_f32_ubits_or: Any = None
 _nb_first_max: Any = None
 _nb_needs_ulp: Any = None
 _nb_stage: Any = None
@@ -120,6 +135,7 @@ def _build() -> Any:
     """
     global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_stage
     global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_exact_one
+    global _nb_exact_chunks, _nb_varies, _nb_count32, _nb_f32_ubits_or, _nb_ulp_chunks
     from types import SimpleNamespace
 
     from llvmlite import ir
@@ -167,6 +183,25 @@ def _build() -> Any:
         def codegen(context, builder, sig, args):
             return builder.bitcast(args[0], ir.IntType(32))
         return types.int32(types.float32), codegen
+
+    @intrinsic
+    def f32_ubits_or(typingctx, x, flag):  # float32 bits as uint32, all ones where flag
+        if x != types.float32 or flag != types.boolean:
+            return None
+
+        def codegen(context, builder, sig, args):
+            bits = builder.bitcast(args[0], ir.IntType(32))
+            return builder.or_(bits, builder.sext(args[1], ir.IntType(32)))
+        return types.uint32(types.float32, types.boolean), codegen
+
+    @intrinsic
+    def count32(typingctx, acc, flag):  # int32 acc + (1 if flag else 0), without numba's widening to int64
+        if acc != types.int32 or flag != types.boolean:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.add(args[0], builder.zext(args[1], ir.IntType(32)))
+        return types.int32(types.int32, types.boolean), codegen
 
     @intrinsic
     def bf16_to_f64(typingctx, x):  # bfloat16 bits (uint16) -> float64, exact
@@ -256,21 +291,24 @@ def _build() -> Any:
         return lambda a, buf: a
 
     _nb_widen, _nb_bits, _nb_f64_bits, _nb_stage = widen, bits, f64_bits, stage
-    _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64 = bits_f64, f32_bits, f32bits_f64
+    _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64, _nb_count32 = bits_f64, f32_bits, f32bits_f64, count32
+    _nb_f32_ubits_or = f32_ubits_or
 
     @njit(**opts)
     def exact_tol(bs, ts, rtol, atol):
         """float64 loop 2 over one block: bits of the maxima of |d| where |d| > rtol·|b|, of
-        |d|/|b| and of |d|/|b| where |d| > atol, and the mismatch count."""
+        |d|/|b|, of |d|/|b| where |d| > atol and of |d|, and the mismatch count."""
         n_atol = 0
         max_rel = 0
         n_rtol = 0
+        max_ad = 0
         mism = 0
         for i in range(bs.size):
             bv = _nb_widen(bs, i)
             ad = abs(_nb_widen(ts, i) - bv)
             ab = abs(bv)
             ad_bits = _nb_f64_bits(ad)
+            max_ad = max(max_ad, ad_bits)
             thr = ab * rtol
             n_atol = max(n_atol, ad_bits if ad > thr else 0)
             lim = thr if thr > atol else atol  # noqa: FURB136 - an explicit select vectorizes
@@ -278,13 +316,17 @@ def _build() -> Any:
             rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
             max_rel = max(max_rel, rel)
             n_rtol = max(n_rtol, rel if ad > atol else 0)
-        return n_atol, max_rel, n_rtol, mism
+        return n_atol, max_rel, n_rtol, max_ad, mism
 
     @njit(**opts)
     def exact_one(bs, ts, which, rtol, atol):
         """One of :func:`exact_tol`'s maxima (``which``: 0 |d| where |d| > rtol·|b|, 1 |d|/|b|,
-        2 |d|/|b| where |d| > atol), at a fraction of its cost."""
+        2 |d|/|b| where |d| > atol, 3 |d|), at a fraction of its cost."""
         best = 0
+        if which == 3:
+            for i in range(bs.size):
+                best = max(best, _nb_f64_bits(abs(_nb_widen(ts, i) - _nb_widen(bs, i))))
+            return best
         ratio = which != 0
         floor = 0.0 if which == 1 else atol
         for i in range(bs.size):
@@ -297,50 +339,121 @@ def _build() -> Any:
         return best
 
     @njit(**opts)
-    def approx_tol(bs, ts, rtol32, atol_hi, atol_lo):
+    def exact_chunks(bs, ts, which, rtol, atol, cmax, cutoff):
+        """:func:`exact_one` over the chunks of a block whose float32 approximation (``cmax``,
+        from :func:`approx_tol`) is at least ``cutoff``: the only ones that can hold the maximum."""
+        best = 0
+        m = bs.size
+        for c in range((m + CHUNK - 1) // CHUNK):
+            if _nb_f32bits_f64(np.int64(cmax[which, c])) >= cutoff:
+                lo = c * CHUNK
+                hi = min(lo + CHUNK, m)
+                best = max(best, _nb_exact_one(bs[lo:hi], ts[lo:hi], which, rtol, atol))
+        return best
+
+    @njit(**opts)
+    def ulp_chunks(bs, ts, cmax, cutoff, r, atol):
+        """The reference's ``needed_rtol`` fix-up for a block whose largest ratio (over |d| > atol)
+        is ``r``: :func:`needs_ulp` over the chunks that :func:`exact_chunks` settled it on (the
+        elements whose ratio is r, the only ones that can need it, lie there)."""
+        m = bs.size
+        for c in range((m + CHUNK - 1) // CHUNK):
+            if _nb_f32bits_f64(np.int64(cmax[2, c])) >= cutoff:
+                lo = c * CHUNK
+                if _nb_needs_ulp(bs, ts, lo, min(lo + CHUNK, m), r, atol):
+                    return True
+        return False
+
+    @njit(**opts)
+    def approx_tol(bs, ts, rtol_hi, rtol_lo, atol_hi, atol_lo, cmax):
         """float32 loop 2 over one block of float32 values (8 lanes where float64 has 4).
 
-        Returns float32 bits of the three maxima (approximations, relative error < 2^-22),
-        the mismatch count and the number of elements whose comparisons float32 cannot
-        decide (|d| within a relative 2^-18, or 2^-126, of rtol·|b| or of atol): when that
-        is not 0, the caller runs :func:`exact_tol` instead.
+        Returns float32 bits of the four maxima of :func:`exact_one` (approximations, relative
+        error < 2^-22), the mismatch count and the number of chunks holding an element whose
+        comparisons float32 cannot decide: |d|/|b| within a relative 2^-18 of rtol
+        (``rtol_lo`` < q <= ``rtol_hi``) or |d| within 2^-18 (or 2^-126) of atol (``atol_lo`` <
+        |d| <= ``atol_hi``). When that is not 0, the caller runs :func:`exact_tol` instead. The
+        maxima of each chunk of :data:`CHUNK` elements go to ``cmax[which, chunk]`` (for
+        :func:`exact_chunks`). The undecided flag rides on max |d| (all ones, unsigned max)
+        rather than in an accumulator of its own: one more spilled to the stack (-12%).
+
+        |d| > rtol·|b| is decided on the quotient q = |d|/|b| (needed for the maxima anyway):
+        for float32 data q never underflows (a nonzero |d| is at least 2^-25·|b|), so the
+        float32 q is within 2^-23 of the exact one; ``b = 0`` gives q = inf (over for any
+        rtol, as |d| > 0 = rtol·0) or, with ``d = 0``, NaN (over nothing, as 0 > 0 is false).
         """
-        one = np.float32(1.0)
         zero = np.float32(0.0)
-        e_hi = np.float32(1.0 + 2.0 ** -18)
-        e_lo = np.float32(1.0 - 2.0 ** -18)
-        tiny = np.float32(2.0 ** -126)
         n_atol = np.int32(0)
         max_rel = np.int32(0)
         n_rtol = np.int32(0)
-        unsure = zero  # counts in float32 (exact below 2^24) keep the loop 8 lanes wide
-        mism = zero
-        for i in range(bs.size):
-            bv = np.float32(bs[i])
-            ad = abs(np.float32(ts[i]) - bv)
-            ab = abs(bv)
-            thr = ab * rtol32
-            over_thr = ad > thr * e_hi + tiny  # surely |d| > rtol·|b| in float64
-            maybe_thr = ad > max(thr * e_lo - tiny, zero)  # possibly (never where d = 0)
-            over_atol = ad > atol_hi
-            maybe_atol = ad > atol_lo
-            unsure += one if (over_thr != maybe_thr) | (over_atol != maybe_atol) else zero
-            mism += one if over_thr & over_atol else zero
-            n_atol = max(n_atol, _nb_f32_bits(ad) if maybe_thr else np.int32(0))
-            rel = _nb_f32_bits(ad / ab) if ad > zero else np.int32(0)
-            max_rel = max(max_rel, rel)
-            n_rtol = max(n_rtol, rel if maybe_atol else np.int32(0))
-        return n_atol, max_rel, n_rtol, int(mism), int(unsure)
-
-    _nb_exact_tol, _nb_approx_tol, _nb_exact_one = exact_tol, approx_tol, exact_one
+        max_ad = np.int32(0)
+        unsure = 0
+        mism = 0
+        m = bs.size
+        for c in range((m + CHUNK - 1) // CHUNK):
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, m)
+            bc = bs[lo:hi]
+            tc = ts[lo:hi]
+            c_natol = np.int32(0)
+            c_rel = np.int32(0)
+            c_nrtol = np.int32(0)
+            c_ad = np.uint32(0)  # max |d| bits; all ones when some comparison is undecided
+            c_mism = np.int32(0)  # an int32 count keeps the loop 8 lanes wide
+            for i in range(hi - lo):
+                bv = np.float32(bc[i])
+                ad = abs(np.float32(tc[i]) - bv)
+                q = ad / abs(bv)
+                over_thr = q > rtol_hi  # surely |d| > rtol·|b| in float64
+                maybe_thr = q > rtol_lo  # possibly (never where d = 0)
+                over_atol = ad > atol_hi
+                maybe_atol = ad > atol_lo
+                c_mism = _nb_count32(c_mism, over_thr & over_atol)
+                unsure_i = (over_thr != maybe_thr) | (over_atol != maybe_atol)
+                c_ad = max(c_ad, _nb_f32_ubits_or(ad, unsure_i))  # unsigned: all ones wins
+                ad_bits = _nb_f32_bits(ad)
+                c_natol = max(c_natol, ad_bits if maybe_thr else np.int32(0))
+                rel = _nb_f32_bits(q) if ad > zero else np.int32(0)
+                c_rel = max(c_rel, rel)
+                c_nrtol = max(c_nrtol, rel if maybe_atol else np.int32(0))
+            cmax[0, c] = c_natol
+            cmax[1, c] = c_rel
+            cmax[2, c] = c_nrtol
+            if c_ad > np.uint32(0x7FFFFFFF):
+                unsure += 1
+            cmax[3, c] = np.int32(c_ad & np.uint32(0x7FFFFFFF))
+            n_atol = max(n_atol, c_natol)
+            max_rel = max(max_rel, c_rel)
+            n_rtol = max(n_rtol, c_nrtol)
+            max_ad = max(max_ad, cmax[3, c])
+            mism += c_mism
+        return n_atol, max_rel, n_rtol, max_ad, mism, unsure
 
     @njit(**opts)
-    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running, b_buf, t_buf):
+    def varies(raw, m):
+        """Whether the storage bits of some element of ``raw[:m]`` differ from the first's
+        (chunks of 64, stopping at the first that varies: real data rarely reads past it)."""
+        first = _nb_bits(raw, 0)
+        for lo in range(0, m, 64):
+            acc = first ^ first
+            for i in range(lo, min(lo + 64, m)):
+                acc |= _nb_bits(raw, i) ^ first
+            if acc != 0:
+                return True
+        return False
+
+    _nb_exact_tol, _nb_approx_tol, _nb_exact_one, _nb_exact_chunks = exact_tol, approx_tol, exact_one, exact_chunks
+    _nb_varies, _nb_ulp_chunks = varies, ulp_chunks
+
+    @njit(**opts)
+    def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running, b_buf, t_buf, cmax):
         """Partials of blocks [first, last) into rows of fpart / ipart (see the module doc);
-        ``b_buf`` / ``t_buf``: float32 staging buffers of ``block`` elements (16-bit storage)."""
+        ``b_buf`` / ``t_buf``: float32 staging buffers of ``block`` elements (16-bit storage);
+        ``cmax``: the per-chunk maxima of :func:`approx_tol`."""
         exp_mask = 0x7FF0000000000000
-        f32_safe = 0x47D0000000000000  # bits of 2^126: |t - b| cannot overflow float32 below it
-        rtol32 = np.float32(rtol)
+        f32_safe = 2.0 ** 250  # a block with sum d² below it has |d| < 2^126: no float32 overflow
+        rtol_hi = np.float32(rtol * (1.0 + 2.0 ** -18))
+        rtol_lo = np.float32(rtol * (1.0 - 2.0 ** -18))
         atol32 = np.float32(atol)
         atol_hi = atol32 * np.float32(1.0 + 2.0 ** -18) + np.float32(2.0 ** -126)
         atol_lo = max(atol32 * np.float32(1.0 - 2.0 ** -18) - np.float32(2.0 ** -126), np.float32(0.0))
@@ -355,84 +468,111 @@ def _build() -> Any:
             t_raw = t[lo:hi]
             bs = _nb_stage(b_raw, b_buf)
             ts = _nb_stage(t_raw, t_buf)
-            # Loop 1 (streams the data in): the sums and max |d|.
+            # Loop 1 (streams the data in): the sums, over the two halves of the block at once
+            # (two independent chains per sum: twice the speed of one).
             s_abs = 0.0
             s_dd = 0.0
             s_bb = 0.0
             s_tt = 0.0
             s_tb = 0.0
-            max_ad = 0
-            for i in range(m):
+            s_abs2 = 0.0
+            s_dd2 = 0.0
+            s_bb2 = 0.0
+            s_tt2 = 0.0
+            s_tb2 = 0.0
+            h = m // 2
+            for i in range(h):
                 bv = _nb_widen(bs, i)
                 tv = _nb_widen(ts, i)
                 d = tv - bv
-                ad = abs(d)
-                s_abs += ad
+                s_abs += abs(d)
                 s_dd += d * d
                 s_bb += bv * bv
                 s_tt += tv * tv
                 s_tb += tv * bv
-                max_ad = max(max_ad, _nb_f64_bits(ad))
+                bv = _nb_widen(bs, i + h)
+                tv = _nb_widen(ts, i + h)
+                d = tv - bv
+                s_abs2 += abs(d)
+                s_dd2 += d * d
+                s_bb2 += bv * bv
+                s_tt2 += tv * tv
+                s_tb2 += tv * bv
+            if m & 1:
+                bv = _nb_widen(bs, m - 1)
+                tv = _nb_widen(ts, m - 1)
+                d = tv - bv
+                s_abs2 += abs(d)
+                s_dd2 += d * d
+                s_bb2 += bv * bv
+                s_tt2 += tv * tv
+                s_tb2 += tv * bv
+            s_abs += s_abs2
+            s_dd += s_dd2
+            s_bb += s_bb2
+            s_tt += s_tt2
+            s_tb += s_tb2
             if (_nb_f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
                 ipart[k, 0] = 1  # NaN/Inf in the block (or an overflow): recomputed with numpy
                 flagged += 1
                 continue
-            # Loop 2 (block now in cache): the tolerance-dependent maxima and the mismatch count.
+            # Loop 2 (block now in cache): max |d|, the tolerance-dependent maxima and the
+            # mismatch count.
             approx = 0
-            if max_ad == 0:  # identical block
+            fixup = -1  # the ulp fix-up of the block's own largest ratio: -1 unknown (see ulp_fix)
+            if s_abs == 0.0:  # identical block
                 n_atol = 0
                 max_rel = 0
                 n_rtol = 0
+                max_ad = 0
                 mism = 0
-            elif f32ok and max_ad < f32_safe:
-                a_natol, a_rel, a_nrtol, mism, unsure = _nb_approx_tol(bs, ts, rtol32, atol_hi, atol_lo)
-                n_atol = np.int64(a_natol)
-                max_rel = np.int64(a_rel)
-                n_rtol = np.int64(a_nrtol)
+            elif f32ok and s_dd < f32_safe:
+                a_natol, a_rel, a_nrtol, a_ad, mism, unsure = _nb_approx_tol(bs, ts, rtol_hi, rtol_lo, atol_hi,
+                                                                              atol_lo, cmax)
                 if unsure:
-                    n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
+                    n_atol, max_rel, n_rtol, max_ad, mism = _nb_exact_tol(bs, ts, rtol, atol)
                 else:
                     # A maximum whose approximation is within 2^-18 of the largest so far may be
-                    # a global one: settle it now in float64, while the block is in cache. Every
-                    # block within 2^-18 of the final largest approximation is settled this way;
-                    # the others stay approximate (bit set in approx).
-                    approx = 7
+                    # a global one: settle it now in float64, while the block is in cache (only
+                    # its chunks within 2^-18 of the block's approximation). Every block within
+                    # 2^-18 of the final largest approximation is settled this way; the others
+                    # stay approximate (bit 1 << which set in approx; which as in exact_one).
                     # running: the largest approximations seen, shared by the threads of a
                     # pair without synchronization. Only speed depends on it: settle() checks
                     # every block left approximate against the final largest approximation.
-                    run_natol = max(running[0], n_atol)
-                    run_rel = max(running[1], max_rel)
-                    run_nrtol = max(running[2], n_rtol)
-                    running[0] = run_natol
-                    running[1] = run_rel
-                    running[2] = run_nrtol
-                    if n_atol == 0:
-                        approx &= 6  # no element over rtol·|b|: exactly 0
-                    elif _nb_f32bits_f64(n_atol) >= _nb_f32bits_f64(run_natol) * shrink:
-                        n_atol = _nb_exact_one(bs, ts, 0, rtol, atol)
-                        approx &= 6
-                    if max_rel > 0 and _nb_f32bits_f64(max_rel) >= min(_nb_f32bits_f64(run_rel), f32max) * shrink:
-                        max_rel = _nb_exact_one(bs, ts, 1, rtol, atol)
-                        approx &= 5
-                    if n_rtol == 0:
-                        approx &= 3  # no element over atol: exactly 0
-                    elif _nb_f32bits_f64(n_rtol) >= min(_nb_f32bits_f64(run_nrtol), f32max) * shrink:
-                        n_rtol = _nb_exact_one(bs, ts, 2, rtol, atol)
-                        approx &= 3
+                    approx = 15
+                    ipart[k, 4] = a_natol
+                    ipart[k, 5] = a_rel
+                    ipart[k, 6] = a_nrtol
+                    ipart[k, 3] = a_ad
+                    for which in range(4):
+                        col = 3 if which == 3 else 4 + which
+                        a = ipart[k, col]
+                        run = max(running[which], a)
+                        running[which] = run
+                        if a == 0:
+                            # no element over rtol·|b| (over atol) or no d != 0: exactly 0 (a
+                            # nonzero |d| or ratio of float32 data never rounds to 0)
+                            approx &= ~(1 << which)
+                        elif _nb_f32bits_f64(a) >= min(_nb_f32bits_f64(run), f32max) * shrink:
+                            cutoff = min(_nb_f32bits_f64(a), f32max) * shrink
+                            ipart[k, col] = _nb_exact_chunks(bs, ts, which, rtol, atol, cmax, cutoff)
+                            approx &= ~(1 << which)
+                            if which == 2:  # the ulp fix-up too, over those chunks while in cache
+                                # (else ulp_fix rescans every block tied on the largest ratio)
+                                r = _nb_bits_f64(ipart[k, col])
+                                fixup = 1 if _nb_ulp_chunks(bs, ts, cmax, cutoff, r, atol) else 0
+                    n_atol = ipart[k, 4]
+                    max_rel = ipart[k, 5]
+                    n_rtol = ipart[k, 6]
+                    max_ad = ipart[k, 3]
             else:
-                n_atol, max_rel, n_rtol, mism = _nb_exact_tol(bs, ts, rtol, atol)
-            # Loop 3: does a side vary inside the block? (storage bits, integer ops only)
-            b0 = _nb_bits(b_raw, 0)
-            t0 = _nb_bits(t_raw, 0)
-            vary_b = b0 ^ b0
-            vary_t = t0 ^ t0
-            for i in range(m):
-                vary_b |= _nb_bits(b_raw, i) ^ b0
-                vary_t |= _nb_bits(t_raw, i) ^ t0
+                n_atol, max_rel, n_rtol, max_ad, mism = _nb_exact_tol(bs, ts, rtol, atol)
+            # Loop 3: does a side vary inside the block? (storage bits; +0/-0 by value)
             bv0 = _nb_widen(bs, 0)
             tv0 = _nb_widen(ts, 0)
-            vb = vary_b != 0
-            vt = vary_t != 0
+            vb = _nb_varies(b_raw, m)
+            vt = _nb_varies(t_raw, m)
             if vb and bv0 == 0.0 and s_bb == 0.0:  # -0.0 and 0.0 differ in bits only
                 vb = False
                 for i in range(m):
@@ -464,7 +604,7 @@ def _build() -> Any:
             for j in range(9, 14):
                 ipart[k, j] = 0
             ipart[k, 14] = -1
-            ipart[k, 15] = -1
+            ipart[k, 15] = fixup
             ipart[k, 16] = approx
         return flagged
 
@@ -505,27 +645,28 @@ def _build() -> Any:
         shrink = 1.0 - 2.0 ** -18
         grow = 1.0 + 2.0 ** -21
         settled = 0
-        for j in range(3):
+        for j in range(4):
             bit = 1 << j
+            col = 3 if j == 3 else 4 + j
             g = 0
             e = 0
             for k in range(ipart.shape[0]):
                 if ipart[k, 1] > 0:
                     if ipart[k, 16] & bit:
-                        g = max(g, ipart[k, 4 + j])
+                        g = max(g, ipart[k, col])
                     else:
-                        e = max(e, ipart[k, 4 + j])
+                        e = max(e, ipart[k, col])
             if g == 0:
                 continue
             limit = min(_nb_f32bits_f64(g), f32max) * shrink
             exact = _nb_bits_f64(e)
             for k in range(ipart.shape[0]):
                 if ipart[k, 1] > 0 and ipart[k, 16] & bit:
-                    a = _nb_f32bits_f64(ipart[k, 4 + j])
+                    a = _nb_f32bits_f64(ipart[k, col])
                     if a >= limit and a * grow > exact:
                         lo = k * block
                         hi = min(lo + block, n)
-                        ipart[k, 4 + j] = _nb_exact_one(b[lo:hi], t[lo:hi], j, rtol, atol)
+                        ipart[k, col] = _nb_exact_one(b[lo:hi], t[lo:hi], j, rtol, atol)
                         ipart[k, 16] &= ~bit
                         settled += 1
         return settled
@@ -603,10 +744,10 @@ def _build() -> Any:
                 s_bb += fpart[k, 2]
                 s_tt += fpart[k, 3]
                 s_tb += fpart[k, 4]
-                if top_row < 0 or ipart[k, 3] > top:  # first block holding the maximum
+                approx = ipart[k, 16]  # approximations left cannot be a maximum: left out
+                if not approx & 8 and (top_row < 0 or ipart[k, 3] > top):  # first block holding the maximum
                     top = ipart[k, 3]
                     top_row = k
-                approx = ipart[k, 16]  # approximations left cannot be a maximum: left out
                 if not approx & 1:
                     n_atol = max(n_atol, ipart[k, 4])
                 if not approx & 2:
@@ -655,15 +796,16 @@ def _compile(b_kind: str, t_kind: str) -> bytes:
     storage = {"f32": types.float32, "f64": types.float64, "bf16": types.uint16, "f16": types.int16}
     i64, f64 = types.int64, types.float64
     bp, tp = types.CPointer(storage[b_kind]), types.CPointer(storage[t_kind])
-    pf, pi, ps = types.CPointer(f64), types.CPointer(i64), types.CPointer(types.float32)
+    pf, pi = types.CPointer(f64), types.CPointer(i64)
+    ps, pc = types.CPointer(types.float32), types.CPointer(types.int32)
     nb_blocks, nb_settle, nb_fold, nb_first_max, nb_ulp_fix = k.blocks, k.settle, k.fold, k.first_max, k.ulp_fix
     opts = {"nogil": True, "error_model": "numpy"}
 
-    @cfunc(i64(bp, tp, i64, i64, i64, i64, i64, f64, f64, i64, pf, pi, pi, i64, ps, ps), **opts)
-    def c_blocks(b, t, n, block, nblocks, first, last, rtol, atol, f32ok, fp, ip, run, nbuf, bbuf, tbuf):
+    @cfunc(i64(bp, tp, i64, i64, i64, i64, i64, f64, f64, i64, pf, pi, pi, i64, ps, ps, pc), **opts)
+    def c_blocks(b, t, n, block, nblocks, first, last, rtol, atol, f32ok, fp, ip, run, nbuf, bbuf, tbuf, cbuf):
         return nb_blocks(carray(b, (n,)), carray(t, (n,)), first, last, n, block, rtol, atol, f32ok != 0,
-                         carray(fp, (nblocks, _NF)), carray(ip, (nblocks, _NI)), carray(run, (3,)),
-                         carray(bbuf, (nbuf,)), carray(tbuf, (nbuf,)))
+                         carray(fp, (nblocks, _NF)), carray(ip, (nblocks, _NI)), carray(run, (4,)),
+                         carray(bbuf, (nbuf,)), carray(tbuf, (nbuf,)), carray(cbuf, (4, -(-block // CHUNK))))
 
     @cfunc(i64(bp, tp, i64, i64, i64, pi, f64, f64), **opts)
     def c_settle(b, t, n, block, nblocks, ip, rtol, atol):
@@ -768,7 +910,7 @@ class _Native:
         self._engines = []
         offset = 8 + size
         p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-        argtypes = {"blocks": (p, p, i, i, i, i, i, d, d, i, p, p, p, i, p, p), "settle": (p, p, i, i, i, p, d, d),
+        argtypes = {"blocks": (p, p, i, i, i, i, i, d, d, i, p, p, p, i, p, p, p), "settle": (p, p, i, i, i, p, d, d),
                     "fold": (p, p, i, p, p), "first_max": (p, p, i, i, i, d), "ulp_fix": (p, p, i, i, i, p, i, d)}
         for entry, name, length in zip(_ENTRIES, header["names"], header["sizes"]):
             engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
@@ -954,15 +1096,16 @@ def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndar
     nblocks = -(-n // BLOCK)
     fpart = np.empty((nblocks, _NF), np.float64)
     ipart = np.empty((nblocks, _NI), np.int64)
-    running = np.zeros(3, np.int64)
+    running = np.zeros(4, np.int64)
     bp, tp = bk.ctypes.data, tk.ctypes.data
     fp, ip, rp = fpart.ctypes.data, ipart.ctypes.data, running.ctypes.data
     nbuf = BLOCK if min(bk.dtype.itemsize, tk.dtype.itemsize) == 2 else 0  # float32 staging of 16-bit data
 
     def run(first: int, last: int) -> int:
         bufs = np.empty((2, nbuf), np.float32)
+        cmax = np.empty((4, -(-BLOCK // CHUNK)), np.int32)  # per-chunk float32 maxima of a block
         return kernels.blocks(bp, tp, n, BLOCK, nblocks, first, last, rtol, atol, int(f32ok), fp, ip, rp, nbuf,
-                              bufs.ctypes.data, bufs.ctypes.data + 4 * nbuf)
+                              bufs.ctypes.data, bufs.ctypes.data + 4 * nbuf, cmax.ctypes.data)
 
     workers = max(1, int(workers))
     if workers == 1 or n < PARALLEL_MIN or nblocks < 2:
