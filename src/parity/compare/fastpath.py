@@ -147,42 +147,34 @@ def _build() -> Any:
     # error_model="numpy": x/0 gives inf instead of raising (a raise-check stops vectorization).
     opts = {"nogil": True, "fastmath": {"reassoc", "nsz", "contract"}, "error_model": "numpy"}
 
-    @intrinsic
-    def f64_bits(typingctx, x):  # float64 -> int64, same bits
-        if x != types.float64:
-            return None
+    def unary(name, src, dst, emit):
+        """An intrinsic ``name``: ``src`` -> ``dst``, its LLVM code ``emit(builder, value)``."""
+        def typer(typingctx, x):
+            if x != src:
+                return None
 
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(64))
-        return types.int64(types.float64), codegen
+            def codegen(context, builder, sig, args):
+                return emit(builder, args[0])
+            return dst(src), codegen
+        typer.__name__ = typer.__qualname__ = name
+        return intrinsic(typer)
 
-    @intrinsic
-    def bits_f64(typingctx, x):  # int64 -> float64, same bits
-        if x != types.int64:
-            return None
+    i32, i64, f32, f64, f16 = ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.DoubleType(), ir.HalfType()
 
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-        return types.float64(types.int64), codegen
+    def bf16_as_f32(builder, v):  # bfloat16 bits: uint32(bits) << 16, reinterpreted
+        return builder.bitcast(builder.shl(builder.zext(v, i32), ir.Constant(i32, 16)), f32)
 
-    @intrinsic
-    def f32bits_f64(typingctx, x):  # float32 bits held in an int64 -> float64 value
-        if x != types.int64:
-            return None
-
-        def codegen(context, builder, sig, args):
-            as_f32 = builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
-            return builder.fpext(as_f32, ir.DoubleType())
-        return types.float64(types.int64), codegen
-
-    @intrinsic
-    def f32_bits(typingctx, x):  # float32 -> int32, same bits
-        if x != types.float32:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.int32(types.float32), codegen
+    f64_bits = unary("f64_bits", types.float64, types.int64, lambda b, v: b.bitcast(v, i64))
+    bits_f64 = unary("bits_f64", types.int64, types.float64, lambda b, v: b.bitcast(v, f64))
+    f32_bits = unary("f32_bits", types.float32, types.int32, lambda b, v: b.bitcast(v, i32))
+    # float32 bits held in an int64 -> float64 value
+    f32bits_f64 = unary("f32bits_f64", types.int64, types.float64,
+                        lambda b, v: b.fpext(b.bitcast(b.trunc(v, i32), f32), f64))
+    # exact widenings of 16-bit storage: bfloat16 as uint16 bits, float16 as int16 bits
+    bf16_to_f32 = unary("bf16_to_f32", types.uint16, types.float32, bf16_as_f32)
+    bf16_to_f64 = unary("bf16_to_f64", types.uint16, types.float64, lambda b, v: b.fpext(bf16_as_f32(b, v), f64))
+    f16_to_f32 = unary("f16_to_f32", types.int16, types.float32, lambda b, v: b.fpext(b.bitcast(v, f16), f32))
+    f16_to_f64 = unary("f16_to_f64", types.int16, types.float64, lambda b, v: b.fpext(b.bitcast(v, f16), f64))
 
     @intrinsic
     def f32_ubits_or(typingctx, x, flag):  # float32 bits as uint32, all ones where flag
@@ -202,44 +194,6 @@ def _build() -> Any:
         def codegen(context, builder, sig, args):
             return builder.add(args[0], builder.zext(args[1], ir.IntType(32)))
         return types.int32(types.int32, types.boolean), codegen
-
-    @intrinsic
-    def bf16_to_f64(typingctx, x):  # bfloat16 bits (uint16) -> float64, exact
-        if x != types.uint16:
-            return None
-
-        def codegen(context, builder, sig, args):
-            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.fpext(builder.bitcast(wide, ir.FloatType()), ir.DoubleType())
-        return types.float64(types.uint16), codegen
-
-    @intrinsic
-    def f16_to_f64(typingctx, x):  # float16 bits (int16) -> float64, exact
-        if x != types.int16:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
-        return types.float64(types.int16), codegen
-
-    @intrinsic
-    def bf16_to_f32(typingctx, x):  # bfloat16 bits (uint16) -> float32, exact
-        if x != types.uint16:
-            return None
-
-        def codegen(context, builder, sig, args):
-            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(wide, ir.FloatType())
-        return types.float32(types.uint16), codegen
-
-    @intrinsic
-    def f16_to_f32(typingctx, x):  # float16 bits (int16) -> float32, exact
-        if x != types.int16:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(types.int16), codegen
 
     def widen(a, i):  # pragma: no cover - stands for the overload below inside kernels
         raise NotImplementedError
@@ -274,21 +228,16 @@ def _build() -> Any:
 
     @overload(stage)
     def _stage(a, buf):  # a block as the loops read it: 16-bit storage widened once to float32
-        if a.dtype == types.uint16:
-            def impl(a, buf):
-                out = buf[:a.size]
-                for i in range(a.size):
-                    out[i] = bf16_to_f32(a[i])
-                return out
-            return impl
-        if a.dtype == types.int16:
-            def impl(a, buf):
-                out = buf[:a.size]
-                for i in range(a.size):
-                    out[i] = f16_to_f32(a[i])
-                return out
-            return impl
-        return lambda a, buf: a
+        convert = {types.uint16: bf16_to_f32, types.int16: f16_to_f32}.get(a.dtype)
+        if convert is None:
+            return lambda a, buf: a
+
+        def impl(a, buf):
+            out = buf[:a.size]
+            for i in range(a.size):
+                out[i] = convert(a[i])
+            return out
+        return impl
 
     _nb_widen, _nb_bits, _nb_f64_bits, _nb_stage = widen, bits, f64_bits, stage
     _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64, _nb_count32 = bits_f64, f32_bits, f32bits_f64, count32
