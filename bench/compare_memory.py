@@ -66,6 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import data_bytes, warm_page_cache
+
 MB = 1_000_000
 GB = 1_000_000_000
 #: First argument of the internal child process that writes the dumps.
@@ -254,23 +256,6 @@ def _write_main(argv: list[str]) -> None:
         base, target = write_pair(Path(root), n, tuple(_ints(shape)), float(noise), seed=1234 + index,
                                   ranks=int(ranks))
         print(n, base, target, sep="\t", flush=True)
-
-
-def warm_page_cache(*dirs: Path) -> int:
-    """Read every file of ``dirs`` once; returns the bytes read."""
-    total = 0
-    for d in dirs:
-        for path in sorted(d.rglob("*")):
-            if path.is_file():
-                with open(path, "rb") as fh:
-                    while chunk := fh.read(16 << 20):
-                        total += len(chunk)
-    return total
-
-
-def data_bytes(*dirs: Path) -> int:
-    """Bytes of the shard files (tensor data plus safetensors headers) under ``dirs``."""
-    return sum(p.stat().st_size for d in dirs for p in d.rglob("*.safetensors"))
 
 
 def run_compare(base: Path, target: Path, out: Path) -> dict:

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import data_bytes, warm_page_cache
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -285,20 +286,6 @@ def measure_cli(base: Path, target: Path, out: Path, env: dict | None = None) ->
     return {"wall_s": wall, "hwm_bytes": measured["hwm_bytes"], "pairs": report["summary"]["pairs"]}
 
 
-def warm_page_cache(*dirs: Path) -> int:
-    total = 0
-    for d in dirs:
-        for path in sorted(d.rglob("*.safetensors")):
-            with open(path, "rb") as fh:
-                while chunk := fh.read(16 << 20):
-                    total += len(chunk)
-    return total
-
-
-def data_bytes(*dirs: Path) -> int:
-    return sum(p.stat().st_size for d in dirs for p in d.rglob("*.safetensors"))
-
-
 def compare_metrics(fast: dict, naive: dict) -> dict:
     """Exact fields identical? Largest relative difference of summed metrics and needed_rtol."""
     exact_fields = ("max_abs", "max_abs_index", "max_rel", "mismatched", "needed_atol",
@@ -364,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"writing the {variant} dumps failed: {proc.stderr.strip()[-3000:]}")
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            cached = warm_page_cache(base, target)
+            cached = warm_page_cache(base, target, pattern="*.safetensors")
             size = data_bytes(base, target)
             print(f"\n[{variant}] {'reused' if reused else 'wrote'} {size / GB:.2f} GB (both dumps) in {write_s:.1f} s; "
                   f"page cache warm-up "
