@@ -244,6 +244,8 @@ def test_vllm_tensor_parallel_2_matches_transformers(tmp_path):
     logits = [p for p in report["pairs"] if p["name"] == "logits"]
     assert logits and all(p["target"]["shape"][-1] == 512 and p["outcome"] == "pass" for p in logits)
     assert report["summary"]["passed"] == report["summary"]["pairs"] == 23
+    distributions = report["end_to_end"]["distributions"]  # logits rebuilt from the vocabulary slices
+    assert distributions is not None and distributions["top1_agreement"] == 1.0
     step = json.loads((out / "target" / "manifest-rank1.jsonl").read_text().splitlines()[1])
     assert step["type"] == "step" and step["tags"]["seq_lens"] == [len(step["tags"]["input_ids"][0])]
 

@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from parity.store.reader import Run
 
 TIE_TOLERANCE = 0.1
 LOGITS_NAMES = ("logits", "lm_head")
@@ -37,7 +36,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _logits(run: Run, step: int) -> np.ndarray | None:
+def _logits(run: Any, step: int) -> np.ndarray | None:
     for record in run.records:
         if record.step == step and record.name in LOGITS_NAMES and record.file is not None:
             arr = run.array(record)
@@ -46,7 +45,7 @@ def _logits(run: Run, step: int) -> np.ndarray | None:
     return None
 
 
-def distribution_metrics(base: Run, target: Run, *, top_k: int = 5) -> dict[str, Any] | None:
+def distribution_metrics(base: Any, target: Any, *, top_k: int = 5) -> dict[str, Any] | None:
     """KL, max |Δlogprob| over the baseline's top-k, top-1 agreement over all teacher-forced positions."""
     kls: list[np.ndarray] = []
     deltas: list[float] = []
@@ -115,8 +114,10 @@ def end_to_end(base_dir: Any, target_dir: Any, base_generations: Sequence[Any], 
                *, decode: Callable[[list[int]], str]) -> dict[str, Any]:
     """The report's ``end_to_end`` section: the generations compared, plus the next-token
     distributions over every teacher-forced position of the two dumps."""
+    from parity.align.shards import logical_view
     from parity.store.reader import load_run
 
     result = compare_generations(base_generations, target_generations, decode=decode)
-    result["distributions"] = distribution_metrics(load_run(base_dir), load_run(target_dir))
+    # multi-rank dumps (vLLM tp=N) hold vocabulary slices of the logits: read the rebuilt tensors
+    result["distributions"] = distribution_metrics(logical_view(load_run(base_dir)), logical_view(load_run(target_dir)))
     return result
