@@ -213,9 +213,9 @@ class LogicalRun(RunView):
         groups = self.group_step_tags(step)
         if len(groups) == 1:
             return groups[0]
-        from parity.align.tokens import _flat
+        from parity.align.tokens import flatten_rows
 
-        ids = [_flat(tags.get("input_ids")) for tags in groups]
+        ids = [flatten_rows(tags.get("input_ids")) for tags in groups]
         return {"input_ids": [[i for part in ids for i in (part or [])]]} if all(ids) else {}
 
 

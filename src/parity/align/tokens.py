@@ -93,7 +93,8 @@ class StepLayout:
     batch: int = 1
 
 
-def _flat(value: Any) -> list[Any] | None:
+def flatten_rows(value: Any) -> list[Any] | None:
+    """A metadata list (``[T]`` or rows ``[[...], ...]``) as one flat list; None when not a list."""
     if not isinstance(value, list):
         return None
     out: list[Any] = []
@@ -108,10 +109,10 @@ def _flat(value: Any) -> list[Any] | None:
 def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
     """The layout of one step from its metadata (see the module docstring); None without ``input_ids``."""
     ids = tags.get("input_ids")
-    flat_ids = _flat(ids)
+    flat_ids = flatten_rows(ids)
     if not flat_ids:
         return None
-    positions = _flat(tags.get("positions"))
+    positions = flatten_rows(tags.get("positions"))
     if positions is not None and (len(positions) != len(flat_ids) or not all(
             isinstance(p, int) and not isinstance(p, bool) for p in positions)):
         positions = None  # unusable metadata (from an untrusted manifest): positions by index
