@@ -6,8 +6,9 @@ What it measures
     activation-like ``[2048, 4096]`` tensors (unit normal, a per-row scale, a few outlier
     channels, 32 MiB in float32, 16 MiB in bfloat16) plus 200 small ``[64, 128]`` ones; the
     target is the baseline times ``1 + 1e-3 * randn`` (so pairs fail the default tolerance and
-    every metric has work to do). After reading every data file once (page cache warm-up) it
-    times, one after the other in the same run, each in a fresh process:
+    every metric has work to do). After writing them back to disk (``os.sync``: the kernel's
+    flusher threads would otherwise compete with the measurements) and reading every data file
+    once (page cache warm-up) it times, in the same run, each in a fresh process:
 
     (a) ``cli``: ``python -m parity.cli compare BASE TARGET --json OUT`` end to end (process
         start, imports, report writing included): whatever ``engine.py`` does today; it runs
@@ -18,8 +19,11 @@ What it measures
         (``load_run`` + ``Run.raw``, pages released after each pair, as the engine does), with
         ``--workers`` threads (default 2), and (d) ``fast-1t``: the same on one thread.
 
-    Throughput is input bytes (tensor data of both sides) / wall time of the loop over pairs
-    (for ``cli``: of the whole process). Peak RSS is the ``VmHWM`` of the measuring process
+    (a), (c) and (d) run ``--repeat`` times (default 5) in interleaved rounds (a, c, d, a, c,
+    d, ...: a change of the machine's load hits all three); the median is reported, with the
+    range from the slowest to the fastest round; (b) runs once. Throughput is input bytes
+    (tensor data of both sides) / wall time of the loop over pairs (for ``cli``: of the whole
+    process). Peak RSS is the ``VmHWM`` of the measuring process
     (the memory-mapped pages it touched count; they are page cache). ``fast`` also reports
     the time to get the kernels ready in a fresh process: ``fastpath.available()`` plus loading
     their machine code from the kernel cache (numba is not imported then), and (measured once,
@@ -33,13 +37,13 @@ What it measures
 
 Running it
     ``.venv/bin/python bench/compare_throughput.py``. Options: ``--gb 2.0`` (size of each dump),
-    ``--variants fp32,bf16``, ``--workers 2``, ``--skip-cli`` / ``--skip-naive`` (the two slow
+    ``--variants fp32,bf16``, ``--workers 2``, ``--repeat 5``, ``--skip-cli`` / ``--skip-naive`` (the two slow
     measurements), ``--workdir DIR`` (default: a fresh temporary directory, removed at the end;
     a given DIR is kept). The variants are written and measured one at a time (each one's
     dumps are deleted before the next is written), so it needs 2 x ``--gb`` GB of free disk
     (checked first; 4 GB with the defaults) and as much free RAM to keep them cached (with
     ``--workdir`` the dumps are kept, and reused by a later run with the same DIR); takes
-    about 2-3 minutes on a two-core machine.
+    about 2 minutes on a two-core machine with the defaults.
 
 Units: GB = 10^9 bytes. The machine may be shared: every figure of one run is taken within
 minutes of the others, so the ratios are the meaningful part; absolute figures vary.
@@ -52,6 +56,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -313,12 +318,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gb", type=float, default=2.0, help="size of each dump in GB (default 2.0)")
     parser.add_argument("--variants", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
     parser.add_argument("--workers", type=int, default=2, help="threads of the fast path (default 2)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds of (a), (c) and (d); the median is reported (default 5)")
     parser.add_argument("--skip-cli", action="store_true", help="do not time `parity compare` end to end")
     parser.add_argument("--skip-naive", action="store_true", help="do not time the naive float64 reference")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="directory for the dumps (kept); default a temporary one, removed at the end")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.repeat < 1:
+        parser.error("--repeat takes a positive number")
     if not args.variants or any(v not in ("fp32", "bf16") for v in args.variants):
         parser.error("--variants takes fp32 and/or bf16")
     return args
@@ -349,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                                        variant, repr(args.gb)], capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     raise RuntimeError(f"writing the {variant} dumps failed: {proc.stderr.strip()[-3000:]}")
+                os.sync()  # written back now, not by the kernel's flusher threads while we measure
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             cached = warm_page_cache(base, target, pattern="*.safetensors")
@@ -363,19 +373,26 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cache_dir, ignore_errors=True)
             env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
             cold = measure("fast", base, target, args.workers, root / f"{variant}-cold.json", env=env)
-            warm = measure("fast", base, target, args.workers, root / f"{variant}-fast.json", env=env)
-            one = measure("fast-1t", base, target, 1, root / f"{variant}-fast1.json", env=env)
+            # --repeat rounds, each timing the CLI, the fast path and the fast path on one thread
+            # in turn (a drift of the machine's load hits all three); the median of each is reported
+            timings: dict[str, list[tuple[float, int]]] = {"cli": [], "fast": [], "fast-1t": []}
+            warm: dict = {}
+            for _ in range(args.repeat):
+                if not args.skip_cli:
+                    cli = measure_cli(base, target, root / f"{variant}-report.json", env=env)
+                    timings["cli"].append((cli["wall_s"], cli["hwm_bytes"]))
+                warm = measure("fast", base, target, args.workers, root / f"{variant}-fast.json", env=env)
+                timings["fast"].append((warm["loop_s"], warm["hwm_bytes"]))
+                one = measure("fast-1t", base, target, 1, root / f"{variant}-fast1.json", env=env)
+                timings["fast-1t"].append((one["loop_s"], one["hwm_bytes"]))
             result = {"variant": variant, "bytes": warm["bytes"], "pairs": warm["pairs"],
                       "compile_s": cold["kernel_ready_s"], "ready_s": warm["kernel_ready_s"],
-                      "numba_import_s": warm["numba_import_s"],
-                      "fast": (warm["loop_s"], warm["hwm_bytes"]), "fast-1t": (one["loop_s"], one["hwm_bytes"])}
+                      "numba_import_s": warm["numba_import_s"], "repeat": args.repeat}
+            result.update({key: summarize(runs) for key, runs in timings.items() if runs})
             if not args.skip_naive:
                 naive = measure("naive", base, target, 1, root / f"{variant}-naive.json")
-                result["naive"] = (naive["loop_s"], naive["hwm_bytes"])
+                result["naive"] = summarize([(naive["loop_s"], naive["hwm_bytes"])])
                 result["check"] = compare_metrics(warm["metrics"], naive["metrics"])
-            if not args.skip_cli:
-                cli = measure_cli(base, target, root / f"{variant}-report.json", env=env)
-                result["cli"] = (cli["wall_s"], cli["hwm_bytes"])
             rows.append(result)
             print_variant(result, args.workers)
             if own:  # free the disk (and page cache) before the next variant
@@ -390,19 +407,27 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def summarize(runs: list[tuple[float, int]]) -> tuple[float, int, float, float]:
+    """(median seconds, largest peak RSS, fastest, slowest) of the runs of one measurement."""
+    seconds = [s for s, _ in runs]
+    return statistics.median(seconds), max(h for _, h in runs), min(seconds), max(seconds)
+
+
 def print_variant(r: dict, workers: int) -> None:
     size = r["bytes"]
     ref = r.get("naive", (None,))[0]
-    print(f"[{r['variant']}] {r['pairs']} pairs, {size / GB:.2f} GB of tensor data (both sides)")
-    print(f"  {'measurement':<34} {'seconds':>8} {'GB/s':>7} {'vs naive':>9} {'peak RSS MB':>12}")
+    print(f"[{r['variant']}] {r['pairs']} pairs, {size / GB:.2f} GB of tensor data (both sides); "
+          f"(a), (c), (d): median of {r['repeat']} rounds, GB/s range from the slowest to the fastest")
+    print(f"  {'measurement':<34} {'seconds':>8} {'GB/s':>7} {'GB/s range':>12} {'vs naive':>9} {'peak RSS MB':>12}")
     labels = {"cli": "(a) parity compare CLI, end to end", "naive": "(b) naive float64 reference",
               "fast": f"(c) fast_pair_metrics, {workers} threads", "fast-1t": "(d) fast_pair_metrics, 1 thread"}
     for key in ("cli", "naive", "fast", "fast-1t"):
         if key not in r:
             continue
-        seconds, hwm = r[key]
+        seconds, hwm, fastest, slowest = r[key]
         ratio = f"{ref / seconds:8.1f}x" if ref else f"{'-':>9}"
-        print(f"  {labels[key]:<34} {seconds:8.2f} {size / GB / seconds:7.2f} {ratio} {hwm / MB:12.0f}")
+        spread = f"{size / GB / slowest:.2f}-{size / GB / fastest:.2f}" if fastest != slowest else "-"
+        print(f"  {labels[key]:<34} {seconds:8.2f} {size / GB / seconds:7.2f} {spread:>12} {ratio} {hwm / MB:12.0f}")
     print(f"  fast path set-up in a fresh process: available() {r['numba_import_s']:.2f} s, kernels from the cache "
           f"{r['ready_s']:.2f} s; compiling them (empty cache) {r['compile_s']:.2f} s")
     if "check" in r:
