@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+import parity
+
 from parity.backends.hf import run_and_capture
 from parity.compare.engine import compare
 from parity.compare.pairing import parse_rename
 from parity.compare.tolerance import TolerancePolicy, parse_override
 from parity.store.writer import DumpWriter
 from parity.store.format import FORMAT_VERSION, Record, RunHeader
+from parity.store.reader import load_run
 
 
 def test_identical_runs_pass_every_pair_with_zero_error(fp32_model, prompts, baseline_dump, tmp_path):
@@ -185,6 +188,43 @@ def test_statistics_only_dumps_find_the_fault_and_say_so(fp32_model, prompts, tm
     assert "statistics-based" in first.reason and first.stats["l2"]["ok"] is False
     assert report.to_json()["summary"]["statistics_based"] is True
     assert report.layers[1].rel_l2 == pytest.approx(0.01, rel=1e-3)
+
+
+def test_statistics_only_samples_catch_a_permutation_where_the_statistics_cannot(fp32_model, prompts, tmp_path):
+    # Layer 1's MLP output with its hidden channels reversed: the same min/max/mean/l2/zero
+    # counts, other values. The statistics only notice it downstream; the sampled elements at it.
+    def permuted(sample: int, out: Path) -> None:
+        handle = fp32_model.model.model.layers[1].mlp.register_forward_hook(lambda mod, args, o: o.flip(-1))
+        try:
+            with parity.capture(fp32_model.model, out, mode="stats", sample=sample):
+                for text in prompts:
+                    fp32_model.model(fp32_model.tokenizer(text, return_tensors="pt").input_ids)
+        finally:
+            handle.remove()
+
+    def clean(sample: int, out: Path) -> None:
+        with parity.capture(fp32_model.model, out, mode="stats", sample=sample):
+            for text in prompts:
+                fp32_model.model(fp32_model.tokenizer(text, return_tensors="pt").input_ids)
+
+    for sample in (0, 32):
+        clean(sample, tmp_path / f"base{sample}")
+        permuted(sample, tmp_path / f"perm{sample}")
+    sampled = load_run(tmp_path / "base32").records[0]
+    assert len(sampled.stats["sample"]) == 32 and "sample" not in load_run(tmp_path / "base0").records[0].stats
+
+    blind = compare(tmp_path / "base0", tmp_path / "perm0")
+    mlp = next(o for o in blind.outcomes if o.name == "model.layers.1.mlp")
+    assert mlp.kind == "pass" and blind.first_divergence.name != "model.layers.1.mlp"
+
+    seen = compare(tmp_path / "base32", tmp_path / "perm32")
+    first = seen.first_divergence
+    assert (first.name, first.kind, first.statistics_based) == ("model.layers.1.mlp", "fail", True)
+    assert "sampled elements outside tolerance" in first.reason
+    assert first.stats["sample"]["size"] == 32 and first.stats["sample"]["mismatched"] > 0
+    assert all(first.stats[key]["ok"] for key in ("l2", "mean", "min", "max", "abs_max"))
+    same = compare(tmp_path / "base32", tmp_path / "base32")
+    assert same.verdict == "pass" and "32 sampled elements are within" in same.outcomes[0].reason
 
 
 def test_large_pairs_take_the_compiled_path_with_the_reference_results(tmp_path):

@@ -340,6 +340,33 @@ def test_load_run_unsafe_data_path(dump, bad_path):
     assert bad_path in str(info.value)
 
 
+@pytest.mark.parametrize("sample", ["1.0", {"a": 1}, [1.0, "NaN"], [True], [1e308 * 10], [10 ** 400], [0.0] * 5000])
+def test_malformed_stats_sample_is_refused_in_one_line(dump, sample):
+    lines = manifest_lines(dump)
+    i = first_record_index(lines)
+    obj = json.loads(lines[i])
+    obj["stats"]["sample"] = sample
+    lines[i] = json.dumps(obj) + "\n"
+    write_manifest(dump, lines)
+    with pytest.raises(DumpError, match="stats.sample"):
+        load_run(dump)
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "compare", str(dump), str(dump)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "stats.sample" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_stats_sample_values_read_back_with_their_nonfinite_strings(dump):
+    lines = manifest_lines(dump)
+    i = first_record_index(lines)
+    obj = json.loads(lines[i])
+    obj["stats"]["sample"] = [1, -2.5, "nan", "inf", "-inf"]
+    lines[i] = json.dumps(obj) + "\n"
+    write_manifest(dump, lines)
+    got = load_run(dump).records[0].stats["sample"]
+    assert got[:2] == [1.0, -2.5] and math.isnan(got[2]) and got[3:] == [math.inf, -math.inf]
+
+
 def test_data_file_symlinked_outside_the_dump_is_refused(dump, tmp_path):
     run = load_run(dump)
     record = run.records[0]

@@ -21,6 +21,7 @@ from parity.align.canonical import Rule, unmapped
 from parity.capturing.flatten import select_element
 from parity.capturing.hooks import session_hooks
 from parity.capturing.session import CaptureSession
+from parity.capturing.stats import SAMPLE_SIZE
 
 
 def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module],
@@ -67,19 +68,20 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                       model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
                       layout: dict[str, int] | None = None,
                       extra_step_tags: Callable[[], dict[str, Any]] | None = None,
-                      logits_columns: int | None = None) -> Iterator[CaptureSession]:
+                      logits_columns: int | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
     """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring).
 
     ``extra_step_tags()`` (default none), called at the start of each step, adds metadata the
     forward's arguments do not carry (vLLM: the per-request token counts of its batch).
     ``logits_columns`` (default all) keeps the first columns of derived logits: a rank's
-    vocabulary slice without its padding.
+    vocabulary slice without its padding. ``sample``: elements per tensor stored with the
+    statistics when ``mode="stats"`` (default 32, 0 for none).
     """
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     session = CaptureSession(out_dir, mode=mode, spec=spec,
                              model_info={"class": type(model).__name__, "taps": "canonical", **(model_info or {})},
-                             sharding=sharding, layout=layout)
+                             sharding=sharding, layout=layout, sample=sample)
     for missing in unmapped(rules, names, num_layers):
         session.note_once(f"canonical tap {missing} is not provided by this model (not mapped)")
 

@@ -7,7 +7,8 @@ Usage::
 
 Defaults: ``taps=None`` (the decoder-LM tap set of :mod:`parity.capturing.taps`, or every leaf
 module when that matches nothing), ``mode="full"`` (tensors; ``"stats"`` keeps statistics
-only), ``spec`` / ``model_info`` are stored in the run header as given.
+and a sample of ``sample`` = 32 elements per tensor only), ``spec`` / ``model_info`` are stored
+in the run header as given.
 
 Each call of the root module's ``forward`` is one step. Its ``input_ids``, ``position_ids`` and
 ``attention_mask`` (keyword or first positional argument) are stored as step metadata:
@@ -27,6 +28,7 @@ import torch
 from parity import _explicit
 from parity.capturing.flatten import flatten_output, select_element
 from parity.capturing.session import CaptureSession
+from parity.capturing.stats import SAMPLE_SIZE
 from parity.capturing.taps import Tap, model_taps
 
 
@@ -70,7 +72,7 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
 def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Sequence[str] | None = None,
             *, mode: str = "full", spec: dict[str, Any] | None = None,
             model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
-            layout: dict[str, int] | None = None) -> Iterator[CaptureSession]:
+            layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
 
     Yields the :class:`~parity.capturing.session.CaptureSession` (``session.error`` says why
@@ -79,11 +81,14 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
     rank with the same ``out_dir``; ``sharding`` ({tap pattern: ``split:DIM`` | ``sum`` |
     ``replicated``}, default none) says how each tap's shards rebuild the full tensor and
     ``layout`` (``tp_rank``/``tp_size``/``dp_rank``/``dp_size``, default one tensor-parallel
-    group of all ranks) where this rank sits (see :mod:`parity.align.shards`).
+    group of all ranks) where this rank sits (see :mod:`parity.align.shards`). With
+    ``mode="stats"``, ``sample`` elements per tensor (default 32, 0 for none) are stored with
+    the statistics, at evenly spaced positions (see :func:`parity.capturing.stats.sample_positions`).
     """
     chosen = model_taps(model, taps)
     info = {"class": type(model).__name__, **(model_info or {})}
-    session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info, sharding=sharding, layout=layout)
+    session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info, sharding=sharding, layout=layout,
+                             sample=sample)
     modules = dict(model.named_modules())
     hooks = [(modules[name], _make_hook(session, name, tap, type(modules[name]).__name__))
              for name, tap in chosen.items()]

@@ -8,7 +8,10 @@ Policy (defaults in brackets):
   behind, the hook thread **blocks** until there is room (a single item larger than the bound
   is still accepted when the queue is empty). Memory never grows without bound; nothing is
   dropped silently.
-- ``mode="full"`` stores tensors; ``mode="stats"`` stores only statistics.
+- ``mode="full"`` stores tensors; ``mode="stats"`` stores only statistics, with a sample of
+  [``sample`` = :data:`~parity.capturing.stats.SAMPLE_SIZE` = 32] elements per tensor at evenly
+  spaced positions (0: none), which lets a comparison of two such dumps catch what statistics
+  cannot see (a permutation, a sign flip at some elements).
 - Never hurt the host: any error while capturing (unwritable directory, disk full, a value
   that cannot be copied) is logged once on the ``parity`` logger, recorded as a note in the
   manifest when still possible, and capture turns itself off. ``session.error`` holds the
@@ -35,9 +38,9 @@ from typing import Any
 
 import torch
 
-from parity.capturing.stats import tensor_stats
+from parity.capturing.stats import SAMPLE_SIZE, sample_values, tensor_stats
 from parity.capturing.taps import layer_of
-from parity.store.format import DTYPES, FORMAT_VERSION, Record, RunHeader
+from parity.store.format import DTYPES, FORMAT_VERSION, MAX_SAMPLE, Record, RunHeader
 from parity.store.writer import SHARD_BYTES, DumpWriter
 
 log = logging.getLogger("parity")
@@ -91,9 +94,13 @@ class CaptureSession:
                  spec: dict[str, Any] | None = None, model_info: dict[str, Any] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  layout: dict[str, int] | None = None, sharding: dict[str, str] | None = None,
-                 max_pending_bytes: int = MAX_PENDING_BYTES, shard_bytes: int = SHARD_BYTES) -> None:
+                 sample: int = SAMPLE_SIZE, max_pending_bytes: int = MAX_PENDING_BYTES,
+                 shard_bytes: int = SHARD_BYTES) -> None:
         if mode not in ("full", "stats"):
             raise ValueError(f"mode must be 'full' or 'stats', not {mode!r}")
+        if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample <= MAX_SAMPLE:
+            raise ValueError(f"sample must be an int from 0 to {MAX_SAMPLE}, not {sample!r}")
+        self.sample = sample if mode == "stats" else 0
         auto_rank, auto_world = dist_rank_world()
         rank = auto_rank if rank is None else rank
         world_size = auto_world if world_size is None else world_size
@@ -268,6 +275,8 @@ class CaptureSession:
                     record, tensor = payload
                     nbytes = record.nbytes
                     stats = tensor_stats(tensor)
+                    if self.sample:
+                        stats["sample"] = sample_values(tensor, self.sample)
                     record = Record(**{**record.__dict__, "stats": stats})
                     self._writer.add(record, tensor if self.mode == "full" else None)
                 elif kind == "step":

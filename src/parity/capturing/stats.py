@@ -7,6 +7,10 @@ the size. Integer and bool tensors are widened to float64 first. One ``aminmax``
 :data:`SUM_CHUNK` elements) decide everything for finite tensors; NaN/Inf masks are only built
 when the minimum or maximum is not finite (statistics-only capture stays cheap: ~1 ms for a
 4 MiB float32 tensor on this machine, was ~3.5 ms with a separate float64 sum and norm).
+
+:func:`sample_values` takes the small sample that statistics-only capture stores with the
+statistics (:data:`SAMPLE_SIZE` elements by default): elements at evenly spaced flat positions
+``i * numel // k`` (``i < k``, :func:`~parity.store.format.sample_positions`), so two captures of tensors of one size sample the same positions.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import math
 from typing import Any
 
 import torch
+
+from parity.store.format import sample_positions
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
@@ -56,3 +62,19 @@ def _sums(x: torch.Tensor) -> tuple[float, float]:
         total += float(chunk.sum())
         squares += float(torch.dot(chunk, chunk))
     return total, squares
+
+
+#: Elements sampled per tensor by statistics-only capture unless told otherwise.
+SAMPLE_SIZE = 32
+
+def sample_values(t: torch.Tensor, k: int) -> list[float | str]:
+    """The values of ``t`` at :func:`sample_positions`, widened to float64 (exact for every
+    stored dtype but int64 beyond 2^53); NaN and infinities as the strings ``"nan"``, ``"inf"``,
+    ``"-inf"`` (JSON has no literals for them)."""
+    flat = t.reshape(-1)
+    positions = sample_positions(flat.numel(), k)
+    if not positions:
+        return []
+    index = torch.tensor(positions, dtype=torch.int64, device=flat.device)
+    values = flat.index_select(0, index).to("cpu", torch.float64).tolist()
+    return [v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) for v in values]

@@ -13,11 +13,18 @@ min, max   max(atol, rtol·abs_max(b))
 abs_max    max(atol, rtol·abs_max(b))
 =========  ============================================================================
 
-Outcome ``fail`` when a bound is violated; ``nonfinite`` when NaN/Inf counts differ;
+When both records hold a ``sample`` of the same size (statistics-only capture stores one: the
+values at the same evenly spaced positions of tensors of one size), the sampled elements are
+also compared by the elementwise rule itself (NaN matches NaN, an infinity the same infinity):
+that catches what statistics cannot see — a permutation (heads or channels in the wrong order),
+a sign flip of some elements — which keep every statistic but move the values.
+
+Outcome ``fail`` when a bound is violated or a sampled element is outside tolerance;
+``nonfinite`` when NaN/Inf counts differ (or a sampled element is non-finite on one side only);
 ``degenerate`` when one side is all zeros (zero count = n) and the other is not. Otherwise
-``pass`` — meaning "no statistic contradicts the tolerance", a weaker statement than an
-elementwise pass, and every such outcome is marked ``statistics_based``. The per-layer error
-along depth uses ``|l2(t) − l2(b)| / l2(b)``.
+``pass`` — meaning "no statistic (and no sampled element) contradicts the tolerance", a weaker
+statement than an elementwise pass, and every such outcome is marked ``statistics_based``. The
+per-layer error along depth uses ``|l2(t) − l2(b)| / l2(b)``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 from typing import Any
 
 from parity.compare.tolerance import Tolerance
-from parity.store.format import Record
+from parity.store.format import Record, sample_positions
 
 
 def _num(stats: dict[str, Any], key: str) -> float | None:
@@ -65,9 +72,43 @@ def stats_check(b: Record, t: Record, tol: Tolerance) -> tuple[str, str, dict[st
         details[key] = {"baseline": vb, "target": vt, "diff": diff, "bound": bound, "ok": ok}
         if not ok:
             violated.append(f"{key} differs by {diff:.3g} > bound {bound:.3g}")
+    sample = _compare_sample(sb.get("sample"), st.get("sample"), n, tol)
+    if sample is not None:
+        details["sample"] = sample
+        if sample["nonfinite"]:
+            return "nonfinite", (f"NaN/Inf disagree at {sample['nonfinite']} of {sample['size']} sampled elements "
+                                 "(statistics-based)"), details, rel
+        if sample["mismatched"]:
+            violated.append(f"{sample['mismatched']} of {sample['size']} sampled elements outside tolerance "
+                            f"(max |Δ| {sample['max_abs']:.3g} at flat index {sample['max_abs_at']})")
     if n and ((zt == n) != (zb == n)) and violated:
         side = "target" if zt == n else "baseline"
         return "degenerate", f"{side} is all zeros while the other side is not (statistics-based)", details, rel
     if violated:
         return "fail", "; ".join(violated) + " (statistics-based: the elementwise rule cannot hold)", details, rel
+    if sample is not None:
+        return "pass", (f"no statistic contradicts the tolerance and the {sample['size']} sampled elements are within "
+                        "it (statistics-based; the other elements not compared)"), details, rel
     return "pass", "no statistic contradicts the tolerance (statistics-based; elements not compared)", details, rel
+
+
+def _compare_sample(sb: Any, st: Any, numel: int, tol: Tolerance) -> dict[str, Any] | None:
+    """The sampled elements judged by the elementwise rule, or None when the two records do not
+    hold samples of one size (the reader has turned them into floats)."""
+    if not isinstance(sb, list) or not isinstance(st, list) or len(sb) != len(st) or not sb:
+        return None
+    mismatched = nonfinite = 0
+    max_abs, max_at = 0.0, -1
+    for i, (b, t) in enumerate(zip(sb, st)):
+        if not (math.isfinite(b) and math.isfinite(t)):
+            if not (b == t or (math.isnan(b) and math.isnan(t))):
+                nonfinite += 1
+            continue
+        d = abs(t - b)
+        if d > max(tol.atol, tol.rtol * abs(b)):
+            mismatched += 1
+        if d > max_abs or max_at < 0:
+            max_abs, max_at = d, i
+    return {"size": len(sb), "mismatched": mismatched, "nonfinite": nonfinite, "max_abs": max_abs,
+            "max_abs_at": sample_positions(numel, len(sb))[max_at] if max_at >= 0 else -1,
+            "ok": not (mismatched or nonfinite)}

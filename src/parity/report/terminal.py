@@ -105,8 +105,8 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
         console.print(Text(f"note: {note}", style="yellow"))
     if report.statistics_based:
         console.print(Text("statistics-based: ", style="bold yellow") + Text(
-            "the dumps hold statistics only; a failure is certain, a pass only means no statistic "
-            "contradicts the tolerance"))
+            "the dumps hold statistics (and sampled elements) only; a failure is certain, a pass only "
+            "means no statistic or sampled element contradicts the tolerance"))
     _render_body(report, console, show=show, show_all=show_all)
 
 

@@ -1,4 +1,4 @@
-"""Manifest schema of a dump (format version ``1.0``) and its validation.
+"""Manifest schema of a dump (format version ``1.2``) and its validation.
 
 Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
 
@@ -12,7 +12,10 @@ Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
     ``name``, ``step``, ``rank``, ``order`` (capture order within the step), ``shape``,
     ``dtype`` (torch dtype name without prefix, e.g. ``bfloat16``), ``file`` (path of the
     safetensors shard relative to the dump directory, or null in stats mode), ``key`` (tensor
-    key inside the shard), ``stats`` (see :data:`STAT_KEYS`) and ``tags`` (``layer``,
+    key inside the shard), ``stats`` (see :data:`STAT_KEYS`; since 1.2, in stats mode, also
+    ``sample``: the values at evenly spaced flat positions ``i * numel // k``, ``i < k``, as
+    numbers or the strings ``"nan"``, ``"inf"``, ``"-inf"``; at most :data:`MAX_SAMPLE`) and
+    ``tags`` (``layer``,
     ``module`` class, ``shard`` — the sharding annotation of a multi-rank run, see
     :mod:`parity.align.shards` — anything the caller passed).
 ``step``
@@ -32,12 +35,15 @@ from typing import Any
 
 from parity.errors import DumpError
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
 
 #: Summary statistics stored per record. min/max/mean/abs_max/l2 are over the finite
 #: elements (null when there are none); nan/inf/zero count elements; numel is the size.
 STAT_KEYS = ("min", "max", "mean", "abs_max", "l2", "nan", "inf", "zero", "numel")
+#: The largest ``stats.sample`` a record may hold (readers refuse larger ones).
+MAX_SAMPLE = 4096
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 #: dtype names (as in torch, without ``torch.``) and their safetensors codes and sizes.
 DTYPES: dict[str, tuple[str, int]] = {
@@ -183,6 +189,32 @@ def parse_record(obj: dict[str, Any], where: str) -> Record:
     tags = obj.get("tags") or {}
     if not isinstance(stats, dict) or not isinstance(tags, dict):
         raise DumpError(f"{where}: record {name!r} stats and tags must be objects")
+    if "sample" in stats:
+        stats = {**stats, "sample": _sample(stats["sample"], math.prod(shape), f"{where}: record {name!r}")}
     return Record(name=name, step=_int(obj, "step", where), rank=_int(obj, "rank", where),
                   order=_int(obj, "order", where), shape=tuple(shape), dtype=dtype,
                   file=file, key=key, stats=stats, tags=tags)
+
+
+def sample_positions(numel: int, k: int) -> list[int]:
+    """The flat positions a ``stats.sample`` of ``k`` elements of a tensor of ``numel`` elements
+    holds: ``i * numel // k`` for ``i < k`` (every element when ``numel <= k``)."""
+    if numel <= k:
+        return list(range(numel))
+    return [i * numel // k for i in range(k)]
+
+
+def _sample(value: Any, numel: int, where: str) -> list[float]:
+    """A record's ``stats.sample`` as floats (NaN/Inf from their strings); :class:`DumpError`
+    unless it is a list of at most ``min(numel, MAX_SAMPLE)`` numbers or those strings."""
+    if not isinstance(value, list) or len(value) > min(numel, MAX_SAMPLE):
+        raise DumpError(f"{where} has an invalid stats.sample (a list of at most min(numel, {MAX_SAMPLE}) values)")
+    out = []
+    for v in value:
+        if (isinstance(v, float) and math.isfinite(v)) or (type(v) is int and abs(v) < 2 ** 1024):
+            out.append(float(v))
+        elif isinstance(v, str) and v in _NONFINITE:
+            out.append(_NONFINITE[v])
+        else:
+            raise DumpError(f"{where} has an invalid stats.sample value {v!r}")
+    return out
