@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import parity
-
 from parity.backends.hf import run_and_capture
+from parity.capturing.session import CaptureSession
 from parity.compare.engine import compare
 from parity.compare.pairing import parse_rename
 from parity.compare.tolerance import TolerancePolicy, parse_override
-from parity.store.writer import DumpWriter
-from parity.store.format import FORMAT_VERSION, Record, RunHeader
+from parity.store.format import FORMAT_VERSION, Record, RunHeader, sample_positions
 from parity.store.reader import load_run
+from parity.store.writer import DumpWriter
 
 
 def test_identical_runs_pass_every_pair_with_zero_error(fp32_model, prompts, baseline_dump, tmp_path):
@@ -225,6 +225,52 @@ def test_statistics_only_samples_catch_a_permutation_where_the_statistics_cannot
     assert all(first.stats[key]["ok"] for key in ("l2", "mean", "min", "max", "abs_max"))
     same = compare(tmp_path / "base32", tmp_path / "base32")
     assert same.verdict == "pass" and "32 sampled elements are within" in same.outcomes[0].reason
+
+
+def _stats_dump(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    session = CaptureSession(out, mode="stats")
+    session.next_step()
+    for name, tensor in tensors.items():
+        session.record(name, tensor)
+    session.end_step()
+    session.close()
+    assert session.error is None
+    return out
+
+
+def test_sample_positions_spread_over_the_last_axis_and_catch_swapped_heads(tmp_path):
+    # [tokens, hidden] activations: the sample must not sit in one column (as i * numel // k
+    # would whenever k divides the number of rows), or reordered heads go unseen.
+    for shape in [(1, 256, 4096), (4, 256, 4096), (32, 128, 128), (1, 100, 4096)]:
+        positions = sample_positions(int(np.prod(shape)), 32)
+        assert len({p % shape[-1] for p in positions}) == 32
+        assert positions == sorted(set(positions)) and positions[-1] < int(np.prod(shape))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 4096, generator=g)
+    heads = x.view(1, 256, 32, 128)
+    swapped = heads[:, :, [0, 2, 1, *range(3, 32)]].reshape(1, 256, 4096)  # heads 1 and 2 swapped
+    reversed_heads = heads.flip(2).reshape(1, 256, 4096)
+    base = _stats_dump(tmp_path / "base", {"attn": x, "attn2": x})
+    target = _stats_dump(tmp_path / "target", {"attn": swapped, "attn2": reversed_heads})
+    report = compare(base, target)
+    for outcome in report.outcomes:
+        assert outcome.kind == "fail" and outcome.statistics_based, outcome.reason
+        assert all(outcome.stats[key]["ok"] for key in ("l2", "mean", "min", "max", "abs_max"))
+        assert outcome.stats["sample"]["mismatched"] > 0
+
+
+def test_statistics_report_json_stays_valid_with_overflowing_values(tmp_path):
+    import json
+
+    from parity.report.json_report import write_json
+
+    big = torch.tensor([1.7e308, 1.5e308, 0.0, 1.0], dtype=torch.float64)
+    base = _stats_dump(tmp_path / "base", {"x": big})
+    target = _stats_dump(tmp_path / "target", {"x": -big})
+    report = compare(base, target)
+    assert report.verdict == "fail" and report.outcomes[0].stats["sample"]["max_abs"] == float("inf")
+    write_json(report, tmp_path / "r.json")
+    json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
 
 
 def test_large_pairs_take_the_compiled_path_with_the_reference_results(tmp_path):

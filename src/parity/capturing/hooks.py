@@ -83,7 +83,7 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
     ``layout`` (``tp_rank``/``tp_size``/``dp_rank``/``dp_size``, default one tensor-parallel
     group of all ranks) where this rank sits (see :mod:`parity.align.shards`). With
     ``mode="stats"``, ``sample`` elements per tensor (default 32, 0 for none) are stored with
-    the statistics, at evenly spaced positions (see :func:`parity.capturing.stats.sample_positions`).
+    the statistics, at spread-out positions (see :func:`parity.store.format.sample_positions`).
     """
     chosen = model_taps(model, taps)
     info = {"class": type(model).__name__, **(model_info or {})}

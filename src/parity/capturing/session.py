@@ -9,9 +9,9 @@ Policy (defaults in brackets):
   is still accepted when the queue is empty). Memory never grows without bound; nothing is
   dropped silently.
 - ``mode="full"`` stores tensors; ``mode="stats"`` stores only statistics, with a sample of
-  [``sample`` = :data:`~parity.capturing.stats.SAMPLE_SIZE` = 32] elements per tensor at evenly
-  spaced positions (0: none), which lets a comparison of two such dumps catch what statistics
-  cannot see (a permutation, a sign flip at some elements).
+  [``sample`` = :data:`~parity.capturing.stats.SAMPLE_SIZE` = 32] elements per tensor at
+  spread-out positions (0: none), which lets a comparison of two such dumps catch what
+  statistics cannot see (a permutation, a sign flip at some elements), with the odds of a sample.
 - Never hurt the host: any error while capturing (unwritable directory, disk full, a value
   that cannot be copied) is logged once on the ``parity`` logger, recorded as a note in the
   manifest when still possible, and capture turns itself off. ``session.error`` holds the

@@ -9,8 +9,9 @@ when the minimum or maximum is not finite (statistics-only capture stays cheap: 
 4 MiB float32 tensor on this machine, was ~3.5 ms with a separate float64 sum and norm).
 
 :func:`sample_values` takes the small sample that statistics-only capture stores with the
-statistics (:data:`SAMPLE_SIZE` elements by default): elements at evenly spaced flat positions
-``i * numel // k`` (``i < k``, :func:`~parity.store.format.sample_positions`), so two captures of tensors of one size sample the same positions.
+statistics (:data:`SAMPLE_SIZE` elements by default): one element per ``numel // k`` segment
+of the flat tensor, at a varying offset (:func:`~parity.store.format.sample_positions`), so
+two captures of tensors of one size sample the same positions.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def _sums(x: torch.Tensor) -> tuple[float, float]:
 
 #: Elements sampled per tensor by statistics-only capture unless told otherwise.
 SAMPLE_SIZE = 32
+
 
 def sample_values(t: torch.Tensor, k: int) -> list[float | str]:
     """The values of ``t`` at :func:`sample_positions`, widened to float64 (exact for every

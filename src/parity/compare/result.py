@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parity.compare.metrics import PairMetrics, json_float
+from parity.jsonsafe import json_safe
 from parity.compare.tolerance import Tolerance
 
 OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
@@ -82,7 +83,7 @@ class Outcome:
                        if self.metrics and self.kind in ("fail", "degenerate") and self.oracle is None else None),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
-            **({"statistics_based": True, "stats": self.stats,
+            **({"statistics_based": True, "stats": json_safe(self.stats),
                 "stats_rel_l2": json_float(self.stats_rel_l2) if self.stats_rel_l2 is not None else None}
                if self.statistics_based else {}),
         }

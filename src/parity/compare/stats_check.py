@@ -14,13 +14,16 @@ abs_max    max(atol, rtol·abs_max(b))
 =========  ============================================================================
 
 When both records hold a ``sample`` of the same size (statistics-only capture stores one: the
-values at the same evenly spaced positions of tensors of one size), the sampled elements are
+values at the same spread-out positions of tensors of one size), the sampled elements are
 also compared by the elementwise rule itself (NaN matches NaN, an infinity the same infinity):
-that catches what statistics cannot see — a permutation (heads or channels in the wrong order),
-a sign flip of some elements — which keep every statistic but move the values.
+that can catch what statistics cannot see — a permutation (heads or channels in the wrong
+order), a sign flip of some elements — which keep every statistic but move the values. It is
+a sample: a change confined to a fraction f of the elements is seen with probability about
+1 - (1 - f)^k (k = 32: 87% for f = 1/16, e.g. two of 32 heads swapped).
 
 Outcome ``fail`` when a bound is violated or a sampled element is outside tolerance;
-``nonfinite`` when NaN/Inf counts differ (or a sampled element is non-finite on one side only);
+``nonfinite`` when NaN/Inf counts differ (or sampled elements disagree on NaN/Inf: a
+non-finite value on one side only, or different ones);
 ``degenerate`` when one side is all zeros (zero count = n) and the other is not. Otherwise
 ``pass`` — meaning "no statistic (and no sampled element) contradicts the tolerance", a weaker
 statement than an elementwise pass, and every such outcome is marked ``statistics_based``. The

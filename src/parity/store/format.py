@@ -13,8 +13,8 @@ Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
     ``dtype`` (torch dtype name without prefix, e.g. ``bfloat16``), ``file`` (path of the
     safetensors shard relative to the dump directory, or null in stats mode), ``key`` (tensor
     key inside the shard), ``stats`` (see :data:`STAT_KEYS`; since 1.2, in stats mode, also
-    ``sample``: the values at evenly spaced flat positions ``i * numel // k``, ``i < k``, as
-    numbers or the strings ``"nan"``, ``"inf"``, ``"-inf"``; at most :data:`MAX_SAMPLE`) and
+    ``sample``: the values at the flat positions of :func:`sample_positions`, as numbers or
+    the strings ``"nan"``, ``"inf"``, ``"-inf"``; at most :data:`MAX_SAMPLE`) and
     ``tags`` (``layer``,
     ``module`` class, ``shard`` — the sharding annotation of a multi-rank run, see
     :mod:`parity.align.shards` — anything the caller passed).
@@ -44,6 +44,7 @@ STAT_KEYS = ("min", "max", "mean", "abs_max", "l2", "nan", "inf", "zero", "numel
 #: The largest ``stats.sample`` a record may hold (readers refuse larger ones).
 MAX_SAMPLE = 4096
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_FLOAT_MAX = int(1.7976931348623157e308)  # larger ints do not convert to float
 
 #: dtype names (as in torch, without ``torch.``) and their safetensors codes and sizes.
 DTYPES: dict[str, tuple[str, int]] = {
@@ -196,12 +197,21 @@ def parse_record(obj: dict[str, Any], where: str) -> Record:
                   file=file, key=key, stats=stats, tags=tags)
 
 
+#: Odd multiplier of :func:`sample_positions` (Knuth's multiplicative hash constant).
+SAMPLE_HASH = 2654435761
+
+
 def sample_positions(numel: int, k: int) -> list[int]:
     """The flat positions a ``stats.sample`` of ``k`` elements of a tensor of ``numel`` elements
-    holds: ``i * numel // k`` for ``i < k`` (every element when ``numel <= k``)."""
+    holds (every element when ``numel <= k``): one per segment of ``L = numel // k`` elements,
+    ``i * L + (i * SAMPLE_HASH) % L`` for ``i < k``. The offset inside the segment varies with
+    ``i``, so the sample spreads over the last axis too (plain ``i * L`` would sit in one column
+    whenever ``k`` divides the number of rows); it depends on ``numel`` and ``k`` only, so two
+    tensors of one size are sampled at the same positions."""
     if numel <= k:
         return list(range(numel))
-    return [i * numel // k for i in range(k)]
+    segment = numel // k
+    return [i * segment + (i * SAMPLE_HASH) % segment for i in range(k)]
 
 
 def _sample(value: Any, numel: int, where: str) -> list[float]:
@@ -211,7 +221,7 @@ def _sample(value: Any, numel: int, where: str) -> list[float]:
         raise DumpError(f"{where} has an invalid stats.sample (a list of at most min(numel, {MAX_SAMPLE}) values)")
     out = []
     for v in value:
-        if (isinstance(v, float) and math.isfinite(v)) or (type(v) is int and abs(v) < 2 ** 1024):
+        if (isinstance(v, float) and math.isfinite(v)) or (type(v) is int and abs(v) <= _FLOAT_MAX):
             out.append(float(v))
         elif isinstance(v, str) and v in _NONFINITE:
             out.append(_NONFINITE[v])
