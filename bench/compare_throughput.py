@@ -21,7 +21,8 @@ What it measures
 
     (a), (c) and (d) run ``--repeat`` times (default 5) in interleaved rounds (a, c, d, a, c,
     d, ...: a change of the machine's load hits all three); the median is reported, with the
-    range from the slowest to the fastest round; (b) runs once. Throughput is input bytes
+    range from the slowest to the fastest round, and the largest peak RSS of the rounds; the
+    kernel set-up times come from the last round; (b) runs once. Throughput is input bytes
     (tensor data of both sides) / wall time of the loop over pairs (for ``cli``: of the whole
     process). Peak RSS is the ``VmHWM`` of the measuring process
     (the memory-mapped pages it touched count; they are page cache). ``fast`` also reports
