@@ -24,7 +24,9 @@ What it measures
     range from the slowest to the fastest round, and the largest peak RSS of the rounds; the
     kernel set-up times come from the last round; (b) runs once. Throughput is input bytes
     (tensor data of both sides) / wall time of the loop over pairs (for ``cli``: of the whole
-    process). Peak RSS is the ``VmHWM`` of the measuring process
+    process). It also prints what the page faults of the mapped shards cost per GB
+    (:func:`fault_cost`): fresh dumps map fast; with ``--workdir`` reused dumps whose pages
+    were evicted and read back may map ~10x slower, and every figure then drops. Peak RSS is the ``VmHWM`` of the measuring process
     (the memory-mapped pages it touched count; they are page cache). ``fast`` also reports
     the time to get the kernels ready in a fresh process: ``fastpath.available()`` plus loading
     their machine code from the kernel cache (numba is not imported then), and (measured once,
@@ -366,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             size = data_bytes(base, target)
             print(f"\n[{variant}] {'reused' if reused else 'wrote'} {size / GB:.2f} GB (both dumps) in {write_s:.1f} s; "
                   f"page cache warm-up "
-                  f"{cached / GB:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True)
+                  f"{cached / GB:.2f} GB in {time.perf_counter() - t0:.1f} s; page faults of the mapped shards "
+                  f"{fault_cost(base, target):.3f} s per GB", flush=True)
 
             # Compile time from scratch: a process whose numba cache directory is empty; the
             # measured processes then load the kernels from that cache.
@@ -406,6 +409,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def fault_cost(*dirs: Path) -> float:
+    """Seconds per GB to map the shards and touch one byte per page (the page faults alone).
+
+    It depends on how the pages entered the page cache: large folios (files just written, as
+    capture leaves them) map ~10x faster than small ones (pages evicted and read back under
+    memory pressure), which moves the fp32 figures by up to 0.15 s per 4 GB."""
+    import mmap
+
+    seconds, total = 0.0, 0
+    for path in sorted(p for d in dirs for p in d.rglob("*.safetensors")):
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        t0 = time.perf_counter()
+        int(view[::mmap.PAGESIZE].sum())
+        seconds += time.perf_counter() - t0
+        total += view.size
+        del view
+        mapped.close()
+    return seconds / (total / GB) if total else 0.0
 
 
 def summarize(runs: list[tuple[float, int]]) -> tuple[float, int, float, float]:
