@@ -216,6 +216,26 @@ def test_process_wide_dump_from_environment_variable(tmp_path):
     assert header["type"] == "header" and header["format_version"].startswith("1.")
 
 
+def test_process_wide_statistics_mode_and_a_bad_mode_that_does_not_break_the_host(tmp_path):
+    script = textwrap.dedent("""
+        import torch, parity
+        parity.dump("a", torch.arange(100.0))
+        print("host ran", parity.next_step())
+    """)
+    for mode in ("stats", "bogus"):
+        env = {**os.environ, "PARITY_DUMP_DIR": str(tmp_path / mode), "PARITY_DUMP_MODE": mode}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == 0 and "host ran" in result.stdout, result.stderr
+    run = load_run(tmp_path / "stats")
+    assert run.header.mode == "stats" and run.records[0].file is None
+    from parity.store.format import sample_positions
+
+    assert run.records[0].stats["sample"] == [float(p) for p in sample_positions(100, 32)]  # values = positions
+    assert not (tmp_path / "bogus").exists()
+    assert "PARITY_DUMP_MODE" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_non_finite_statistics_and_tags_do_not_stop_capture(tmp_path):
     model = torch.nn.Sequential(torch.nn.Identity())
     with parity.capture(model, tmp_path / "d") as session:

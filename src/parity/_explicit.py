@@ -2,7 +2,9 @@
 
 Active inside a ``parity.capture(...)`` context, or process-wide when the environment variable
 ``PARITY_DUMP_DIR`` is set when parity is imported (records then go to that directory,
-``step`` advances with :func:`next_step`, and the dump is closed at interpreter exit).
+``step`` advances with :func:`next_step`, and the dump is closed at interpreter exit;
+``PARITY_DUMP_MODE=stats`` keeps statistics and a sample only, default ``full``; another value
+is logged once on the ``parity`` logger and leaves capture off, without raising).
 This module imports nothing heavy; torch is imported on the first recorded tensor.
 """
 
@@ -48,15 +50,25 @@ class _ProcessSession:
         if self._session is None:
             from parity.capturing.session import CaptureSession
 
-            self._session = CaptureSession.process_wide(self.path)
+            try:
+                self._session = CaptureSession.process_wide(self.path)
+            except ValueError as exc:  # a bad PARITY_DUMP_MODE must not break the host program
+                import logging
+
+                logging.getLogger("parity").warning("parity capture is off: PARITY_DUMP_MODE: %s", exc)
+                self._session = False
+                return None
             atexit.register(self._session.close)
-        return self._session
+        return self._session or None
 
     def record_explicit(self, name: str, tensor: Any, step: int | None, tags: dict[str, Any]) -> None:
-        self._get().record_explicit(name, tensor, step, tags)
+        session = self._get()
+        if session is not None:
+            session.record_explicit(name, tensor, step, tags)
 
     def next_step(self) -> int:
-        return self._get().next_step()
+        session = self._get()
+        return session.next_step() if session is not None else -1
 
 
 def _activate(session: Any) -> Any:
