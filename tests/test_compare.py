@@ -227,6 +227,24 @@ def test_statistics_only_samples_catch_a_permutation_where_the_statistics_cannot
     assert same.verdict == "pass" and "32 sampled elements are within" in same.outcomes[0].reason
 
 
+def test_a_full_dump_against_a_statistics_only_one_compares_the_sample_from_the_data(
+        fp32_model, prompts, baseline_dump, tmp_path):
+    handle = fp32_model.model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out.flip(-1))
+    try:
+        run_and_capture(fp32_model, prompts, tmp_path / "perm", mode="stats")
+    finally:
+        handle.remove()
+    report = compare(baseline_dump, tmp_path / "perm")
+    first = report.first_divergence
+    assert (first.name, first.kind, first.statistics_based) == ("model.layers.1.mlp", "fail", True)
+    assert first.stats["sample"]["mismatched"] > 0
+    for direction in ((baseline_dump, tmp_path / "same"), (tmp_path / "same", baseline_dump)):
+        if not (tmp_path / "same").exists():
+            run_and_capture(fp32_model, prompts, tmp_path / "same", mode="stats")
+        same = compare(*direction)
+        assert same.verdict == "pass" and all(o.stats["sample"]["ok"] for o in same.outcomes)
+
+
 def _stats_dump(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
     session = CaptureSession(out, mode="stats")
     session.next_step()

@@ -14,7 +14,8 @@ abs_max    max(atol, rtol·abs_max(b))
 =========  ============================================================================
 
 When both records hold a ``sample`` of the same size (statistics-only capture stores one: the
-values at the same spread-out positions of tensors of one size), the sampled elements are
+values at the same spread-out positions of tensors of one size; against a full dump the engine
+reads the full side's values at those positions), the sampled elements are
 also compared by the elementwise rule itself (NaN matches NaN, an infinity the same infinity):
 that can catch what statistics cannot see — a permutation (heads or channels in the wrong
 order), a sign flip of some elements — which keep every statistic but move the values. It is
