@@ -250,6 +250,26 @@ def test_vllm_tensor_parallel_2_matches_transformers(tmp_path):
     assert step["type"] == "step" and step["tags"]["seq_lens"] == [len(step["tags"]["input_ids"][0])]
 
 
+def test_a_faulty_rank_of_a_full_dump_is_named_against_a_statistics_only_one(fp32_model, tmp_path):
+    # The statistics-only side here has no samples (as a format 1.1 dump, or sample=0): the full
+    # multi-rank side is still read, so its zero shard is found as in a full comparison.
+    import json
+
+    from parity.backends.hf import capture_sequences
+
+    hf = tmp_path / "hf-stats"
+    capture_sequences(fp32_model, [fp32_model.tokenizer(PROMPT).input_ids], hf, canonical=True, mode="stats")
+    manifest = hf / "manifest-rank0.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for obj in lines:
+        obj.get("stats", {}).pop("sample", None)
+    manifest.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    report = compare(tp_run(tmp_path / "faulty", "--fault", "mlp:0:1"), hf)
+    first = report.first_divergence
+    assert (first.name, first.kind, first.rank) == ("layers.0.mlp", "degenerate", 1)
+    assert first.statistics_based and "rank 1" in first.reason and "all zeros" in first.reason
+
+
 def test_tensor_and_data_parallel_layout_rebuilds_per_group_then_joins_tokens(tmp_path):
     """4 ranks = TP 2 x DP 2: each DP group holds its own tokens; within a group the hidden
     axis is split (x) or replicated (y). Written by four real capture sessions."""

@@ -140,7 +140,7 @@ class CaptureSession:
         """The session behind ``PARITY_DUMP_DIR``: rank from the environment, subfolder per rank not
         needed; ``PARITY_DUMP_MODE`` = ``full`` (default) or ``stats`` (statistics and the default
         sample only). Raises ValueError for another mode."""
-        mode = os.environ.get("PARITY_DUMP_MODE", "").strip() or "full"
+        mode = os.environ.get("PARITY_DUMP_MODE", "").strip().lower() or "full"
         return cls(path, mode=mode, spec={"source": "PARITY_DUMP_DIR"})
 
     # ----------------------------------------------------------------- called from the host

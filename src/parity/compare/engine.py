@@ -86,15 +86,20 @@ def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: An
 
 
 def _sampled(run: Any, record: Any, other: Any) -> Any:
-    """``record`` with a ``stats.sample`` read from its data at the positions of ``other``'s sample
-    (a full dump compared with a statistics-only one), else ``record`` itself."""
-    sample = other.stats.get("sample")
-    if record.file is None or "sample" in record.stats or not isinstance(sample, list) or not sample:
+    """The full side of a full dump compared with a statistics-only one: ``record`` with a
+    ``stats.sample`` read from its data at the positions of ``other``'s sample (when ``other``
+    has one). Its data is read either way, so a multi-rank full side reports its shard findings
+    (a degenerate or disagreeing copy) as in a full comparison. Other records come back as they are."""
+    if record.file is None:
         return record
     flat = run.raw(record).reshape(-1)
-    values = to_float(flat[sample_positions(flat.size, len(sample))], record.dtype).tolist()
+    sample = other.stats.get("sample")
+    if "sample" not in record.stats and isinstance(sample, list) and sample:
+        values = to_float(flat[sample_positions(flat.size, len(sample))], record.dtype).tolist()
+        record = replace(record, stats={**record.stats, "sample": values})
+    del flat
     run.release(record)
-    return replace(record, stats={**record.stats, "sample": values})
+    return record
 
 
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,

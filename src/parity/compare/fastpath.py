@@ -141,6 +141,7 @@ def _build() -> Any:
     global _nb_exact_chunks, _nb_varies, _nb_count32, _nb_f32_ubits_or, _nb_ulp_chunks, _nb_prefetch
     from types import SimpleNamespace
 
+    import llvmlite.binding as llvm
     from llvmlite import ir
     from numba import njit, types
     from numba.core import cgutils
@@ -208,8 +209,9 @@ def _build() -> Any:
             ary = context.make_array(sig.args[0])(context, builder, args[0])
             ptr = builder.gep(ary.data, [args[1]])
             i8p = ir.IntType(8).as_pointer()
+            name = "llvm.prefetch.p0" if llvm.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"  # opaque pointers
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                "llvm.prefetch.p0")
+                                                name)
             builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
             return context.get_dummy_value()
         return types.void(a, i), codegen
@@ -367,6 +369,7 @@ def _build() -> Any:
             # the next block's loop 1 by memory): one hint per 64-byte line of the same range
             for j in range(lo, min(hi, nb.size), 64 // nb.itemsize):
                 _nb_prefetch(nb, j)
+            for j in range(lo, min(hi, nt.size), 64 // nt.itemsize):
                 _nb_prefetch(nt, j)
             c_natol = np.int32(0)
             c_rel = np.int32(0)
@@ -500,7 +503,7 @@ def _build() -> Any:
                 max_ad = 0
                 mism = 0
             elif f32ok and s_dd < f32_safe:
-                nxt = hi if k + 1 < last else lo  # the next block of this range (else this one again)
+                nxt = hi if k + 1 < last else n  # the next block of this range (else an empty slice)
                 a_natol, a_rel, a_nrtol, a_ad, mism, unsure = _nb_approx_tol(bs, ts, rtol_hi, rtol_lo, atol_hi,
                                                                               atol_lo, cmax, b[nxt:min(nxt + block, n)],
                                                                               t[nxt:min(nxt + block, n)])
