@@ -187,7 +187,6 @@ class LogicalRun(RunView):
         self.run = run
         self.path = run.path
         self.headers = {0: run.header}
-        self.steps = {(step, 0): tags for (step, rank), tags in run.steps.items() if rank == min(run.headers)}
         self.notes = list(run.notes)
         missing = sorted(set(range(run.world_size)) - set(run.headers))
         if missing:
@@ -255,10 +254,6 @@ class LogicalRun(RunView):
                                                     f"statistics than rank {keep.rank}'s", False)
                                for r in healthy[1:] if r.stats != keep.stats)
         return out
-
-    def array(self, record: Record, dtype: type = np.float64) -> np.ndarray:
-        """The rebuilt tensor widened to ``dtype``."""
-        return to_float(self.raw(record), record.dtype, dtype)
 
     def raw(self, record: Record) -> np.ndarray:
         """The rebuilt tensor in storage form (bfloat16 as uint16 bits); findings are refreshed."""
@@ -407,7 +402,7 @@ class LogicalRun(RunView):
             total = np.zeros(part[0].shape, dtype=np.float64)
             for raw in raws:
                 total += to_float(raw, dtype, np.float64)
-            return _round_to(total, dtype) if floats else total.astype(np.dtype(dtype))
+            return _round_to(total, dtype)
         # replicated: the copy most healthy ranks agree on bitwise (the lowest rank's on a tie)
         clusters: list[list[int]] = []
         for i, r in enumerate(part):

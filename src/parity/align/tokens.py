@@ -87,10 +87,14 @@ class StepLayout:
     slots: int
     sequences: list[list[Token]]
     request_ids: list[Any] | None
-    padding: int
     dims: int = 1
     notes: list[str] = field(default_factory=list)
     batch: int = 1
+
+    @property
+    def padding(self) -> int:
+        """Slots that hold no real token."""
+        return self.slots - sum(len(s) for s in self.sequences)
 
 
 def flatten_rows(value: Any) -> list[Any] | None:
@@ -156,10 +160,8 @@ def step_tokens(step: int, tags: dict[str, Any]) -> StepLayout | None:
         request_ids = [r if isinstance(r, (str, int)) else str(r) for r in request_ids]
     else:
         request_ids = None
-    used = sum(len(s) for s in sequences)
     return StepLayout(slots=len(flat_ids), sequences=sequences, request_ids=request_ids,
-                      padding=len(flat_ids) - used, dims=2 if rows is not None else 1, notes=notes,
-                      batch=len(rows) if rows is not None else 1)
+                      dims=2 if rows is not None else 1, notes=notes, batch=len(rows) if rows is not None else 1)
 
 
 def _join(step: int, layouts: list[StepLayout]) -> StepLayout:
@@ -178,14 +180,12 @@ def _join(step: int, layouts: list[StepLayout]) -> StepLayout:
     ids = [layout.request_ids for layout in layouts]
     return StepLayout(slots=offset, sequences=sequences,
                       request_ids=[i for part in ids for i in part] if all(p is not None for p in ids) else None,
-                      padding=sum(layout.padding for layout in layouts), dims=layouts[0].dims,
+                      dims=layouts[0].dims,
                       notes=[n for layout in layouts for n in layout.notes])
 
 
 def _step_layout(run: Any, step: int) -> StepLayout | None:
-    groups = getattr(run, "group_step_tags", None)
-    tags_list = groups(step) if groups is not None else [run.step_tags(step)]
-    layouts = [step_tokens(step, tags) for tags in tags_list]
+    layouts = [step_tokens(step, tags) for tags in run.group_step_tags(step)]
     if not layouts or any(layout is None for layout in layouts):
         return None
     return _join(step, layouts)  # type: ignore[arg-type]
@@ -410,25 +410,22 @@ class AlignedRun(RunView):
         those of every step gathered by the last :meth:`raw`, each message naming its step."""
         if record.name in self._sources:
             return list(self._found.get(record.name, []))
-        findings = getattr(self.run, "findings", None)
-        return findings(record) if findings is not None else []
+        return self.run.findings(record)
 
     def raw(self, record: Record) -> np.ndarray:
         """The record's data; for an aligned tap, its rows gathered from every step in token order."""
         sources = self._sources.get(record.name)
-        if sources is None or record.step != 0 or record.shape[0] != len(self.tokens):
+        if sources is None:
             return self.run.raw(record)
         rest = record.shape[1:]
         width = math.prod(rest)
         out: np.ndarray | None = None
         found: list[Any] = []
-        step_findings = getattr(self.run, "findings", None)
         for source in sources:
             if source.step not in self._rows:
                 continue
             data = self.run.raw(source)
-            if step_findings is not None:
-                found.extend(replace(f, message=f"step {source.step}: {f.message}") for f in step_findings(source))
+            found.extend(replace(f, message=f"step {source.step}: {f.message}") for f in self.run.findings(source))
             rows, slots = self._rows[source.step]
             flat = data.reshape(-1, width)
             if out is None:

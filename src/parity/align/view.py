@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from parity.store.safetensors_io import to_float
+
 
 class RunView:
     """Base of the run views the comparison engine accepts in place of a
@@ -27,6 +31,10 @@ class RunView:
     def mode(self) -> str:
         """``full`` or ``stats``."""
         return self.run.mode
+
+    def array(self, record: Any, dtype: type = np.float64) -> np.ndarray:
+        """The record's (rebuilt, aligned) data widened to ``dtype`` (default float64)."""
+        return to_float(self.raw(record), record.dtype, dtype)
 
     def close(self) -> None:
         """Close the underlying run's files."""

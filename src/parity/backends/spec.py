@@ -58,11 +58,7 @@ class Spec:
     tp: int = 1
 
     def __str__(self) -> str:
-        if self.engine == "vllm":
-            return f"engine=vllm,dtype={self.dtype},device={self.device}" + (f",tp={self.tp}" if self.tp > 1 else "")
-        text = (f"engine={self.engine},dtype={self.dtype},attn={self.attn},"
-                f"compile={int(self.compile)},device={self.device}")
-        return text + (f",quant={self.quant}" if self.quant != "none" else "")
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
 
     def to_dict(self) -> dict[str, object]:
         """The spec as JSON-ready data (``compile`` as 0/1, as written in a SPEC; keys that do not

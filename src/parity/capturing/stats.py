@@ -69,14 +69,13 @@ def _sums(x: torch.Tensor) -> tuple[float, float]:
 SAMPLE_SIZE = 32
 
 
-def sample_values(t: torch.Tensor, k: int) -> list[float | str]:
+def sample_values(t: torch.Tensor, k: int) -> list[float]:
     """The values of ``t`` at :func:`sample_positions`, widened to float64 (exact for every
-    stored dtype but int64 beyond 2^53); NaN and infinities as the strings ``"nan"``, ``"inf"``,
-    ``"-inf"`` (JSON has no literals for them)."""
+    stored dtype but int64 beyond 2^53; the manifest writer stores NaN and infinities as
+    strings, as for every statistic)."""
     flat = t.reshape(-1)
     positions = sample_positions(flat.numel(), k)
     if not positions:
         return []
     index = torch.tensor(positions, dtype=torch.int64, device=flat.device)
-    values = flat.index_select(0, index).to("cpu", torch.float64).tolist()
-    return [v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) for v in values]
+    return flat.index_select(0, index).to("cpu", torch.float64).tolist()

@@ -148,6 +148,7 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     from parity.report.terminal import make_console, render
 
     renames = [parse_rename(r) for r in rename]
+    rank0 = not distributed or int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK
     if oracle_dir is not None:
         from parity.compare.oracle import compare_with_oracle
 
@@ -161,35 +162,29 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
         report = compare_with_oracle(oracle_dir, base, target, m=oracle_m, eps=oracle_eps, renames=renames,
                                      allow_missing=allow_missing, allow_failed=allow_failed,
                                      progress=progress.task("comparing against the oracle"))
-    elif distributed:
-        from parity.compare.parallel import finish_distributed
-
+    else:
         policy = make_policy(rtol, atol, tol, profile, backend)
         try:
             report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                             allow_failed=allow_failed, shards=shards, align=align, distributed=True)
+                             allow_failed=allow_failed, progress=None if distributed else progress.task("comparing"),
+                             shards=shards, align=align, workers=workers, distributed=distributed,
+                             decode=(lambda token: decode([token])) if decode is not None else None)
         except ParityError:
-            finish_distributed()
-            if int(os.environ.get("RANK", "0")) != 0:  # every rank raised the same error: rank 0 reports it
+            if distributed and not rank0:  # every rank raised the same error: rank 0 reports it
                 sys.exit(2)
             raise
-        finish_distributed()
-    else:
-        policy = make_policy(rtol, atol, tol, profile, backend)
-        report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
-                         allow_failed=allow_failed, progress=progress.task("comparing"), shards=shards,
-                         align=align, workers=workers, distributed=distributed,
-                         decode=(lambda token: decode([token])) if decode is not None else None)
+        finally:
+            if distributed:
+                from parity.compare.parallel import finish_distributed
+
+                finish_distributed()
     if generations is not None and decode is not None:
         from parity.compare.e2e import end_to_end
 
-        report.end_to_end = end_to_end(base, target, *generations, decode=decode)
+        report.end_to_end = end_to_end(base, target, *generations, decode=decode, shards=shards)
     progress.__exit__(None, None, None)
-    if distributed:
-        from parity.compare.parallel import finish_distributed
-
-        if int(os.environ.get("RANK", "0")) != 0:  # every rank holds the report; rank 0 prints it
-            return 0
+    if distributed and not rank0:  # every rank holds the report; rank 0 prints it
+        return 0
     for path in (json_path, extra_json):
         if path:
             write_json(report, path)

@@ -45,8 +45,16 @@ def _logits(run: Any, step: int) -> np.ndarray | None:
     return None
 
 
-def distribution_metrics(base: Any, target: Any, *, top_k: int = 5) -> dict[str, Any] | None:
-    """KL, max |Δlogprob| over the baseline's top-k, top-1 agreement over all teacher-forced positions."""
+def distribution_metrics(base: Any, target: Any, *, top_k: int = 5, shards: Sequence[str] = ()) -> dict[str, Any] | None:
+    """KL, max |Δlogprob| over the baseline's top-k, top-1 agreement over all teacher-forced positions.
+
+    ``base`` / ``target``: loaded runs; a multi-rank one (vLLM tp=N holds vocabulary slices of the
+    logits) is read through its logical view, ``shards`` (``PATTERN=SPEC``, default none)
+    overriding its annotations as in the comparison."""
+    from parity.align.shards import logical_view, shard_rules
+
+    overrides = shard_rules(list(shards))
+    base, target = logical_view(base, overrides), logical_view(target, overrides)
     kls: list[np.ndarray] = []
     deltas: list[float] = []
     agree: list[np.ndarray] = []
@@ -111,13 +119,12 @@ def compare_generations(base: Sequence[Any], target: Sequence[Any], *, decode: C
 
 
 def end_to_end(base_dir: Any, target_dir: Any, base_generations: Sequence[Any], target_generations: Sequence[Any],
-               *, decode: Callable[[list[int]], str]) -> dict[str, Any]:
+               *, decode: Callable[[list[int]], str], shards: Sequence[str] = ()) -> dict[str, Any]:
     """The report's ``end_to_end`` section: the generations compared, plus the next-token
-    distributions over every teacher-forced position of the two dumps."""
-    from parity.align.shards import logical_view
+    distributions over every teacher-forced position of the two dumps (``shards`` as in
+    :func:`distribution_metrics`)."""
     from parity.store.reader import load_run
 
     result = compare_generations(base_generations, target_generations, decode=decode)
-    # multi-rank dumps (vLLM tp=N) hold vocabulary slices of the logits: read the rebuilt tensors
-    result["distributions"] = distribution_metrics(logical_view(load_run(base_dir)), logical_view(load_run(target_dir)))
+    result["distributions"] = distribution_metrics(load_run(base_dir), load_run(target_dir), shards=shards)
     return result

@@ -58,18 +58,13 @@ def _incomplete(record: Any) -> str | None:
     return record.tags.get("incomplete") if record is not None else None
 
 
-def _shard_findings(run: Any, record: Any) -> list[Any]:
-    findings = getattr(run, "findings", None)
-    return findings(record) if findings is not None else []
-
-
 def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: Any, b: Any, target: Any, t: Any,
                    passing: str) -> tuple[str, str, int]:
     """Fold shard findings (multi-rank runs) into an outcome: a degenerate or disagreeing
     replicated copy fails the pair and names its rank (``passing`` then describes the rebuilt
     tensor, which passed); an all-zero or non-finite split/sum shard explains a pair that fails
     anyway (kind ``degenerate``, its rank) and is only a note on one that passes."""
-    findings = [("baseline", f) for f in _shard_findings(base, b)] + [("target", f) for f in _shard_findings(target, t)]
+    findings = [("baseline", f) for f in base.findings(b)] + [("target", f) for f in target.findings(t)]
     if not findings:
         return kind, reason, rank
     hard = [item for item in findings if item[1].hard]

@@ -55,6 +55,14 @@ class Run:
         """Per-step metadata (``input_ids``, ``positions``, ``seq_lens``) or ``{}``."""
         return self.steps.get((step, rank), {})
 
+    def group_step_tags(self, step: int) -> list[dict[str, Any]]:
+        """Step metadata per data-parallel group: one group here (multi-rank views have more)."""
+        return [self.step_tags(step)]
+
+    def findings(self, record: Record) -> list[Any]:
+        """Problems with single ranks' shards: none in a run read as it is (see the views)."""
+        return []
+
     def _file(self, rel: str) -> SafetensorsFile:
         handle = self._files.get(rel)
         if handle is None:
