@@ -106,9 +106,12 @@ class CaptureSession:
         world_size = auto_world if world_size is None else world_size
         self.out_dir = Path(out_dir)
         self.mode = mode
-        from parity.align.shards import shard_rules
+        self.sharding: list[Any] = []
+        if sharding:
+            from parity.align.shards import shard_rules
 
-        self.sharding = shard_rules(sharding)
+            self.sharding = shard_rules(sharding)
+        self._annotations: dict[str, str | None] = {}  # tap name -> its annotation, matched once
         if layout is None and world_size > 1:
             layout = {"tp_rank": rank, "tp_size": world_size, "dp_rank": 0, "dp_size": 1}
         self.header = RunHeader(
@@ -192,9 +195,7 @@ class CaptureSession:
             if tags:
                 all_tags.update(_jsonable(tags))
             if self.sharding and "shard" not in all_tags:
-                from parity.align.shards import annotation_for
-
-                annotation = annotation_for(name, self.sharding)
+                annotation = self._annotation(name)
                 if annotation is not None:
                     all_tags["shard"] = annotation
             record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
@@ -204,6 +205,14 @@ class CaptureSession:
             self._put("record", (record, copy), record.nbytes)
         except Exception as exc:
             self.fail(f"cannot record {name!r}: {exc}")
+
+    def _annotation(self, name: str) -> str | None:
+        """The sharding annotation of tap ``name`` (rules matched once per name: names repeat every step)."""
+        if name not in self._annotations:
+            from parity.align.shards import annotation_for
+
+            self._annotations[name] = annotation_for(name, self.sharding)
+        return self._annotations[name]
 
     def record_explicit(self, name: str, tensor: Any, step: int | None, tags: dict[str, Any]) -> None:
         """Entry point of :func:`parity.dump`."""

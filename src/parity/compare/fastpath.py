@@ -110,35 +110,14 @@ _lock = threading.Lock()
 _pools: dict[int, Any] = {}  # workers -> ThreadPoolExecutor
 _warned: list[bool] = []  # the fallback warning is logged once
 _strict = False  # tests set it: a failing kernel raises instead of falling back to numpy
-# Helpers of the kernels, set by _build (see there).
-_nb_widen: Any = None
-_nb_bits: Any = None
-_nb_f64_bits: Any = None
-_nb_bits_f64: Any = None
-_nb_f32_bits: Any = None
-_nb_f32bits_f64: Any = None
-_nb_exact_tol: Any = None
-_nb_approx_tol: Any = None
-_nb_prefetch: Any = None
-_nb_exact_one: Any = None
-_nb_exact_chunks: Any = None
-_nb_varies: Any = None
-_nb_ulp_chunks: Any = None
-_nb_count32: Any = None
-_nb_f32_ubits_or: Any = None
-_nb_first_max: Any = None
-_nb_needs_ulp: Any = None
-_nb_stage: Any = None
 
 
 def _build() -> Any:
     """Define and return the numba kernels (imports numba; compiled by :func:`_compile`).
 
-    The kernels reach their helpers through module globals (``_nb_*``), not closure cells.
+    The kernels reach their helpers as closure variables of this function (resolved when they
+    compile).
     """
-    global _nb_widen, _nb_bits, _nb_f64_bits, _nb_bits_f64, _nb_f32_bits, _nb_stage
-    global _nb_first_max, _nb_needs_ulp, _nb_exact_tol, _nb_approx_tol, _nb_f32bits_f64, _nb_exact_one
-    global _nb_exact_chunks, _nb_varies, _nb_count32, _nb_f32_ubits_or, _nb_ulp_chunks, _nb_prefetch
     from types import SimpleNamespace
 
     import llvmlite.binding as llvm
@@ -260,9 +239,6 @@ def _build() -> Any:
             return out
         return impl
 
-    _nb_widen, _nb_bits, _nb_f64_bits, _nb_stage = widen, bits, f64_bits, stage
-    _nb_bits_f64, _nb_f32_bits, _nb_f32bits_f64, _nb_count32 = bits_f64, f32_bits, f32bits_f64, count32
-    _nb_f32_ubits_or, _nb_prefetch = f32_ubits_or, prefetch
 
     @njit(**opts)
     def exact_tol(bs, ts, rtol, atol):
@@ -274,16 +250,16 @@ def _build() -> Any:
         max_ad = 0
         mism = 0
         for i in range(bs.size):
-            bv = _nb_widen(bs, i)
-            ad = abs(_nb_widen(ts, i) - bv)
+            bv = widen(bs, i)
+            ad = abs(widen(ts, i) - bv)
             ab = abs(bv)
-            ad_bits = _nb_f64_bits(ad)
+            ad_bits = f64_bits(ad)
             max_ad = max(max_ad, ad_bits)
             thr = ab * rtol
             n_atol = max(n_atol, ad_bits if ad > thr else 0)
             lim = thr if thr > atol else atol  # noqa: FURB136 - an explicit select vectorizes
             mism += 1 if ad > lim else 0
-            rel = _nb_f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
+            rel = f64_bits(ad / ab) if ad > 0.0 else 0  # ab = 0 < ad: inf, as the reference
             max_rel = max(max_rel, rel)
             n_rtol = max(n_rtol, rel if ad > atol else 0)
         return n_atol, max_rel, n_rtol, max_ad, mism
@@ -295,17 +271,17 @@ def _build() -> Any:
         best = 0
         if which == 3:
             for i in range(bs.size):
-                best = max(best, _nb_f64_bits(abs(_nb_widen(ts, i) - _nb_widen(bs, i))))
+                best = max(best, f64_bits(abs(widen(ts, i) - widen(bs, i))))
             return best
         ratio = which != 0
         floor = 0.0 if which == 1 else atol
         for i in range(bs.size):
-            bv = _nb_widen(bs, i)
-            ad = abs(_nb_widen(ts, i) - bv)
+            bv = widen(bs, i)
+            ad = abs(widen(ts, i) - bv)
             ab = abs(bv)
             value = ad / ab if ratio else ad
             member = ad > floor if ratio else ad > ab * rtol
-            best = max(best, _nb_f64_bits(value) if member else 0)
+            best = max(best, f64_bits(value) if member else 0)
         return best
 
     @njit(**opts)
@@ -315,10 +291,10 @@ def _build() -> Any:
         best = 0
         m = bs.size
         for c in range((m + CHUNK - 1) // CHUNK):
-            if _nb_f32bits_f64(np.int64(cmax[which, c])) >= cutoff:
+            if f32bits_f64(np.int64(cmax[which, c])) >= cutoff:
                 lo = c * CHUNK
                 hi = min(lo + CHUNK, m)
-                best = max(best, _nb_exact_one(bs[lo:hi], ts[lo:hi], which, rtol, atol))
+                best = max(best, exact_one(bs[lo:hi], ts[lo:hi], which, rtol, atol))
         return best
 
     @njit(**opts)
@@ -328,9 +304,9 @@ def _build() -> Any:
         elements whose ratio is r, the only ones that can need it, lie there)."""
         m = bs.size
         for c in range((m + CHUNK - 1) // CHUNK):
-            if _nb_f32bits_f64(np.int64(cmax[2, c])) >= cutoff:
+            if f32bits_f64(np.int64(cmax[2, c])) >= cutoff:
                 lo = c * CHUNK
-                if _nb_needs_ulp(bs, ts, lo, min(lo + CHUNK, m), r, atol):
+                if needs_ulp(bs, ts, lo, min(lo + CHUNK, m), r, atol):
                     return True
         return False
 
@@ -368,9 +344,9 @@ def _build() -> Any:
             # the next block's storage into cache meanwhile (this loop is bound by arithmetic,
             # the next block's loop 1 by memory): one hint per 64-byte line of the same range
             for j in range(lo, min(hi, nb.size), 64 // nb.itemsize):
-                _nb_prefetch(nb, j)
+                prefetch(nb, j)
             for j in range(lo, min(hi, nt.size), 64 // nt.itemsize):
-                _nb_prefetch(nt, j)
+                prefetch(nt, j)
             c_natol = np.int32(0)
             c_rel = np.int32(0)
             c_nrtol = np.int32(0)
@@ -384,12 +360,12 @@ def _build() -> Any:
                 maybe_thr = q > rtol_lo  # possibly (never where d = 0)
                 over_atol = ad > atol_hi
                 maybe_atol = ad > atol_lo
-                c_mism = _nb_count32(c_mism, over_thr & over_atol)
+                c_mism = count32(c_mism, over_thr & over_atol)
                 unsure_i = (over_thr != maybe_thr) | (over_atol != maybe_atol)
-                c_ad = max(c_ad, _nb_f32_ubits_or(ad, unsure_i))  # unsigned: all ones wins
-                ad_bits = _nb_f32_bits(ad)
+                c_ad = max(c_ad, f32_ubits_or(ad, unsure_i))  # unsigned: all ones wins
+                ad_bits = f32_bits(ad)
                 c_natol = max(c_natol, ad_bits if maybe_thr else np.int32(0))
-                rel = _nb_f32_bits(q) if ad > zero else np.int32(0)
+                rel = f32_bits(q) if ad > zero else np.int32(0)
                 c_rel = max(c_rel, rel)
                 c_nrtol = max(c_nrtol, rel if maybe_atol else np.int32(0))
             cmax[0, c] = c_natol
@@ -409,17 +385,15 @@ def _build() -> Any:
     def varies(raw, m):
         """Whether the storage bits of some element of ``raw[:m]`` differ from the first's
         (chunks of 64, stopping at the first that varies: real data rarely reads past it)."""
-        first = _nb_bits(raw, 0)
+        first = bits(raw, 0)
         for lo in range(0, m, 64):
             acc = first ^ first
             for i in range(lo, min(lo + 64, m)):
-                acc |= _nb_bits(raw, i) ^ first
+                acc |= bits(raw, i) ^ first
             if acc != 0:
                 return True
         return False
 
-    _nb_exact_tol, _nb_approx_tol, _nb_exact_one, _nb_exact_chunks = exact_tol, approx_tol, exact_one, exact_chunks
-    _nb_varies, _nb_ulp_chunks = varies, ulp_chunks
 
     @njit(**opts)
     def blocks(b, t, first, last, n, block, rtol, atol, f32ok, fpart, ipart, running, b_buf, t_buf, cmax):
@@ -442,8 +416,8 @@ def _build() -> Any:
             m = hi - lo
             b_raw = b[lo:hi]  # 0-based views: no negative-index wraparound in the loops (they vectorize)
             t_raw = t[lo:hi]
-            bs = _nb_stage(b_raw, b_buf)
-            ts = _nb_stage(t_raw, t_buf)
+            bs = stage(b_raw, b_buf)
+            ts = stage(t_raw, t_buf)
             # Loop 1 (streams the data in): the sums, over the two halves of the block at once
             # (two independent chains per sum: twice the speed of one).
             s_abs = 0.0
@@ -458,16 +432,16 @@ def _build() -> Any:
             s_tb2 = 0.0
             h = m // 2
             for i in range(h):
-                bv = _nb_widen(bs, i)
-                tv = _nb_widen(ts, i)
+                bv = widen(bs, i)
+                tv = widen(ts, i)
                 d = tv - bv
                 s_abs += abs(d)
                 s_dd += d * d
                 s_bb += bv * bv
                 s_tt += tv * tv
                 s_tb += tv * bv
-                bv = _nb_widen(bs, i + h)
-                tv = _nb_widen(ts, i + h)
+                bv = widen(bs, i + h)
+                tv = widen(ts, i + h)
                 d = tv - bv
                 s_abs2 += abs(d)
                 s_dd2 += d * d
@@ -475,8 +449,8 @@ def _build() -> Any:
                 s_tt2 += tv * tv
                 s_tb2 += tv * bv
             if m & 1:
-                bv = _nb_widen(bs, m - 1)
-                tv = _nb_widen(ts, m - 1)
+                bv = widen(bs, m - 1)
+                tv = widen(ts, m - 1)
                 d = tv - bv
                 s_abs2 += abs(d)
                 s_dd2 += d * d
@@ -488,7 +462,7 @@ def _build() -> Any:
             s_bb += s_bb2
             s_tt += s_tt2
             s_tb += s_tb2
-            if (_nb_f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
+            if (f64_bits(s_bb + s_tt + s_dd) & exp_mask) == exp_mask:
                 ipart[k, 0] = 1  # NaN/Inf in the block (or an overflow): recomputed with numpy
                 flagged += 1
                 continue
@@ -504,11 +478,11 @@ def _build() -> Any:
                 mism = 0
             elif f32ok and s_dd < f32_safe:
                 nxt = hi if k + 1 < last else n  # the next block of this range (else an empty slice)
-                a_natol, a_rel, a_nrtol, a_ad, mism, unsure = _nb_approx_tol(bs, ts, rtol_hi, rtol_lo, atol_hi,
+                a_natol, a_rel, a_nrtol, a_ad, mism, unsure = approx_tol(bs, ts, rtol_hi, rtol_lo, atol_hi,
                                                                               atol_lo, cmax, b[nxt:min(nxt + block, n)],
                                                                               t[nxt:min(nxt + block, n)])
                 if unsure:
-                    n_atol, max_rel, n_rtol, max_ad, mism = _nb_exact_tol(bs, ts, rtol, atol)
+                    n_atol, max_rel, n_rtol, max_ad, mism = exact_tol(bs, ts, rtol, atol)
                 else:
                     # A maximum whose approximation is within 2^-18 of the largest so far may be
                     # a global one: settle it now in float64, while the block is in cache (only
@@ -532,35 +506,35 @@ def _build() -> Any:
                             # no element over rtol·|b| (over atol) or no d != 0: exactly 0 (a
                             # nonzero |d| or ratio of float32 data never rounds to 0)
                             approx &= ~(1 << which)
-                        elif _nb_f32bits_f64(a) >= min(_nb_f32bits_f64(run), f32max) * shrink:
-                            cutoff = min(_nb_f32bits_f64(a), f32max) * shrink
-                            ipart[k, col] = _nb_exact_chunks(bs, ts, which, rtol, atol, cmax, cutoff)
+                        elif f32bits_f64(a) >= min(f32bits_f64(run), f32max) * shrink:
+                            cutoff = min(f32bits_f64(a), f32max) * shrink
+                            ipart[k, col] = exact_chunks(bs, ts, which, rtol, atol, cmax, cutoff)
                             approx &= ~(1 << which)
                             if which == 2:  # the ulp fix-up too, over those chunks while in cache
                                 # (else ulp_fix rescans every block tied on the largest ratio)
-                                r = _nb_bits_f64(ipart[k, col])
-                                fixup = 1 if _nb_ulp_chunks(bs, ts, cmax, cutoff, r, atol) else 0
+                                r = bits_f64(ipart[k, col])
+                                fixup = 1 if ulp_chunks(bs, ts, cmax, cutoff, r, atol) else 0
                     n_atol = ipart[k, 4]
                     max_rel = ipart[k, 5]
                     n_rtol = ipart[k, 6]
                     max_ad = ipart[k, 3]
             else:
-                n_atol, max_rel, n_rtol, max_ad, mism = _nb_exact_tol(bs, ts, rtol, atol)
+                n_atol, max_rel, n_rtol, max_ad, mism = exact_tol(bs, ts, rtol, atol)
             # Loop 3: does a side vary inside the block? (storage bits; +0/-0 by value)
-            bv0 = _nb_widen(bs, 0)
-            tv0 = _nb_widen(ts, 0)
-            vb = _nb_varies(b_raw, m)
-            vt = _nb_varies(t_raw, m)
+            bv0 = widen(bs, 0)
+            tv0 = widen(ts, 0)
+            vb = varies(b_raw, m)
+            vt = varies(t_raw, m)
             if vb and bv0 == 0.0 and s_bb == 0.0:  # -0.0 and 0.0 differ in bits only
                 vb = False
                 for i in range(m):
-                    if _nb_widen(bs, i) != bv0:
+                    if widen(bs, i) != bv0:
                         vb = True
                         break
             if vt and tv0 == 0.0 and s_tt == 0.0:
                 vt = False
                 for i in range(m):
-                    if _nb_widen(ts, i) != tv0:
+                    if widen(ts, i) != tv0:
                         vt = True
                         break
             fpart[k, 0] = s_abs
@@ -592,7 +566,7 @@ def _build() -> Any:
         bs = b[lo:hi]
         ts = t[lo:hi]
         for i in range(hi - lo):
-            if abs(_nb_widen(ts, i) - _nb_widen(bs, i)) == m:
+            if abs(widen(ts, i) - widen(bs, i)) == m:
                 return lo + i
         return -1
 
@@ -605,12 +579,11 @@ def _build() -> Any:
         ts = t[lo:hi]
         found = 0
         for i in range(hi - lo):
-            bv = _nb_widen(bs, i)
-            ad = abs(_nb_widen(ts, i) - bv)
+            bv = widen(bs, i)
+            ad = abs(widen(ts, i) - bv)
             found = max(found, 1 if (ad > atol) & (r * abs(bv) < ad) else 0)
         return found > 0
 
-    _nb_first_max, _nb_needs_ulp = first_max, needs_ulp
 
     @njit(nogil=True)
     def settle(b, t, n, block, ipart, rtol, atol):
@@ -636,15 +609,15 @@ def _build() -> Any:
                         e = max(e, ipart[k, col])
             if g == 0:
                 continue
-            limit = min(_nb_f32bits_f64(g), f32max) * shrink
-            exact = _nb_bits_f64(e)
+            limit = min(f32bits_f64(g), f32max) * shrink
+            exact = bits_f64(e)
             for k in range(ipart.shape[0]):
                 if ipart[k, 1] > 0 and ipart[k, 16] & bit:
-                    a = _nb_f32bits_f64(ipart[k, col])
+                    a = f32bits_f64(ipart[k, col])
                     if a >= limit and a * grow > exact:
                         lo = k * block
                         hi = min(lo + block, n)
-                        ipart[k, col] = _nb_exact_one(b[lo:hi], t[lo:hi], j, rtol, atol)
+                        ipart[k, col] = exact_one(b[lo:hi], t[lo:hi], j, rtol, atol)
                         ipart[k, 16] &= ~bit
                         settled += 1
         return settled
@@ -654,13 +627,13 @@ def _build() -> Any:
         """The reference's ``needed_rtol`` fix-up: does some element with |d| > atol have
         r·|b| < |d|, r the largest ratio? Only elements whose ratio equals r can, and they lie
         in the blocks whose (exact) maximum equals it."""
-        r = _nb_bits_f64(r_bits)
+        r = bits_f64(r_bits)
         for k in range(ipart.shape[0]):
             if ipart[k, 1] > 0 and not ipart[k, 16] & 4 and ipart[k, 6] == r_bits:
                 fix = ipart[k, 15]  # known for blocks computed by numpy
                 if fix < 0:
                     lo = k * block
-                    fix = 1 if _nb_needs_ulp(b, t, lo, min(lo + block, n), r, atol) else 0
+                    fix = 1 if needs_ulp(b, t, lo, min(lo + block, n), r, atol) else 0
                 if fix > 0:
                     return True
         return False
@@ -982,18 +955,13 @@ def _kernel_view(flat: np.ndarray, dtype: str) -> np.ndarray | None:
     elif flat.dtype.kind == "f" and flat.dtype.itemsize in (4, 8):
         target = flat.dtype.newbyteorder("=")
     elif flat.dtype.kind == "f" and flat.dtype.itemsize == 2:
-        flat = np.ascontiguousarray(flat, dtype=np.dtype(np.float16).newbyteorder("="))
-        view = flat.view(np.int16)
-        view.flags.writeable = False
-        return view
+        return np.ascontiguousarray(flat, dtype=np.dtype(np.float16).newbyteorder("=")).view(np.int16)
     else:
         return None
     if flat.dtype.byteorder not in ("=", "|") and flat.dtype.byteorder != target.byteorder:
         flat = flat.astype(flat.dtype.newbyteorder("="))
     flat = np.ascontiguousarray(flat)
-    view = flat.view(target) if dtype == "bfloat16" else flat.view()
-    view.flags.writeable = False  # one compiled signature for mapped (read-only) and in-memory data
-    return view
+    return flat.view(target) if dtype == "bfloat16" else flat
 
 
 def _numpy_block(b_raw: np.ndarray, b_dtype: str, t_raw: np.ndarray, t_dtype: str, start: int,
@@ -1064,9 +1032,10 @@ def _float(bits: int) -> float:
     return float(np.int64(bits).view(np.float64))
 
 
-def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndarray, t_dtype: str,
-                 bk: np.ndarray, tk: np.ndarray, rtol: float, atol: float, workers: int) -> tuple:
-    """Per-block partials (on threads), blocks with NaN/Inf by numpy, then the combined fields."""
+def _run_kernels(kernels: Any, baseline: np.ndarray, b_dtype: str, target: np.ndarray, t_dtype: str,
+                 bk: np.ndarray, tk: np.ndarray, rtol: float, atol: float, workers: int) -> PairMetrics:
+    """Per-block partials (on threads), blocks with NaN/Inf by numpy, then the combined metrics."""
+    b_flat, t_flat = baseline.reshape(-1), target.reshape(-1)
     n = b_flat.size
     # float32 pass of loop 2: for values float32 holds exactly, tolerances it holds to 2^-24
     f32ok = (bk.dtype.itemsize <= 4 and tk.dtype.itemsize <= 4
@@ -1102,7 +1071,6 @@ def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndar
     out_f = np.empty(5, np.float64)
     out_i = np.empty(16, np.int64)
     kernels.fold(fp, ip, nblocks, out_f.ctypes.data, out_i.ctypes.data)
-    sum_abs, sum_dd, sum_bb, sum_tt, sum_tb = out_f.tolist()
     (counted, mismatched, nonfinite, top, top_row, max_rel, n_atol, n_rtol, nan_b, inf_b, nan_t, inf_t,
      vary_b, vary_t, zero_b, zero_t) = out_i.tolist()
     max_abs, index, needed_rtol = -1.0, -1, 0.0
@@ -1116,8 +1084,14 @@ def _run_kernels(kernels: Any, b_flat: np.ndarray, b_dtype: str, t_flat: np.ndar
         # the reference's ulp fix-up, when the ratio is finite and some |d| > atol
         if n_rtol < _INF_BITS and max_abs > atol and kernels.ulp_fix(bp, tp, n, BLOCK, nblocks, ip, n_rtol, atol):
             needed_rtol = _float(n_rtol + 1)  # the next float64 up
-    return (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite, max_abs, index,
-            _float(max_rel), _float(n_atol), needed_rtol, nan_b, inf_b, nan_t, inf_t, vary_b, vary_t, zero_b, zero_t)
+    return assemble_metrics(
+        baseline=baseline, baseline_dtype=b_dtype, target=target, target_dtype=t_dtype,
+        counted=counted, sums=tuple(out_f.tolist()), max_abs=max_abs, max_abs_at=index, max_rel=_float(max_rel),
+        mismatched=mismatched + nonfinite, needed_rtol=needed_rtol, needed_atol=_float(n_atol),
+        nan=(nan_b, nan_t), inf=(inf_b, inf_t), nonfinite_mismatch=nonfinite,
+        all_zero=(nan_b == 0 and inf_b == 0 and not vary_b and bool(zero_b),
+                  nan_t == 0 and inf_t == 0 and not vary_t and bool(zero_t)),
+        varies=(bool(vary_b), bool(vary_t)))
 
 
 def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
@@ -1141,21 +1115,9 @@ def fast_pair_metrics(baseline: np.ndarray, baseline_dtype: str, target: np.ndar
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
     try:
-        fields = _run_kernels(kernels, b_flat, baseline_dtype, t_flat, target_dtype, bk, tk, rtol, atol, workers)
-    except Exception as exc:  # a kernel that fails (to compile) must not stop a comparison
+        return _run_kernels(kernels, baseline, baseline_dtype, target, target_dtype, bk, tk, rtol, atol, workers)
+    except Exception as exc:  # a kernel that fails must not stop a comparison
         if _strict:
             raise
         _warn(exc)
         return pair_metrics(baseline, baseline_dtype, target, target_dtype, rtol=rtol, atol=atol)
-    (sum_abs, sum_dd, sum_bb, sum_tt, sum_tb, counted, mismatched, nonfinite_mismatch, max_abs, max_abs_at,
-     max_rel, needed_atol, needed_rtol, nan_b, inf_b, nan_t, inf_t, varies_b, varies_t, zero_b, zero_t) = fields
-    mismatched += nonfinite_mismatch
-
-    return assemble_metrics(
-        baseline=baseline, baseline_dtype=baseline_dtype, target=target, target_dtype=target_dtype,
-        counted=counted, sums=(sum_abs, sum_dd, sum_bb, sum_tt, sum_tb), max_abs=max_abs, max_abs_at=max_abs_at,
-        max_rel=max_rel, mismatched=mismatched, needed_rtol=needed_rtol, needed_atol=needed_atol,
-        nan=(nan_b, nan_t), inf=(inf_b, inf_t), nonfinite_mismatch=nonfinite_mismatch,
-        all_zero=(nan_b == 0 and inf_b == 0 and not varies_b and bool(zero_b),
-                  nan_t == 0 and inf_t == 0 and not varies_t and bool(zero_t)),
-        varies=(bool(varies_b), bool(varies_t)))

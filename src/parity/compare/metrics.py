@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from parity.jsonsafe import json_float
+from parity.jsonsafe import json_safe
 from parity.store.safetensors_io import to_float
 
-__all__ = ["PairMetrics", "assemble_metrics", "json_float", "pair_metrics"]
+__all__ = ["PairMetrics", "assemble_metrics", "pair_metrics"]
 
 #: Elements per chunk (default 64 Ki: 512 KB per float64 temporary, cache-friendly).
 CHUNK_ELEMENTS = 1 << 16
@@ -66,8 +66,7 @@ class PairMetrics:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings ``inf``, ``-inf``, ``nan``)."""
         # what asdict() gives (field order, the index list copied), without its recursive deep copy
-        return {k: list(v) if isinstance(v, list) else json_float(v)
-                for k, v in ((f, getattr(self, f)) for f in _FIELD_NAMES)}
+        return {f: json_safe(getattr(self, f)) for f in _FIELD_NAMES}
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(PairMetrics))

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from parity.compare.metrics import PairMetrics, json_float
-from parity.jsonsafe import json_safe
+from parity.compare.metrics import PairMetrics
 from parity.compare.tolerance import Tolerance
+from parity.jsonsafe import json_float, json_safe
 
 OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
             "nonfinite", "degenerate")

@@ -97,22 +97,18 @@ def stats_check(b: Record, t: Record, tol: Tolerance) -> tuple[str, str, dict[st
 
 
 def _compare_sample(sb: Any, st: Any, numel: int, tol: Tolerance) -> dict[str, Any] | None:
-    """The sampled elements judged by the elementwise rule, or None when the two records do not
-    hold samples of one size (the reader has turned them into floats)."""
+    """The sampled elements judged by the elementwise rule (:func:`~parity.compare.metrics.pair_metrics`),
+    or None when the two records do not hold samples of one size (the reader has turned them into floats)."""
     if not isinstance(sb, list) or not isinstance(st, list) or len(sb) != len(st) or not sb:
         return None
-    mismatched = nonfinite = 0
-    max_abs, max_at = 0.0, -1
-    for i, (b, t) in enumerate(zip(sb, st)):
-        if not (math.isfinite(b) and math.isfinite(t)):
-            if not (b == t or (math.isnan(b) and math.isnan(t))):
-                nonfinite += 1
-            continue
-        d = abs(t - b)
-        if d > max(tol.atol, tol.rtol * abs(b)):
-            mismatched += 1
-        if d > max_abs or max_at < 0:
-            max_abs, max_at = d, i
-    return {"size": len(sb), "mismatched": mismatched, "nonfinite": nonfinite, "max_abs": max_abs,
-            "max_abs_at": sample_positions(numel, len(sb))[max_at] if max_at >= 0 else -1,
-            "ok": not (mismatched or nonfinite)}
+    import numpy as np
+
+    from parity.compare.metrics import pair_metrics
+
+    with np.errstate(all="ignore"):  # overflowing values: inf, as the rule computes them
+        m = pair_metrics(np.asarray(sb, np.float64), "float64", np.asarray(st, np.float64), "float64",
+                         rtol=tol.rtol, atol=tol.atol)
+    return {"size": len(sb), "mismatched": m.mismatched - m.nonfinite_mismatch, "nonfinite": m.nonfinite_mismatch,
+            "max_abs": m.max_abs,
+            "max_abs_at": sample_positions(numel, len(sb))[m.max_abs_index[0]] if m.max_abs_index else -1,
+            "ok": m.mismatched == 0}

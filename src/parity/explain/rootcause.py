@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from parity.capturing.taps import layer_of, model_taps
-from parity.compare.metrics import PairMetrics, json_float, pair_metrics
+from parity.compare.metrics import PairMetrics, pair_metrics
 from parity.compare.tolerance import Tolerance, TolerancePolicy
 from parity.explain.recorder import Recording, record_forward, replay
+from parity.jsonsafe import json_float
 
 #: Unit roundoff per dtype: the error one rounding makes, relative.
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}

@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from parity.align.canonical import rules_for
-    from parity.backends.hf import resolve_model_dir
+    from parity.backends.hf import model_identity, resolve_model_dir
     from parity.capturing.canonical_hooks import capture_canonical
 
     torch.set_num_threads(args.threads)
@@ -286,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pad_id = model.config.get("pad_token_id") or 0
         with capture_canonical(model, args.out, rules, num_layers=model.config["num_hidden_layers"], spec=spec,
                                mode="stats" if args.stats_only else "full",
-                               model_info={"path": str(path), "architecture": "llama"}, sharding=SHARDING,
-                               layout={"tp_rank": rank, "tp_size": world, "dp_rank": 0, "dp_size": 1}) as session:
+                               model_info={**model_identity(path), "architecture": "llama"},
+                               sharding=SHARDING) as session:  # layout: one tensor-parallel group (the default)
             with torch.inference_mode():
                 for prompt in prompts:
                     model(**packed_step([tokenizer(prompt).input_ids], args.pad, pad_id))
