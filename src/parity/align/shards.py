@@ -103,12 +103,18 @@ def shard_rules(mapping: dict[str, str] | Sequence[str] | None) -> list[ShardRul
     return [parse_shard_rule(text) for text in mapping]
 
 
-def annotation_for(name: str, rules: Sequence[ShardRule]) -> str | None:
-    """The spec text of the first rule matching ``name`` (None: no rule matches)."""
+def _rule_spec(name: str, rules: Sequence[ShardRule]) -> ShardSpec | None:
+    """The spec of the first rule matching ``name`` or its base (``NAME#k`` -> ``NAME``); None: no rule."""
     for rule in rules:
         if rule.pattern.matches(name.split("#")[0]) or rule.pattern.matches(name):
-            return str(rule.spec)
+            return rule.spec
     return None
+
+
+def annotation_for(name: str, rules: Sequence[ShardRule]) -> str | None:
+    """The spec text of the first rule matching ``name`` (None: no rule matches)."""
+    spec = _rule_spec(name, rules)
+    return None if spec is None else str(spec)
 
 
 @dataclass(frozen=True)
@@ -302,9 +308,9 @@ class LogicalRun(RunView):
 
     def _spec(self, name: str, step: int, records: list[Record], overrides: Sequence[ShardRule]) -> ShardSpec:
         base = name.split("#")[0]
-        for rule in overrides:
-            if rule.pattern.matches(base) or rule.pattern.matches(name):
-                return rule.spec
+        override = _rule_spec(name, overrides)
+        if override is not None:
+            return override
         stored = {r.tags.get("shard") for r in records}
         if len(stored) > 1:
             raise DumpError(f"ranks of {self.path} disagree on the sharding of {name!r} step {step}: "
