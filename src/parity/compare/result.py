@@ -1,9 +1,13 @@
 """Results of a comparison: one :class:`Outcome` per pair and the :class:`Report` around them.
 
-Outcome kinds (``Outcome.kind``):
+Outcome kinds (``Outcome.kind``; the grades and the twin rule are defined in
+:mod:`parity.compare.verdict`):
 
+- ``identical``: bitwise equal.
 - ``pass``: every element within tolerance.
-- ``fail``: some element outside tolerance.
+- ``noise``: within precision noise (twin rule): outside the tolerance, explained by precision.
+- ``anomalous``: departs from the twin more than precision explains (within tolerance or not).
+- ``fail``: some element outside tolerance (and, with a twin, not explained by precision).
 - ``shape_mismatch``: shapes differ even after squeezing size-1 dims (both shapes given).
 - ``missing_in_target`` / ``missing_in_baseline``: the record exists on one side only.
 - ``nonfinite``: NaN/Inf on one side where the other has a different value.
@@ -21,9 +25,10 @@ from typing import Any
 
 from parity.compare.metrics import PairMetrics
 from parity.compare.tolerance import Tolerance
+from parity.compare.verdict import OK_GRADES, TwinEvidence
 from parity.jsonsafe import json_float, json_safe
 
-OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
+OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
             "nonfinite", "degenerate")
 
 #: JSON report schema version (bumped on incompatible changes).
@@ -64,11 +69,15 @@ class Outcome:
     statistics_based: bool = False
     stats: dict[str, Any] | None = None
     stats_rel_l2: float | None = None
+    #: precision-aware mode: what the twin rule measured (compare/verdict.py)
+    twin: TwinEvidence | None = None
+    #: failing pairs: the element that fails by the largest factor (metrics.worst_failing_element)
+    worst_failing: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        """Passed, or excused by an allow pattern."""
-        return self.kind == "pass" or self.allowed
+        """Identical, passed, within precision noise, or excused by an allow pattern."""
+        return self.kind in OK_GRADES or self.allowed
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (schema in docs/json-schema.md)."""
@@ -80,7 +89,10 @@ class Outcome:
             "metrics": self.metrics.to_json() if self.metrics else None,
             "tolerance": self.tolerance.to_json() if self.tolerance else None,
             "needed": ({"rtol": json_float(self.metrics.needed_rtol), "atol": json_float(self.metrics.needed_atol)}
-                       if self.metrics and self.kind in ("fail", "degenerate") and self.oracle is None else None),
+                       if self.metrics and self.kind in ("fail", "degenerate", "noise") and self.oracle is None
+                       else None),
+            "worst_failing": json_safe(self.worst_failing) if self.worst_failing else None,
+            **({"twin": self.twin.to_json()} if self.twin is not None else {}),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
             **({"statistics_based": True, "stats": json_safe(self.stats),
@@ -125,6 +137,10 @@ class Report:
     oracle: dict[str, Any] | None = None
     #: generations and next-token distributions compared (compare/e2e.py), when the run had them
     end_to_end: dict[str, Any] | None = None
+    #: precision-aware mode: description of the twin run (compare/verdict.py)
+    twin: dict[str, Any] | None = None
+    #: one line that answers the question of the run (verdict.headline)
+    headline: str = ""
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -138,7 +154,7 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """``pass`` when every outcome passed or was allowed, else ``fail``."""
+        """``pass`` when every outcome is identical, passed, within precision noise or allowed, else ``fail``."""
         return "pass" if self.first_divergence is None else "fail"
 
     def counts(self) -> dict[str, int]:
@@ -156,8 +172,9 @@ class Report:
         return {
             "schema_version": SCHEMA_VERSION,
             "summary": {
-                "verdict": self.verdict, "pairs": len(self.outcomes),
-                "passed": counts["pass"], "failed": sum(1 for o in self.outcomes if not o.ok),
+                "verdict": self.verdict, "headline": self.headline, "pairs": len(self.outcomes),
+                "passed": counts["pass"] + counts["identical"], "noise": counts["noise"],
+                "failed": sum(1 for o in self.outcomes if not o.ok),
                 "allowed": counts["allowed"],
                 "outcomes": {k: counts[k] for k in OUTCOMES},
                 "statistics_based": self.statistics_based,
@@ -166,6 +183,7 @@ class Report:
                                  if first else None),
             "baseline": self.baseline, "target": self.target,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
+            **({"twin": self.twin} if self.twin is not None else {}),
             "tolerance": self.tolerance,
             "layers": [layer.to_json() for layer in self.layers],
             **({"end_to_end": self.end_to_end} if self.end_to_end is not None else {}),

@@ -23,7 +23,7 @@ from parity.compare.result import Outcome, Report
 SHOW = 12
 WIDTH = 100
 
-STYLE = {"pass": "green", "fail": "red", "shape_mismatch": "magenta", "missing_in_target": "yellow",
+STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "bold red", "fail": "red", "shape_mismatch": "magenta", "missing_in_target": "yellow",
          "missing_in_baseline": "yellow", "nonfinite": "bold red", "degenerate": "bold red"}
 
 
@@ -101,6 +101,10 @@ def render(report: Report, console: Console, *, show: int = SHOW, show_all: bool
                 "by target dtype: " + ", ".join(f"{k} {v:.2g}" for k, v in tol['oracle']['default_eps'].items()))))
     else:
         _render_defaults(tol, console)
+    if report.twin is not None:
+        console.print(Text("twin:     ", style="bold") + Text(
+            f"{_spec(report.twin)}  (precision-aware: d(target, run of its precision) <= "
+            f"{tol.get('twin', {}).get('m', 2):g} x precision noise + u/2)"))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
     if report.statistics_based:
@@ -114,7 +118,7 @@ def _render_defaults(tol: dict[str, Any], console: Console) -> None:
     short = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
     console.print(Text("defaults: ", style="bold") + Text(", ".join(
         f"{short.get(k, k)} {_e(v['rtol'])}/{_e(v['atol'])}" for k, v in tol["defaults"].items())
-        + " (rtol/atol by lower dtype)"))
+        + " (rtol/atol by lower dtype; scale floor = rtol x rms(b))"))
     for override in tol.get("overrides", []):
         console.print(Text("override: ", style="bold") + Text(
             f"{override['pattern']} rtol={override['rtol']:g} atol={override['atol']:g} ({override['source']})"))
@@ -146,8 +150,11 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
                 console.print(f"  layer {_layer(first)}: oracle rule m={first.oracle['m']:g}, "
                               f"eps={first.oracle['eps']:.2g}")
             else:
-                console.print(f"  layer {_layer(first)}: tolerance rtol={first.tolerance.rtol:g} "
-                              f"atol={first.tolerance.atol:g} ({first.tolerance.source})")
+                t = first.tolerance
+                floor = (f", scale floor {t.scale:g} x rms {g(first.metrics.rms_baseline)} = {g(t.floor)}"
+                         if t.floor is not None and first.metrics is not None and t.floor > t.atol else "")
+                console.print(f"  layer {_layer(first)}: tolerance rtol={t.rtol:g} atol={t.atol:g}{floor} "
+                              f"({t.source})")
             if first.metrics is not None and first.kind in ("fail", "degenerate") and not first.oracle:
                 console.print(f"  layer {_layer(first)}: would pass with atol>={g_up(first.metrics.needed_atol)} "
                               f"at this rtol, or rtol>={g_up(first.metrics.needed_rtol)} at this atol")
@@ -155,6 +162,11 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             m = first.metrics
             console.print(f"  layer {_layer(first)}: rel L2 {g(m.rel_l2)}, cosine {m.cosine:.6f}, "
                           f"SQNR {g(m.sqnr_db)} dB, mean |Δ| {g(m.mean_abs)}, max rel {g(m.max_rel)}")
+        if first.twin is not None:
+            e = first.twin
+            console.print(f"  layer {_layer(first)}: twin rule: d {g(e.distance)} vs precision noise {g(e.noise)} "
+                          f"(x{g(e.ratio)}; bound {g(e.bound)}); target error {g(e.target_error)}, "
+                          f"twin error {g(e.twin_error)}")
         for note in first.notes:
             console.print(f"  layer {_layer(first)}: note: {note}")
 
@@ -182,7 +194,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             table.add_row(_layer(o), str(o.step), o.name, Text(kind, style=STYLE.get(o.kind, "")),
                           g(m.rel_l2) if m else "-", g(m.max_abs) if m else "-",
                           f"{m.cosine:.5f}" if m else "-",
-                          g_up(m.needed_atol) if m and o.kind != "pass" else "-")
+                          g_up(m.needed_atol) if m and o.kind not in ("pass", "identical") else "-")
         console.print(table)
 
     if report.end_to_end:
@@ -190,12 +202,17 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
 
     counts = report.counts()
     failed = sum(1 for o in report.outcomes if not o.ok)
-    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "pass")
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k not in ("pass", "identical", "noise"))
     verdict = report.verdict.upper()
     summary = Text(f"{verdict}: ", style="bold green" if verdict == "PASS" else "bold red")
-    summary.append(f"{counts['pass']} of {len(report.outcomes)} pairs passed"
+    passed = counts["pass"] + counts["identical"]
+    summary.append(f"{passed} of {len(report.outcomes)} pairs passed"
+                   + (f" ({counts['identical']} identical)" if counts["identical"] else "")
+                   + (f"; {counts['noise']} within precision noise" if counts["noise"] else "")
                    + (f"; {failed} failed" if failed else "") + (f" ({detail})" if detail else ""))
     console.print(summary)
+    if report.headline:
+        console.print(Text(report.headline, style="bold"))
     if first is not None:
         console.print(f"first divergence: {first.name} (step {first.step}, layer {_layer(first)})")
 

@@ -1,0 +1,164 @@
+"""How a pair and a run are judged: grades, the precision-aware twin rule, the headline.
+
+This module is the one home of the verdict: ``compare``, ``diff``, ``matrix``, the reports and
+the exit code all go through :func:`grade_with_twin` / :data:`OK_GRADES` / :func:`headline`
+(the element rule itself, with its per-dtype defaults, is :mod:`parity.compare.tolerance`).
+
+Grades of a pair (``Outcome.kind``), best first:
+
+- ``identical``: bitwise equal values (max |Δ| = 0, no NaN/Inf disagreement).
+- ``pass``: every element within the tolerance rule (and, with a twin, close to the twin).
+- ``noise``: *within precision noise*: some elements are outside the tolerance, but the target
+  is no further from the twin than the twin's own precision error allows (twin rule below).
+- ``anomalous``: the target departs from the twin more than precision explains, while its
+  elements may still be within the tolerance (a fault that a loose 16-bit tolerance hides).
+- ``fail``: elements outside the tolerance and not explained by precision (no twin, or the
+  twin rule says so); ``degenerate``, ``nonfinite``, ``shape_mismatch`` and ``missing_*``
+  are failures with a named reason.
+
+A run exits 0 when every pair is ``identical``, ``pass`` or ``noise`` (or excused by an
+``--allow-*`` pattern), 1 otherwise; the first divergence is the first pair in execution
+order that is neither (the first anomalous or failing tap).
+
+The twin rule (precision-aware judgement)
+    A *twin* is the baseline's settings run at the other precision: at the target's precision
+    when the target is lower than the baseline (fp32 baseline, bf16 target: the twin is the
+    bf16 run of the baseline's settings), or at float32 when both sides are 16-bit. Of the
+    baseline and the twin, call ``H`` the higher-precision run and ``L`` the lower one: they
+    differ only in precision, so ``noise = ‖L − H‖ / ‖H‖`` is what that precision costs at this
+    tap. The target is judged by its distance to the run of its own precision,
+    ``d = ‖T − L‖ / ‖L‖``:
+
+        within precision noise  ⇔  d ≤ m · noise + eps
+
+    with ``m`` = :data:`DEFAULT_M` (2: two runs at the same precision whose rounding errors are
+    independent differ by about √2 × noise; measured on SmolLM2-135M, bf16 sdpa vs its bf16
+    eager twin: d/noise ≤ 1.4 over 30 layers) and ``eps`` = half a unit roundoff of the lower
+    dtype (the rms of one rounding of every element: a tap the twin gets exactly may still
+    differ by one rounding). Evidence kept per pair: ``d``, ``noise``, the bound, ``d/noise``,
+    and the target's own error against the baseline with its ratio to the twin's.
+
+    First departure: while the target is bitwise equal to ``L`` at every earlier tap of a step,
+    the first tap where it differs received identical inputs, so its difference is that
+    module's own. A correct kernel (another attention implementation, another summation order)
+    changes its output by about one rounding: measured 0.76 unit roundoffs (bf16 sdpa vs eager,
+    first attention). A first departure larger than :data:`FIRST_DEPARTURE_U` (2) unit
+    roundoffs of the lower dtype is ``anomalous`` whatever the ratio: a 1-3% change of one MLP
+    in a bf16 model (0.9-1.4 × the bf16 noise at that tap, so no ratio test can see it) is
+    found this way when the target runs the twin's kernels up to the fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from parity.jsonsafe import json_float
+
+#: Unit roundoff per dtype: the largest relative error of one rounding to nearest.
+UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11,
+                                   "bfloat16": 2.0 ** -8}
+#: Grades that do not fail a run.
+OK_GRADES = frozenset({"identical", "pass", "noise"})
+#: The twin rule's factor: d <= m * noise + eps.
+DEFAULT_M = 2.0
+#: A first departure from a bitwise-equal twin larger than this many unit roundoffs is anomalous.
+FIRST_DEPARTURE_U = 2.0
+#: Precision order, lowest first (non-float dtypes count as exact).
+_PRECISION = ("bfloat16", "float16", "float32", "float64")
+
+
+def unit_roundoff(dtype: str) -> float:
+    """Unit roundoff of ``dtype`` (float32's for a dtype not in :data:`UNIT_ROUNDOFF`)."""
+    return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["float32"])
+
+
+def precision_rank(dtype: str) -> int:
+    """0 for the lowest-precision float dtype; non-float dtypes rank highest."""
+    return _PRECISION.index(dtype) if dtype in _PRECISION else len(_PRECISION)
+
+
+@dataclass
+class TwinEvidence:
+    """What the twin rule measured on one pair (relative L2 errors, float64)."""
+
+    distance: float  # d = ‖T − L‖ / ‖L‖
+    noise: float  # ‖L − H‖ / ‖H‖
+    bound: float  # m · noise + eps
+    m: float
+    eps: float
+    target_error: float  # ‖T − B‖ / ‖B‖
+    twin_error: float  # ‖W − B‖ / ‖B‖
+    low_dtype: str
+    first_departure: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """d / noise (``inf`` when the noise is 0 and d is not)."""
+        if self.noise > 0:
+            return self.distance / self.noise
+        return 0.0 if self.distance == 0 else float("inf")
+
+    @property
+    def roundoffs(self) -> float:
+        """d in unit roundoffs of the lower dtype."""
+        return self.distance / unit_roundoff(self.low_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"distance": json_float(self.distance), "noise": json_float(self.noise),
+                "bound": json_float(self.bound), "ratio": json_float(self.ratio), "m": self.m, "eps": self.eps,
+                "target_error": json_float(self.target_error), "twin_error": json_float(self.twin_error),
+                "low_dtype": self.low_dtype, "roundoffs": json_float(self.roundoffs),
+                "first_departure": self.first_departure}
+
+
+def twin_eps(low_dtype: str) -> float:
+    """The twin rule's additive slack: half a unit roundoff of the lower dtype."""
+    return unit_roundoff(low_dtype) / 2
+
+
+def grade_with_twin(evidence: TwinEvidence, *, within_tolerance: bool, identical: bool,
+                    earlier_all_equal: bool) -> tuple[str, str]:
+    """(grade, reason) of a pair whose target has a twin; see the module docstring.
+
+    ``within_tolerance``: the element rule against the baseline passed; ``identical``: the
+    target equals the baseline bitwise; ``earlier_all_equal``: the target equalled the
+    lower-precision run bitwise at every earlier tap of this step.
+    """
+    e = evidence
+    if identical:
+        return "identical", "bitwise equal to the baseline"
+    if earlier_all_equal and e.distance > 0:
+        e.first_departure = True
+        if e.roundoffs > FIRST_DEPARTURE_U:
+            return "anomalous", (f"first departure from the {e.low_dtype} twin, on identical inputs: "
+                                 f"d {e.distance:.3g} = {e.roundoffs:.3g} unit roundoffs (> {FIRST_DEPARTURE_U:g}: "
+                                 f"more than a different rounding; precision noise here {e.noise:.3g})")
+    evidence_text = (f"d(target, {e.low_dtype} twin) {e.distance:.3g} = {e.ratio:.3g} x the precision noise "
+                     f"{e.noise:.3g}")
+    if e.distance > e.bound:
+        kind = "anomalous" if within_tolerance else "fail"
+        return kind, f"{evidence_text} > bound {e.bound:.3g} (m={e.m:g}): more than precision explains"
+    if within_tolerance:
+        return "pass", f"within tolerance; {evidence_text}"
+    return "noise", f"within precision noise: {evidence_text} <= bound {e.bound:.3g}"
+
+
+def headline(outcomes: Iterable[Any], *, baseline: str, target: str, twin: str | None) -> str:
+    """One line that answers the question of the run (``outcomes``: :class:`Outcome` objects)."""
+    items = list(outcomes)
+    bad = [o for o in items if not o.ok]
+    noisy = [o for o in items if o.kind == "noise" and not o.allowed]
+    if bad:
+        first = bad[0]
+        return f"{target} diverges from {baseline}: first at {first.name} (step {first.step}, {first.kind})"
+    if twin is not None:
+        judged = [o.twin for o in items if o.twin is not None and o.twin.twin_error > 0]
+        overall = (sum(e.target_error for e in judged) / sum(e.twin_error for e in judged)) if judged else 1.0
+        worst = max((e.target_error / e.twin_error for e in judged), default=1.0)
+        return (f"{target} is as accurate as {twin}: error vs {baseline} x{overall:.3g} the twin's over all taps "
+                f"(worst tap x{worst:.3g}); {len(noisy)} taps within precision noise, none beyond")
+    if items and all(o.kind == "identical" for o in items):
+        return f"{target} is bitwise identical to {baseline}"
+    return f"{target} agrees with {baseline} within tolerance"
