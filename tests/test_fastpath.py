@@ -34,7 +34,7 @@ def strict(monkeypatch):
 RTOL, ATOL = 1e-3, 1e-4
 BLOCK = fastpath.BLOCK
 #: Fields that come from float64 sums (summation order may differ).
-SUMMED = {"mean_abs", "rel_l2", "cosine", "sqnr_db"}
+SUMMED = {"mean_abs", "rel_l2", "cosine", "sqnr_db", "rms_baseline"}
 DTYPES = ["float32", "float16", "float64", "bfloat16"]
 
 

@@ -50,7 +50,8 @@ def test_incident_2_message_says_which_tolerance_applied_and_what_would_pass():
         assert_close(actual, expected, name="int8_wo_quant_save_load")
     message = str(info.value)
     print(message)  # shown with -s: the message a user sees
-    assert "Mismatched elements: 63 / 64 (98.4%)" in message
+    assert "Mismatched elements: 60 / 64 (93.8%)" in message  # parity's fp32 default with its scale floor
+    assert "Worst failing element: index (0, " in message
     assert "Greatest absolute difference:" in message and "at index (0, " in message
     assert "Greatest relative difference:" in message
     assert "from default for float32" in message

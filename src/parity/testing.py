@@ -1,8 +1,18 @@
 """``parity.testing.assert_close``: tolerance checks for test suites, with messages that explain.
 
 Rule (default ``rule="max"``, pytest.approx semantics): an element passes when
-``|a − e| ≤ max(atol, rtol·|e|)``, ``e`` being ``expected``. ``rule="add"`` uses torch's
-``|a − e| ≤ atol + rtol·|e|``.
+``|a − e| ≤ max(atol, rtol·|e|)``, ``e`` being ``expected``; with the dtype default (no
+argument, no profile entry) the scale floor of ``parity compare`` joins it:
+``|a − e| ≤ max(atol, rtol·|e|, rtol·rms(e))`` (see :mod:`parity.compare.tolerance`).
+``rule="add"`` uses torch's ``|a − e| ≤ atol + rtol·|e|``.
+
+Precision-aware (``twin=``, default None): ``twin`` is the same computation at ``actual``'s
+precision from a backend you trust (e.g. the CUDA result of a bf16 kernel whose ROCm result is
+``actual``, with ``expected`` the fp32 reference). When the elementwise rule fails, the values
+still pass when ``actual`` is within precision noise of the twin:
+``‖a − twin‖ / ‖twin‖ ≤ m·‖twin − e‖ / ‖e‖ + u/2`` (``twin_m``, default 2; u the unit roundoff
+of the lower dtype), the twin rule of :mod:`parity.compare.verdict`. The failure message then
+gives both distances.
 
 Where the tolerance comes from, in order:
 
@@ -32,7 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from parity.compare.tolerance import DEFAULTS, EXACT, Override, lower_precision
+from parity.compare.tolerance import DEFAULTS, EXACT, SCALE, Override, lower_precision
+from parity.compare.verdict import DEFAULT_M, TwinEvidence, grade_with_twin, twin_eps
 
 __all__ = ["assert_close", "ParityAssertionError", "resolve_tolerance"]
 
@@ -54,6 +65,7 @@ class ResolvedTolerance:
     rtol: float
     atol: float
     source: str
+    scale: float = 0.0
 
 
 def _load(profile: str | os.PathLike[str] | Sequence[Override] | None) -> tuple[list[Override], str | None]:
@@ -82,7 +94,7 @@ def resolve_tolerance(dtype: str, *, name: str | None = None, rtol: float | None
         if entry.matches(name or "", backend=backend, dtype=dtype):
             return ResolvedTolerance(entry.rtol, entry.atol, f"profile {entry.source} for backend {backend or '-'}")
     note = f" (no entry of profile {origin} matched backend {backend or '-'}, dtype {dtype})" if origin else ""
-    return ResolvedTolerance(default[0], default[1], f"default for {dtype}{note}")
+    return ResolvedTolerance(default[0], default[1], f"default for {dtype}{note}", scale=SCALE.get(dtype, 0.0))
 
 
 def _dtype_name(value: Any) -> str:
@@ -121,8 +133,31 @@ def _fail(path: str, reason: str, **details: Any) -> ParityAssertionError:
     return ParityAssertionError(f"{reason} (at {path})", {"path": path, **details})
 
 
+def _rel(reference: np.ndarray, other: np.ndarray) -> float:
+    norm = float(np.linalg.norm(reference))
+    dist = float(np.linalg.norm(other - reference))
+    return dist / norm if norm > 0 else (0.0 if dist == 0 else math.inf)
+
+
+def _twin_check(a: np.ndarray, e: np.ndarray, twin: Any, dtype: str, twin_m: float,
+                path: str) -> tuple[bool, str]:
+    """(within precision noise, evidence sentence) for ``actual`` against its ``twin``."""
+    w = _to_numpy(twin)
+    if w.shape != e.shape:
+        raise _fail(path, f"twin shape {list(w.shape)} differs from expected {list(e.shape)}")
+    low = lower_precision(dtype, _dtype_name(twin))
+    if not (np.isfinite(a).all() and np.isfinite(w).all() and np.isfinite(e).all()):
+        return False, "Twin rule: not applied (NaN/Inf present)"
+    noise, distance, eps = _rel(e, w), _rel(w, a), twin_eps(low)
+    evidence = TwinEvidence(distance=distance, noise=noise, bound=twin_m * noise + eps, m=twin_m, eps=eps,
+                            target_error=_rel(e, a), twin_error=noise, low_dtype=low)
+    grade, reason = grade_with_twin(evidence, within_tolerance=False, identical=False, earlier_all_equal=False)
+    return grade == "noise", f"Twin rule: {reason}"
+
+
 def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: float | None, atol: float | None,
-                  profile: Any, backend: str | None, name: str | None, rule: str, equal_nan: bool) -> None:
+                  profile: Any, backend: str | None, name: str | None, rule: str, equal_nan: bool,
+                  twin: Any = None, twin_m: float = DEFAULT_M) -> None:
     a, e = _to_numpy(actual), _to_numpy(expected)
     if a.shape != e.shape:
         raise _fail(path, f"{label}: shapes differ: actual {list(a.shape)} vs expected {list(e.shape)}")
@@ -131,8 +166,12 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
     diff = np.abs(a - e)
     ae = np.abs(e)
     nan_a, nan_e = np.isnan(a), np.isnan(e)
+    floor = tol.atol
+    if tol.scale > 0 and e.size:
+        finite_e = e[np.isfinite(e)]
+        floor = max(tol.atol, tol.scale * float(np.sqrt(np.mean(finite_e * finite_e)))) if finite_e.size else floor
     with np.errstate(invalid="ignore"):
-        allowed = np.maximum(tol.atol, tol.rtol * ae) if rule == "max" else tol.atol + tol.rtol * ae
+        allowed = np.maximum(floor, tol.rtol * ae) if rule == "max" else tol.atol + tol.rtol * ae
         bad = ~(diff <= allowed)
         bad &= ~(a == e)  # equal values pass (also equal infinities)
         if equal_nan:
@@ -140,6 +179,11 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
     mismatched = int(bad.sum())
     if mismatched == 0:
         return
+    twin_line = None
+    if twin is not None:
+        within, twin_line = _twin_check(a, e, twin, dtype, twin_m, path)
+        if within:
+            return
     total = a.size
     finite = np.isfinite(diff)
     shape = a.shape
@@ -165,6 +209,13 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
         j = int(np.argmax(rel))
         lines.append(f"Greatest relative difference: {_fmt(rel.flat[j])} at {where(j)} "
                      f"(actual {_fmt(a.flat[j])}, expected {_fmt(e.flat[j])})")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            excess = np.where(bad & finite, diff / allowed, 0.0)
+        k = int(np.argmax(excess))
+        if excess.flat[k] > 0:
+            lines.append(f"Worst failing element: {where(k)} (actual {_fmt(a.flat[k])}, expected {_fmt(e.flat[k])}; "
+                         f"|a - e| {_fmt(diff.flat[k])} is {_fmt(excess.flat[k])} x the allowed {_fmt(allowed.flat[k])})")
+            details.update(worst_failing_index=where(k), worst_failing_excess=float(excess.flat[k]))
         over_r = finite & (diff > tol.rtol * ae) if rule == "max" else finite
         need_atol = float(np.max(diff - (0 if rule == "max" else tol.rtol * ae), where=over_r, initial=0.0))
         over_a = finite & (diff > tol.atol)
@@ -175,7 +226,10 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
             need_rtol = float(np.nextafter(need_rtol, math.inf))
         details.update(max_abs=float(diff.flat[i]), max_abs_index=where(i), max_rel=float(rel.flat[j]),
                        needed_atol=need_atol, needed_rtol=need_rtol)
-    lines.append(f"Tolerance: rtol={tol.rtol:g}, atol={tol.atol:g} from {tol.source}; rule {RULES[rule]}")
+    floor_text = f", scale floor {floor:g} (rtol x rms(e))" if floor > tol.atol and rule == "max" else ""
+    lines.append(f"Tolerance: rtol={tol.rtol:g}, atol={tol.atol:g}{floor_text} from {tol.source}; rule {RULES[rule]}")
+    if twin_line:
+        lines.append(twin_line)
     if "needed_atol" in details:
         lines.append(f"Smallest tolerance that passes: atol >= {_fmt(details['needed_atol'])} (at rtol={tol.rtol:g})"
                      f" or rtol >= {_fmt(details['needed_rtol'])} (at atol={tol.atol:g})")
@@ -206,12 +260,42 @@ def _walk(actual: Any, expected: Any, path: str, **kw: Any) -> None:
 
 def assert_close(actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None,
                  profile: Any = None, backend: str | None = None, name: str | None = None,
-                 rule: str = "max", equal_nan: bool = False) -> None:
+                 rule: str = "max", equal_nan: bool = False, twin: Any = None, twin_m: float = DEFAULT_M) -> None:
     """Assert that ``actual`` is close to ``expected`` (the reference); see the module docstring.
+
+    ``twin`` (default None): the same computation at ``actual``'s precision from a trusted
+    backend, same structure as ``expected``; values within precision noise of it pass.
 
     Raises :class:`ParityAssertionError` (an AssertionError) with a message that explains.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {sorted(RULES)}, not {rule!r}")
+    if twin is not None:
+        _walk_twin(actual, expected, twin, "actual", rtol=rtol, atol=atol, profile=profile, backend=backend,
+                   name=name, rule=rule, equal_nan=equal_nan, twin_m=twin_m)
+        return
     _walk(actual, expected, "actual", rtol=rtol, atol=atol, profile=profile, backend=backend, name=name,
           rule=rule, equal_nan=equal_nan)
+
+
+def _walk_twin(actual: Any, expected: Any, twin: Any, path: str, **kw: Any) -> None:
+    """:func:`_walk` with a twin of the same structure as ``expected``."""
+    if isinstance(expected, dict) and isinstance(twin, dict) and isinstance(actual, dict):
+        if set(twin) != set(expected):
+            raise _fail(path, "twin dict keys differ from expected")
+        if set(actual) != set(expected):
+            raise _fail(path, f"dict keys differ (keys on one side only: {sorted(map(str, set(expected) ^ set(actual)))})")
+        for key in expected:
+            _walk_twin(actual[key], expected[key], twin[key], f"{path}[{key!r}]", **kw)
+    elif isinstance(expected, (list, tuple)) and isinstance(twin, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if not len(actual) == len(expected) == len(twin):
+            raise _fail(path, f"sequence lengths differ: actual {len(actual)}, expected {len(expected)}, "
+                              f"twin {len(twin)}")
+        for index, (x, y, z) in enumerate(zip(actual, expected, twin)):
+            _walk_twin(x, y, z, f"{path}[{index}]", **kw)
+    elif _is_leaf(expected) and _is_leaf(actual) and _is_leaf(twin):
+        label = "Tensor-likes" if getattr(expected, "shape", ()) != () else "Scalars"
+        _compare_leaf(actual, expected, path, label, twin=twin, **kw)
+    else:
+        raise _fail(path, f"types differ: actual {type(actual).__name__}, expected {type(expected).__name__}, "
+                          f"twin {type(twin).__name__}")

@@ -176,7 +176,7 @@ def verdict_lines(data: dict[str, Any]) -> list[str]:
     """The closing lines of ``parity compare``: verdict with counts, then the first divergence."""
     summary = data["summary"]
     outcomes = summary.get("outcomes") or {}
-    detail = ", ".join(f"{k} {v}" for k, v in outcomes.items() if v and k != "pass")
+    detail = ", ".join(f"{k} {v}" for k, v in outcomes.items() if v and k not in ("identical", "pass", "noise"))
     if summary.get("allowed"):
         detail += (", " if detail else "") + f"allowed {summary['allowed']}"
     line = (f"{summary['verdict'].upper()}: {summary['passed']} of {summary['pairs']} pairs passed"

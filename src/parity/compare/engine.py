@@ -160,7 +160,9 @@ def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: T
     """Metrics under the tolerance, with the scale floor ``max(atol, scale·rms(b))`` applied.
 
     The RMS comes from the data (never from a dump's stored statistics): the first pass uses
-    the plain atol; only a pair that fails it is measured again with the floor.
+    the plain atol; only a pair that fails it is measured again with the floor, and only then
+    does the returned tolerance carry ``floor`` (the metrics' needed tolerances are always
+    relative to the atol they were measured with: ``effective_atol``).
     """
     metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
     if tolerance.scale <= 0:
@@ -168,7 +170,8 @@ def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: T
     floor = max(tolerance.atol, tolerance.scale * metrics.rms_baseline)
     if metrics.mismatched > metrics.nonfinite_mismatch and floor > tolerance.atol:
         metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=floor)
-    return metrics, replace(tolerance, floor=floor)
+        return metrics, replace(tolerance, floor=floor)
+    return metrics, tolerance
 
 
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,

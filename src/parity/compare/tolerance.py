@@ -81,8 +81,8 @@ class Tolerance:
     """The (rtol, atol, scale) applied to a pair and where the numbers came from.
 
     ``scale`` (default 0: none) is the factor of the scale floor ``scale·rms(b)``; ``floor``
-    (default None: not computed) is the absolute floor the pair was judged with,
-    ``max(atol, scale·rms(b))``, once its baseline's RMS is known.
+    (default None: the plain atol decided) is the absolute floor ``max(atol, scale·rms(b))``
+    the pair was judged with when the plain atol alone failed it.
     """
 
     rtol: float

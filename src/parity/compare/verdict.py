@@ -68,6 +68,11 @@ FIRST_DEPARTURE_U = 2.0
 _PRECISION = ("bfloat16", "float16", "float32", "float64")
 
 
+def outcome_ok(kind: str | None, allowed: bool | None = False) -> bool:
+    """Whether an outcome (by its JSON ``outcome`` and ``allowed``) leaves the run passing."""
+    return kind in OK_GRADES or bool(allowed)
+
+
 def unit_roundoff(dtype: str) -> float:
     """Unit roundoff of ``dtype`` (float32's for a dtype not in :data:`UNIT_ROUNDOFF`)."""
     return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["float32"])

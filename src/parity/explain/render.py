@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from parity.explain.rootcause import ANOMALY, Explanation
+from parity.explain.rootcause import FLOOR_U, OUTLIER, Explanation
 from parity.report.terminal import g
 
 
@@ -28,7 +28,8 @@ def render_explanation(exp: Explanation, console: Console) -> None:
     console.print(f"baseline: {exp.baseline}")
     console.print(f"target:   {exp.target}")
     console.print(f"replay: the target's module on the baseline's inputs; x unit = local error in unit "
-                  f"roundoffs of the target dtype (anomalous >= {ANOMALY:g})")
+                  f"roundoffs of the target dtype (anomalous: > {FLOOR_U:g} and > {OUTLIER:g}x the median of "
+                  f"its kind)")
     table = _table("error per module (rel L2; worst prompt): local = made here, inherited = received")
     for col in ("L", "module", "local", "inherited", "passed on", "x unit", "local ok", "out ok"):
         table.add_column(col, justify="left" if col == "module" else "right", overflow="fold",

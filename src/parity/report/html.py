@@ -35,11 +35,12 @@ import os
 import re
 from typing import Any
 
+from parity.compare.verdict import OK_GRADES, outcome_ok
 from parity.jsonsafe import json_float
 from parity.report.files import num, worse, write_text_atomic
 
 #: Outcomes in the order the page lists them.
-OUTCOMES = ("pass", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
+OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
             "nonfinite", "degenerate")
 
 #: Columns of the compact pair rows embedded for the table (one list per pair).
@@ -117,7 +118,7 @@ def _depth_series(data: dict[str, Any]) -> list[dict[str, Any]]:
             order.append(kind)
         point = points[kind].setdefault(layer, {"layer": layer, "rel_l2": None, "max_abs": None,
                                                 "cosine": None, "fail": False, "atol": None, "bound": None})
-        if not (pair.get("outcome") == "pass" or pair.get("allowed")):
+        if not outcome_ok(pair.get("outcome"), pair.get("allowed")):
             point["fail"] = True
         tolerance = pair.get("tolerance") or {}
         point["atol"] = worse(point["atol"], _num(tolerance.get("atol")))
@@ -157,7 +158,7 @@ def _heatmap(data: dict[str, Any]) -> dict[str, Any]:
             steps.append(step)
         cell = cells.setdefault((step, col), {"v": None, "fail": False, "worst": "", "n": 0})
         cell["n"] += 1
-        if not (pair.get("outcome") == "pass" or pair.get("allowed")):
+        if not outcome_ok(pair.get("outcome"), pair.get("allowed")):
             cell["fail"] = True
         value = _num((pair.get("metrics") or {}).get("rel_l2"))
         if value is not None and _is_worse(value, cell["v"]):
@@ -260,9 +261,9 @@ def page_data(data: dict[str, Any]) -> dict[str, Any]:
         "pair_columns": list(PAIR_COLUMNS),
         "pairs": rows,
         "sources": sources,
-        "outcomes": list(OUTCOMES),
+        "outcomes": list(OUTCOMES), "ok_grades": sorted(OK_GRADES),
         "first_index": next((i for i, p in enumerate(data.get("pairs", []))
-                             if not (p.get("outcome") == "pass" or p.get("allowed"))), None),
+                             if not outcome_ok(p.get("outcome"), p.get("allowed"))), None),
     }
 
 
@@ -281,7 +282,7 @@ def _summary_html(data: dict[str, Any]) -> str:
     summary = data["summary"]
     verdict = summary["verdict"]
     outcomes = summary.get("outcomes") or {}
-    detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in outcomes.items() if v and k != "pass")
+    detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in outcomes.items() if v and k not in OK_GRADES)
     if summary.get("allowed"):
         detail += (", " if detail else "") + f"allowed {summary['allowed']}"
     line = f"{summary['passed']} of {summary['pairs']} pairs passed"
@@ -472,8 +473,8 @@ table.runs td.path{word-break:break-all;color:var(--muted)}
 .meta{color:var(--muted);margin:2px 0 6px}
 .src{color:var(--muted)}.note{color:var(--warn)}.muted{color:var(--muted)}
 .badge{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap;border:1px solid transparent}
-.o-pass{background:var(--passbg);color:var(--pass);border-color:#aceebb}
-.o-fail,.o-nonfinite,.o-degenerate{background:var(--failbg);color:var(--fail);border-color:#ffcecb}
+.o-pass,.o-identical,.o-noise{background:var(--passbg);color:var(--pass);border-color:#aceebb}
+.o-fail,.o-anomalous,.o-nonfinite,.o-degenerate{background:var(--failbg);color:var(--fail);border-color:#ffcecb}
 .o-shape_mismatch{background:#fbefff;color:#8250df;border-color:#eccbff}
 .o-missing_in_target,.o-missing_in_baseline{background:#fff8c5;color:var(--warn);border-color:#f5e0a0}
 .o-allowed{opacity:.65}
@@ -525,6 +526,7 @@ _JS = r"""
 (function () {
 "use strict";
 var D = JSON.parse(document.getElementById("parity-data").textContent);
+var OKG = {}; (D.ok_grades || ["pass"]).forEach(function (k) { OKG[k] = true; });
 var SVGNS = "http://www.w3.org/2000/svg";
 var PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                "#7f7f7f", "#393b79", "#ad494a", "#637939"];
@@ -969,7 +971,7 @@ function drawTable() {
         var v = p[C[c.key]];
         var text = (c.key === "index" || c.key === "step" || c.key === "rank" || c.key === "layer") ?
           (v === null ? "–" : String(v)) : (c.pct ? (num(v) === null ? "–" : fmt(100 * num(v)) + "%") : fmt(v, c.digits));
-        if (c.key === "needed_atol" && p[C.outcome] === "pass") text = "–";
+        if (c.key === "needed_atol" && OKG[p[C.outcome]]) text = "–";
         td = h("td", {"class": "num"}, text);
       }
       r.appendChild(td);
@@ -1010,7 +1012,7 @@ function drawTable() {
   var sel = document.getElementById("filter-outcome"), input = document.getElementById("filter-name");
   var counts = {};
   D.pairs.forEach(function (p) { counts[p[C.outcome]] = (counts[p[C.outcome]] || 0) + 1; });
-  var notOk = D.pairs.filter(function (p) { return p[C.outcome] !== "pass" && !p[C.allowed]; }).length;
+  var notOk = D.pairs.filter(function (p) { return !OKG[p[C.outcome]] && !p[C.allowed]; }).length;
   var allowed = D.pairs.filter(function (p) { return p[C.allowed]; }).length;
   sel.appendChild(h("option", {value: ""}, "all (" + D.pairs.length + ")"));
   sel.appendChild(h("option", {value: "@notok"}, "not passing (" + notOk + ")"));
@@ -1024,7 +1026,7 @@ function drawTable() {
     rows.forEach(function (r) {
       var p = r.data, ok = true;
       if (q && String(p[C.name]).toLowerCase().indexOf(q) < 0) ok = false;
-      if (o === "@notok") ok = ok && p[C.outcome] !== "pass" && !p[C.allowed];
+      if (o === "@notok") ok = ok && !OKG[p[C.outcome]] && !p[C.allowed];
       else if (o === "@allowed") ok = ok && !!p[C.allowed];
       else if (o) ok = ok && p[C.outcome] === o;
       r.row.hidden = !ok;

@@ -26,6 +26,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from parity.compare.verdict import outcome_ok
 from parity.report.files import write_text_atomic
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -103,8 +104,8 @@ def build_junit(data: dict[str, Any]) -> ET.Element:
     summary = data["summary"]
     pairs = data.get("pairs", [])
     multi_rank = len({p.get("rank") for p in pairs}) > 1
-    failures = sum(1 for p in pairs if not (p["outcome"] == "pass" or p.get("allowed")))
-    skipped = sum(1 for p in pairs if p["outcome"] != "pass" and p.get("allowed"))
+    failures = sum(1 for p in pairs if not outcome_ok(p["outcome"], p.get("allowed")))
+    skipped = sum(1 for p in pairs if not outcome_ok(p["outcome"]) and p.get("allowed"))
     counts = {"tests": str(len(pairs)), "failures": str(failures), "errors": "0", "skipped": str(skipped),
               "time": "0"}
     base, target = data.get("baseline") or {}, data.get("target") or {}
@@ -121,7 +122,7 @@ def build_junit(data: dict[str, Any]) -> ET.Element:
     for pair in pairs:
         case = ET.SubElement(suite, "testcase", {"classname": _clean(classname(pair)),
                                                  "name": _clean(case_name(pair, multi_rank)), "time": "0"})
-        if pair["outcome"] == "pass":
+        if outcome_ok(pair["outcome"]):
             continue
         if pair.get("allowed"):
             ET.SubElement(case, "skipped", {"message": _clean(f"allowed {pair['outcome']}: {pair.get('reason', '')}")})

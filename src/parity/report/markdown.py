@@ -24,6 +24,7 @@ import os
 import re
 from typing import Any
 
+from parity.compare.verdict import outcome_ok
 from parity.report.files import fmt, fmt_up, num, worse, write_text_atomic
 
 #: Rows of the worst-taps table (default 10).
@@ -73,7 +74,7 @@ def worst_taps(data: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
                                              "step": None, "max_abs": None, "cosine": None, "pairs": 0,
                                              "failed": 0, "no_metrics": False, "outcomes": set()})
         tap["pairs"] += 1
-        ok = pair["outcome"] == "pass" or pair.get("allowed")
+        ok = outcome_ok(pair["outcome"], pair.get("allowed"))
         if not ok:
             tap["failed"] += 1
             tap["outcomes"].add(pair["outcome"])
