@@ -38,14 +38,14 @@ UPSTREAM_LOOSE = TolerancePolicy(cli_overrides=[
 def test_fault_in_layer0_attention_first_visible_in_layer1_mlp_is_attributed_upstream(
         fp32_model, fresh_fp32, prompts, token_ids, baseline_dump, tmp_path):
     attention = fresh_fp32.model.model.layers[0].self_attn
-    attention.register_forward_hook(lambda m, a, out: (out[0] * (1 + 1e-4), *out[1:]))
+    attention.register_forward_hook(lambda m, a, out: (out[0] * (1 + 3e-4), *out[1:]))
     run_and_capture(fresh_fp32, prompts, tmp_path / "faulty")
     report = compare(baseline_dump, tmp_path / "faulty", policy=UPSTREAM_LOOSE)
     assert report.first_divergence.name == "model.layers.1.mlp"  # where comparison first sees it
     result = explain(fp32_model, fresh_fp32, token_ids, policy=UPSTREAM_LOOSE)
     assert result.case == "accumulation"
     assert result.root.name == "model.layers.0.self_attn"
-    assert result.root.local_ok and result.root.roundoffs > 1000  # 1e-4 = ~1700 fp32 unit roundoffs
+    assert result.root.local_ok and result.root.roundoffs > 3000  # 3e-4 = ~5000 fp32 unit roundoffs
     by_name = {m.name: m for m in result.modules}
     assert by_name["model.layers.1.mlp"].local.rel_l2 == 0.0  # layer 1's MLP only inherits the error
     assert by_name["model.layers.1.mlp"].inherited > 0
@@ -89,14 +89,14 @@ def test_attention_drilldown_names_the_operation(fp32_model, fresh_fp32, token_i
 
 def test_explain_command_on_diff_dumps(tmp_path):
     out = tmp_path / "out"
-    diff = subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--out", str(out), "--explain"],
-                          capture_output=True, text=True, timeout=300)
+    diff = subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--out", str(out), "--explain", "--no-twin",
+                           "--atol", "0.01"], capture_output=True, text=True, timeout=300)
     assert diff.returncode == 1, diff.stderr
     assert "[none] no single root cause" in diff.stdout
     saved = json.loads((out / "explain.json").read_text())
     assert saved["case"] == "none" and saved["target"].startswith("engine=hf,dtype=bfloat16")
     again = subprocess.run([sys.executable, "-m", "parity.cli", "explain", str(out / "baseline"),
-                            str(out / "target"), "--json", str(tmp_path / "e.json")],
+                            str(out / "target"), "--json", str(tmp_path / "e.json"), "--atol", "0.01"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "error per module" in again.stdout
     assert json.loads((tmp_path / "e.json").read_text())["modules"] == saved["modules"]

@@ -1,6 +1,6 @@
 """``parity report REPORT.json``: render a saved JSON report as HTML, JUnit XML and/or Markdown.
 
-The report is validated before anything is written: a JSON object with ``schema_version`` 1 and
+The report is validated before anything is written: a JSON object with ``schema_version`` 2 and
 every key the writers read (docs/json-schema.md; ``end_to_end`` is optional, shape in
 docs/reports.md). A file that fails is a :class:`parity.errors.UsageError` naming the first
 offending field. At least one of ``--html``, ``--junit``, ``--markdown`` is required; no output
@@ -23,7 +23,7 @@ from parity.commands import CONTEXT
 from parity.errors import UsageError
 
 #: The report schema version this command reads.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class _Invalid(Exception):

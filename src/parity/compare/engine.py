@@ -84,7 +84,7 @@ def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: An
     if kind == "nonfinite":
         notes.append(f"{side} {worst.message}")
         return kind, reason, worst.rank
-    new_reason = f"{side} {worst.message}; " + (passing if kind == "pass" else reason)
+    new_reason = f"{side} {worst.message}; " + (passing if kind in ("identical", "pass", "noise") else reason)
     return ("degenerate" if worst.degenerate else "fail"), new_reason, worst.rank
 
 

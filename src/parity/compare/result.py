@@ -32,7 +32,7 @@ OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch",
             "nonfinite", "degenerate")
 
 #: JSON report schema version (bumped on incompatible changes).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
