@@ -50,19 +50,22 @@ def _row(case: Case, report: Any, explanation: Any) -> dict[str, Any]:
 
 def _sweep(args: Any, sequences: list[list[int]], base_model: Any) -> list[tuple[str, float, bool, str]]:
     """MLP output x(1+delta) at layer 8: smallest delta found at that tap, fp32 (no twin) and bf16 (twin)."""
-    from verdicts_real_model import capture, load_side
+    from verdicts_real_model import capture, load_side, slug
 
     rows = []
-    for spec, deltas in (("dtype=float32,attn=eager", (1e-5, 3e-5, 1e-4, 2e-4, 3e-4, 1e-3)),
-                         ("dtype=bfloat16,attn=eager", (1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2))):
+    fp32, bf16 = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), (2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+    for spec, deltas in (("dtype=float32,attn=eager", fp32), ("dtype=float32,attn=sdpa", fp32),
+                         ("dtype=bfloat16,attn=eager", bf16), ("dtype=bfloat16,attn=sdpa", bf16)):
         for delta in deltas:
             case = Case(f"sweep {spec} {delta:g}", spec, scale_mlp(8, 1 + delta), "model.layers.8.mlp")
-            where = args.out / f"sweep-{'bf16' if 'bfloat16' in spec else 'fp32'}-{delta:g}"
-            capture(load_side(args.model, spec, case.fault), sequences, where)
+            where = args.out / f"sweep-{slug(spec)}-{delta:g}"
+            if args.recapture or not where.is_dir():
+                capture(load_side(args.model, spec, case.fault), sequences, where)
             report = _compare(args.out, where, case)
             first = report.first_divergence
-            rows.append((spec.split(",")[0].split("=")[1], delta,
-                         first is not None and first.name == case.expect, first.name if first else "-"))
+            rows.append((spec.replace("dtype=", "").replace("attn=", ""), delta,
+                         first is not None and first.name == case.expect,
+                         f"{first.name} ({first.kind})" if first else "- (exit 0)"))
     return rows
 
 
@@ -97,9 +100,10 @@ def evaluate_all(args: Any, cases: Sequence[Case], sequences: list[list[int]], s
         print(f"  {r['case']}: {r['headline']}  [{', '.join(f'{k} {v}' for k, v in sorted(r['kinds'].items()))}]")
     if args.sweep:
         print("\nsmallest fault found (MLP output of layer 8 x(1+delta); found = first divergence at that tap)")
-        print("| dtype | delta | found | first divergence |")
+        print("| target | delta | found | first divergence |")
         print("|---|---|---|---|")
         for dtype, delta, found, first in _sweep(args, sequences, base_model):
             print(f"| {dtype} | {delta:g} | {'yes' if found else 'no'} | {first} |")
+        print("(bf16 targets are judged with the bf16 eager twin; fp32 targets by the tolerance rule)")
     print(f"\ntotal {time.time() - start:.0f} s")
     return 0 if all(r["correct"] for r in rows) else 1

@@ -120,3 +120,15 @@ def test_kv_cache_noise_changes_generated_tokens(fp32_model, prompts):
     assert len(result.modules) == 8  # k_proj and v_proj of 4 layers
     assert result.token_match_rate < 1.0 and result.kl_mean > 0.01
     assert any(p is not None for p in result.first_divergent_positions)
+
+
+def test_a_fault_every_attention_shares_is_named_at_the_first_attention(fp32_model, fresh_fp32, token_ids):
+    """A wrong rotary theta makes every attention wrong alike: none stands out, the kind as a whole does."""
+    rotary = fresh_fp32.model.model.rotary_emb
+    dim = 2 * rotary.inv_freq.numel()
+    import torch
+
+    rotary.inv_freq = 1.0 / (1e3 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    result = explain(fp32_model, fresh_fp32, token_ids, drill=False)
+    assert result.root is not None and result.root.name == "model.layers.0.self_attn"
+    assert "every model.layers.*.self_attn" in result.sentence

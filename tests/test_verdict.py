@@ -15,7 +15,7 @@ from parity.backends.runner import twin_spec
 from parity.backends.spec import parse_spec
 from parity.compare.engine import compare
 from parity.compare.metrics import worst_failing_element
-from parity.compare.tolerance import TolerancePolicy
+from parity.compare.tolerance import TolerancePolicy, parse_override
 from parity.compare.verdict import TwinEvidence, grade_with_twin
 from parity.store.format import FORMAT_VERSION, Record, RunHeader
 from parity.store.writer import DumpWriter
@@ -157,3 +157,25 @@ def test_assert_close_with_a_twin_accepts_precision_noise_only():
     assert_close(ours, expected, rtol=1e-3, atol=1e-3, twin=trusted)
     with pytest.raises(AssertionError, match="Twin rule"):
         assert_close(ours * 1.05, expected, rtol=1e-3, atol=1e-3, twin=trusted)
+
+
+def test_first_divergence_is_where_the_error_jumps_not_where_it_first_fails(baseline_dump, tiny_model_dir,
+                                                                          prompts, tmp_path):
+    """A change too small to fail at its own tap, amplified into a failure downstream, is found at its tap."""
+    from parity.compare.verdict import locate_jump
+
+    faulty = load(tiny_model_dir, parse_spec("dtype=float32,attn=eager"))
+    faulty.model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, a, out: out * (1 + 5e-5))
+    run_and_capture(faulty, prompts, tmp_path / "faulty")
+    # with a tolerance looser at the faulted tap than after it, the error first fails downstream
+    policy = TolerancePolicy(cli_overrides=[parse_override("model.layers.1.self_attn:rtol=1e-3,atol=1e-3")],
+                             rtol=1e-5, atol=1e-7)
+    report = compare(baseline_dump, tmp_path / "faulty", policy=policy)
+    first = report.first_divergence
+    assert (first.name, first.kind) == ("model.layers.1.self_attn", "anomalous")
+    assert "the error jumps here" in first.reason and "grows into the failure at" in first.reason
+    assert first.metrics.mismatched == 0  # within its own tolerance: only the jump names it
+    failing = next(o for o in report.outcomes if o.kind == "fail")
+    assert report.outcomes.index(failing) > report.outcomes.index(first)
+    # a passing run is never changed: identical runs have no jump to find
+    assert locate_jump(compare(baseline_dump, baseline_dump).outcomes, 0) is None

@@ -59,7 +59,7 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Oracle mode: the target may be M times as far from the oracle as the baseline."),
         click.option("--oracle-eps", type=float, default=None,
                      help="Oracle mode: additive slack (default: unit roundoff of the target dtype)."),
-        click.option("--twin-m", type=float, default=2.0, show_default=True,
+        click.option("--twin-m", type=float, default=3.0, show_default=True,
                      help="Precision-aware mode: the target may sit M times the twin's precision noise "
                           "from the run of its own precision (see docs/tolerances.md)."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
@@ -139,7 +139,7 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
                         junit_path: str | None = None, markdown_path: str | None = None,
                         shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
-                        distributed: bool = False, twin_dir: Any = None, twin_m: float = 2.0) -> int:
+                        distributed: bool = False, twin_dir: Any = None, twin_m: float = 3.0) -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns

@@ -19,7 +19,8 @@ from parity.compare.metrics import pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
-from parity.compare.verdict import DEFAULT_M, FIRST_DEPARTURE_U, TwinEvidence, grade_with_twin, headline, precision_rank, twin_eps
+from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, TwinEvidence, grade_with_twin, headline,
+                                    locate_jump, precision_rank, twin_eps)
 from parity.errors import DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, sample_positions
 from parity.store.reader import Run, load_run
@@ -291,6 +292,21 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     return outcome
 
 
+def _mark_jump(outcomes: list[Outcome], first: int, allow_failed: Sequence[Tap]) -> int:
+    """Make the tap where the error jumps (verdict.locate_jump) the first divergence, when it comes
+    before the first failing pair; returns the index of the first divergence."""
+    found = locate_jump(outcomes, first)
+    if found is None or found[0] == first:
+        return first
+    index, jump = found
+    o, failing = outcomes[index], outcomes[first]
+    o.kind = "anomalous"
+    o.reason = (f"the error jumps here: rel L2 {_fmt(o.metrics.rel_l2)} is x{_fmt(jump)} every earlier tap's "  # type: ignore[union-attr]
+                f"of step {o.step}, and grows into the failure at {failing.name}; {o.reason}")
+    o.allowed = _matches(allow_failed, o.name)
+    return first if o.allowed else index
+
+
 def position_errors(pair: Pair, base: Run, target: Run,
                     decode: Callable[[int], str] | None = None) -> dict[str, Any] | None:
     """Error per token position of a pair whose tensor has a token axis, or None.
@@ -458,7 +474,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     processes; ``distributed=True`` shares them among the ranks of a torchrun launch (see
     :mod:`parity.compare.parallel`); the report is the same. ``twin`` (default None) is the
     baseline's settings run at the other precision: pairs are then graded by the twin rule of
-    :mod:`parity.compare.verdict` with factor ``twin_m`` (default 2).
+    :mod:`parity.compare.verdict` with factor ``twin_m`` (default 3).
     """
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
@@ -503,6 +519,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)
         first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
+        if first is not None and twin_context is None and outcomes[first].metrics is not None:
+            first = _mark_jump(outcomes, first, failed_taps)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
             positions = position_errors(pairs[first], base_run, target_run, decode)
         if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged

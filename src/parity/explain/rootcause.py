@@ -25,9 +25,12 @@ not against a fixed number: a module is anomalous when its local error exceeds b
 the typical local error of its kind (the median over the modules of the same tap kind —
 ``mlp``, ``self_attn``, ``input_layernorm`` … — or over all modules when fewer than 3 share
 it). A module whose local error stands out among modules whose local errors are 0 (same
-configuration) or about one rounding (another dtype) is the cause. Measured on SmolLM2-135M
-(30 layers): fp32 vs bf16 sdpa, the largest module stays below 4x its kind's median; a 2%
-fault in one bf16 MLP is 5x it.
+configuration) or about one rounding (another dtype) is the cause. A whole kind is off when
+its median local error exceeds :data:`SYSTEMIC_U` (64) unit roundoffs and :data:`OUTLIER` times
+the median of the other kinds' medians (a wrong rotary embedding makes every attention wrong
+by the same amount: no attention stands out from the others); its modules are then anomalous.
+Measured on SmolLM2-135M (30 layers, fp32 eager vs bf16 sdpa): kind medians 0.37-2.25 unit
+roundoffs, the largest module 1.7x its kind's median; a 2% fault in one bf16 MLP is 5x it.
 
 Root cause (modules that contain other tapped modules — decoder layers — are reported but not
 blamed; their children are):
@@ -61,6 +64,9 @@ from parity.jsonsafe import json_float
 FLOOR_U = 2.0
 #: A local error more than this many times the typical one of its kind is anomalous.
 OUTLIER = 4.0
+#: A kind of module whose median local error exceeds this many unit roundoffs (and OUTLIER x the
+#: other kinds') is off as a whole: a kernel difference costs a few roundings, not this many.
+SYSTEMIC_U = 64.0
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -140,7 +146,7 @@ class Explanation:
         """JSON-ready form."""
         return {"baseline": self.baseline, "target": self.target, "case": self.case,
                 "root_cause": self.root.name if self.root else None, "sentence": self.sentence,
-                "anomaly_rule": {"floor_roundoffs": FLOOR_U, "outlier_factor": OUTLIER},
+                "anomaly_rule": {"floor_roundoffs": FLOOR_U, "outlier_factor": OUTLIER, "systemic_roundoffs": SYSTEMIC_U},
                 "modules": [m.to_json() for m in self.modules], "drilldown": self.drilldown, "notes": self.notes}
 
 
@@ -188,21 +194,34 @@ def analyse_step(baseline: Any, target: Any, ids: torch.Tensor, names: Sequence[
     return errors, rec_b, rec_t
 
 
-def anomalous(errors: Sequence[ModuleError]) -> dict[str, float]:
-    """Name -> threshold (unit roundoffs) of every blamable module whose local error is anomalous
-    (see the module docstring)."""
+def anomalous(errors: Sequence[ModuleError]) -> dict[str, str]:
+    """Name -> why, for every blamable module whose local error is anomalous (see the module
+    docstring): an outlier among its kind, or a member of a kind that is systemically off."""
     blamable = [e for e in errors if not e.container]
     by_kind: dict[str, list[float]] = {}
     for e in blamable:
         by_kind.setdefault(tap_kind(e.name), []).append(e.roundoffs)
     everyone = [e.roundoffs for e in blamable]
+    medians = {kind: float(np.median(values)) for kind, values in by_kind.items()}
+    systemic = {}
+    for kind, median in medians.items():
+        others = [m for k, m in medians.items() if k != kind]
+        threshold = max(SYSTEMIC_U, OUTLIER * float(np.median(others)) if others else 0.0)
+        if len(by_kind[kind]) >= 3 and median > threshold:
+            systemic[kind] = (f"every {kind.replace('{i}', '*')} makes a local error of about {median:.3g} unit "
+                              f"roundoffs (median), more than {threshold:.3g}: the cause is shared by all of "
+                              f"them (their kernel, the rotary embedding or a config value they share)")
     out = {}
     for e in blamable:
-        peers = by_kind[tap_kind(e.name)]
+        kind = tap_kind(e.name)
+        peers = by_kind[kind]
         typical = float(np.median(peers if len(peers) >= 3 else everyone))
         threshold = max(FLOOR_U, OUTLIER * typical)
         if e.roundoffs > threshold:
-            out[e.name] = threshold
+            out[e.name] = (f"{e.roundoffs:.3g} {e.dtype} unit roundoffs, more than {threshold:.3g}: {OUTLIER:g}x "
+                           f"what modules of its kind do here, and more than a rounding difference")
+        elif kind in systemic and e.roundoffs > FLOOR_U:
+            out[e.name] = f"{e.roundoffs:.3g} {e.dtype} unit roundoffs; {systemic[kind]}"
     return out
 
 
@@ -215,8 +234,7 @@ def verdict(errors: Sequence[ModuleError]) -> tuple[str, ModuleError | None, str
              f"tighter than the dtype" for e in blamable if not e.local_ok and e.name not in outliers]
     first = next((e for e in blamable if e.name in outliers), None)
     if first is not None:
-        why = (f"{first.roundoffs:.3g} {first.dtype} unit roundoffs, more than {outliers[first.name]:.3g}: "
-               f"{OUTLIER:g}x what modules of its kind do here, and more than a rounding difference")
+        why = outliers[first.name]
         if not first.local_ok:
             return "local", first, (
                 f"root cause: {first.name} — on the baseline's own inputs it makes a local error beyond its "
