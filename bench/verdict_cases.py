@@ -37,6 +37,7 @@ class Case:
     expect: str | None = None  # the tap of the first divergence (None: benign, must pass)
     threads: int | None = None  # torch.set_num_threads for this side (None: leave as is)
     canonical: bool = False  # compared with the canonically captured baseline (vLLM sides)
+    baseline: str = "baseline"  # the dump compared against: "baseline" (fp32 eager) or "twin-bf16" (bf16 eager)
 
 
 def _layers(model: Any) -> Any:
@@ -110,6 +111,7 @@ BENIGN = [
     Case("HF vs vLLM fp32", "engine=vllm,dtype=float32", canonical=True),
     Case("fp32 vs bf16 eager (twin)", "dtype=bfloat16,attn=eager"),
     Case("fp32 vs bf16 sdpa (twin)", "dtype=bfloat16,attn=sdpa"),
+    Case("bf16 eager vs bf16 sdpa (fp32 twin)", "dtype=bfloat16,attn=sdpa", baseline="twin-bf16"),
 ]
 FAULTS = [
     Case("norm eps L0 1e-5->1e-6", "dtype=float32,attn=eager", norm_eps(0, 1e-6), "model.layers.0.input_layernorm"),

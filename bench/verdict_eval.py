@@ -14,8 +14,11 @@ TWIN_BF16 = "twin-bf16"
 def _compare(out: Path, case_dir: Path, case: Case) -> Any:
     from parity.compare.engine import compare
 
-    base = out / ("baseline-canonical" if case.canonical else "baseline")
-    twin = out / TWIN_BF16 if "bfloat16" in case.spec else None
+    base = out / ("baseline-canonical" if case.canonical else case.baseline)
+    if case.baseline == TWIN_BF16:  # both sides bf16: the twin is the baseline's settings in fp32
+        twin = out / "baseline"
+    else:
+        twin = out / TWIN_BF16 if "bfloat16" in case.spec else None
     return compare(base, case_dir, twin=twin)
 
 

@@ -41,7 +41,9 @@ def test_fault_in_layer0_attention_first_visible_in_layer1_mlp_is_attributed_ups
     attention.register_forward_hook(lambda m, a, out: (out[0] * (1 + 3e-4), *out[1:]))
     run_and_capture(fresh_fp32, prompts, tmp_path / "faulty")
     report = compare(baseline_dump, tmp_path / "faulty", policy=UPSTREAM_LOOSE)
-    assert report.first_divergence.name == "model.layers.1.mlp"  # where comparison first sees it
+    first = report.first_divergence  # the error jumps at the fault, fails the tolerance first at layer 1's MLP
+    assert (first.name, first.kind) == ("model.layers.0.self_attn", "anomalous")
+    assert "grows into the failure at model.layers.1.mlp" in first.reason
     result = explain(fp32_model, fresh_fp32, token_ids, policy=UPSTREAM_LOOSE)
     assert result.case == "accumulation"
     assert result.root.name == "model.layers.0.self_attn"
