@@ -144,17 +144,17 @@ def _twin_evidence(twin: TwinContext, b: Any, base_arr: Any, t: Any, target_arr:
     if precision_rank(w.dtype) <= precision_rank(b.dtype):  # the twin is the run at the lower precision
         noise = twin_error
         distance = _rel_l2(twin_arr, w.dtype, target_arr, t.dtype)
-        low = w.dtype
+        low, reference = w.dtype, "twin"
     else:  # both sides at the lower precision; the twin is the higher-precision run
         noise = _rel_l2(twin_arr, w.dtype, base_arr, b.dtype)
         distance = target_error
-        low = b.dtype
+        low, reference = b.dtype, "baseline"
     del twin_arr
     twin.run.release(w)
     low = lower_precision(low, t.dtype)
     eps = twin_eps(low)
     return TwinEvidence(distance=distance, noise=noise, bound=twin.m * noise + eps, m=twin.m, eps=eps,
-                        target_error=target_error, twin_error=twin_error, low_dtype=low)
+                        target_error=target_error, twin_error=twin_error, low_dtype=low, reference=reference)
 
 
 def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: Tolerance) -> tuple[Any, Tolerance]:

@@ -73,8 +73,12 @@ def _split_outside_parens(text: str, sep: str = "; ") -> list[str]:
 
 
 def _e(x: float) -> str:
-    """Short exponent form: 1e-05 -> 1e-5."""
-    return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e+") if x else "0"
+    """Short exponent form, three significant digits at most: 1e-05 -> 1e-5, 2**-12 -> 2.44e-4."""
+    if not x:
+        return "0"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _layer(o: Outcome) -> str:
