@@ -1,4 +1,5 @@
-# Quick start: `make demo` runs the built-in comparison, `make test` runs the test suite.
+# Quick start: `make demo` runs the built-in comparison, `make test` runs the test suite (it also builds
+# the real model the verdict tests run on: `make real-model`, ~1 min once).
 # Both create .venv and install what they need on first use (torch pinned to 2.13.0, CPU build,
 # through constraints.txt).
 PYTHON ?= python3
@@ -32,7 +33,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/parity diff || test $$? -eq 1
 
-test: install
+test: install real-model
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: install

@@ -222,6 +222,9 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     if b.file is None or t.file is None:  # statistics-only capture on at least one side
         from parity.compare.stats_check import stats_check
 
+        l2 = b.stats.get("l2")
+        if tolerance.scale > 0 and isinstance(l2, (int, float)) and l2 == l2 and b.numel:  # stats are all there is
+            tolerance = replace(tolerance, floor=max(tolerance.atol, tolerance.scale * float(l2) / b.numel ** 0.5))
         kind, reason, details, rel = stats_check(_sampled(base, b, t), _sampled(target, t, b), tolerance)
         kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
                                             "the statistics of the copy taken are within tolerance")

@@ -13,6 +13,10 @@ min, max   max(atol, rtol·abs_max(b))
 abs_max    max(atol, rtol·abs_max(b))
 =========  ============================================================================
 
+``atol`` is the absolute floor that applies: with the default scale floor,
+``max(atol, scale·rms(b))`` with ``rms(b) = l2(b)/√n`` from the stored statistics (the only
+scale a statistics-only dump has).
+
 When both records hold a ``sample`` of the same size (statistics-only capture stores one: the
 values at the same spread-out positions of tensors of one size; against a full dump the engine
 reads the full side's values at those positions), the sampled elements are
@@ -62,10 +66,11 @@ def stats_check(b: Record, t: Record, tol: Tolerance) -> tuple[str, str, dict[st
     l2b, l2t = _num(sb, "l2"), _num(st, "l2")
     rel = abs(l2t - l2b) / l2b if l2b and l2t is not None else (0.0 if l2b == l2t else math.inf)
     amax = _num(sb, "abs_max") or 0.0
-    bounds = {"l2": math.sqrt(n * tol.atol ** 2 + (tol.rtol * (l2b or 0.0)) ** 2),
-              "mean": tol.atol + tol.rtol * amax,
-              "min": max(tol.atol, tol.rtol * amax), "max": max(tol.atol, tol.rtol * amax),
-              "abs_max": max(tol.atol, tol.rtol * amax)}
+    atol = tol.effective_atol  # with the scale floor, computed from the stored l2 (engine.evaluate_pair)
+    bounds = {"l2": math.sqrt(n * atol ** 2 + (tol.rtol * (l2b or 0.0)) ** 2),
+              "mean": atol + tol.rtol * amax,
+              "min": max(atol, tol.rtol * amax), "max": max(atol, tol.rtol * amax),
+              "abs_max": max(atol, tol.rtol * amax)}
     violated = []
     for key, bound in bounds.items():
         vb, vt = _num(sb, key), _num(st, key)
@@ -107,7 +112,7 @@ def _compare_sample(sb: Any, st: Any, numel: int, tol: Tolerance) -> dict[str, A
 
     with np.errstate(all="ignore"):  # overflowing values: inf, as the rule computes them
         m = pair_metrics(np.asarray(sb, np.float64), "float64", np.asarray(st, np.float64), "float64",
-                         rtol=tol.rtol, atol=tol.atol)
+                         rtol=tol.rtol, atol=tol.effective_atol)
     return {"size": len(sb), "mismatched": m.mismatched - m.nonfinite_mismatch, "nonfinite": m.nonfinite_mismatch,
             "max_abs": m.max_abs,
             "max_abs_at": sample_positions(numel, len(sb))[m.max_abs_index[0]] if m.max_abs_index else -1,
