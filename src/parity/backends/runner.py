@@ -19,9 +19,6 @@ from parity.backends.spec import Spec
 ProgressFactory = Callable[[str, int | None], Callable[..., None]]
 
 
-_RANK = {"bfloat16": 0, "float16": 1, "float32": 2, "float64": 3}
-
-
 def twin_spec(baseline: Spec, target: Spec) -> Spec | None:
     """The twin of precision-aware mode (:mod:`parity.compare.verdict`), or None when not needed.
 
@@ -32,12 +29,14 @@ def twin_spec(baseline: Spec, target: Spec) -> Spec | None:
     The twin always runs on transformers or the baseline's own engine, with the baseline's
     attention, compile, device and parallel settings.
     """
-    lower_dtype = _RANK.get(target.dtype, 2) < _RANK.get(baseline.dtype, 2)
+    from parity.compare.verdict import precision_rank
+
+    lower_dtype = precision_rank(target.dtype) < precision_rank(baseline.dtype)
     lower_quant = target.quant != "none" and target.quant != baseline.quant
     if lower_dtype or lower_quant:
         return replace(baseline, dtype=target.dtype if lower_dtype else baseline.dtype,
                        quant=target.quant if lower_quant else baseline.quant)
-    if _RANK.get(target.dtype, 2) <= 1 and _RANK.get(baseline.dtype, 2) <= 1:
+    if precision_rank(target.dtype) <= 1 and precision_rank(baseline.dtype) <= 1:  # both 16-bit
         return replace(baseline, dtype="float32")
     return None
 

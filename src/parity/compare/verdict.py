@@ -68,6 +68,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from parity.compare.tolerance import PRECISION
 from parity.jsonsafe import json_float
 
 #: Unit roundoff per dtype: the largest relative error of one rounding to nearest.
@@ -84,8 +85,6 @@ FIRST_DEPARTURE_U = 2.0
 ONE_ROUNDING_DTYPES = frozenset({"bfloat16", "float16"})
 #: A tap whose error is this many times every earlier one's (of its step) is where the error jumps.
 JUMP = 4.0
-#: Precision order, lowest first (non-float dtypes count as exact).
-_PRECISION = ("bfloat16", "float16", "float32", "float64")
 
 
 def outcome_ok(kind: str | None, allowed: bool | None = False) -> bool:
@@ -100,7 +99,7 @@ def unit_roundoff(dtype: str) -> float:
 
 def precision_rank(dtype: str) -> int:
     """0 for the lowest-precision float dtype; non-float dtypes rank highest."""
-    return _PRECISION.index(dtype) if dtype in _PRECISION else len(_PRECISION)
+    return PRECISION.index(dtype) if dtype in PRECISION else len(PRECISION)
 
 
 @dataclass
