@@ -174,7 +174,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
             report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                              allow_failed=allow_failed, progress=None if distributed else progress.task("comparing"),
                              shards=shards, align=align, workers=workers, distributed=distributed,
-                             twin=twin_dir, twin_m=twin_m, decode=(lambda token: decode([token])) if decode is not None else None)
+                             twin=twin_dir, twin_m=twin_m,
+                             decode=(lambda token: decode([token])) if decode is not None else None)
         except ParityError:
             if distributed and not rank0:  # every rank raised the same error: rank 0 reports it
                 sys.exit(2)

@@ -19,7 +19,7 @@ from parity.compare.metrics import pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
-from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, TwinEvidence, grade_with_twin, headline,
+from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, OK_GRADES, TwinEvidence, grade_with_twin, headline,
                                     locate_jump, precision_rank, twin_eps)
 from parity.errors import DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, sample_positions
@@ -77,7 +77,7 @@ def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: An
     if not findings:
         return kind, reason, rank
     hard = [item for item in findings if item[1].hard]
-    if not hard and kind in ("identical", "pass", "noise"):  # e.g. an all-zero partial sum of an expert rank without tokens
+    if not hard and kind in OK_GRADES:  # e.g. an all-zero partial sum of an expert rank without tokens
         notes.extend(f"{s} {f.message}" for s, f in findings)
         return kind, reason, rank
     side, worst = next(((s, f) for s, f in (hard or findings) if f.degenerate), (hard or findings)[0])
@@ -85,7 +85,7 @@ def _with_findings(kind: str, reason: str, rank: int, notes: list[str], base: An
     if kind == "nonfinite":
         notes.append(f"{side} {worst.message}")
         return kind, reason, worst.rank
-    new_reason = f"{side} {worst.message}; " + (passing if kind in ("identical", "pass", "noise") else reason)
+    new_reason = f"{side} {worst.message}; " + (passing if kind in OK_GRADES else reason)
     return ("degenerate" if worst.degenerate else "fail"), new_reason, worst.rank
 
 
@@ -304,8 +304,9 @@ def _mark_jump(outcomes: list[Outcome], first: int, allow_failed: Sequence[Tap])
     index, jump = found
     o, failing = outcomes[index], outcomes[first]
     o.kind = "anomalous"
-    o.reason = (f"the error jumps here: rel L2 {_fmt(o.metrics.rel_l2)} is x{_fmt(jump)} every earlier tap's "  # type: ignore[union-attr]
-                f"of step {o.step}, and grows into the failure at {failing.name}; {o.reason}")
+    error = o.metrics.rel_l2  # type: ignore[union-attr]
+    o.reason = (f"the error jumps here: rel L2 {_fmt(error)} is x{_fmt(jump)} every earlier tap's of step {o.step}, "
+                f"and grows into the failure at {failing.name}; {o.reason}")
     o.allowed = _matches(allow_failed, o.name)
     return first if o.allowed else index
 

@@ -25,11 +25,10 @@ from typing import Any
 
 from parity.compare.metrics import PairMetrics
 from parity.compare.tolerance import Tolerance
-from parity.compare.verdict import OK_GRADES, TwinEvidence
+from parity.compare.verdict import OK_GRADES, OUTCOMES, TwinEvidence
 from parity.jsonsafe import json_float, json_safe
 
-OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
-            "nonfinite", "degenerate")
+__all__ = ["OUTCOMES", "SCHEMA_VERSION", "LayerError", "Outcome", "Report", "Side"]
 
 #: JSON report schema version (bumped on incompatible changes).
 SCHEMA_VERSION = 2

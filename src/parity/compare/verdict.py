@@ -44,9 +44,9 @@ The twin rule (precision-aware judgement)
     with ``m`` = :data:`DEFAULT_M` (3: two runs at the same precision whose rounding errors are
     independent differ by about √2 × noise, and at single taps where the twin's noise happens
     to be small by more; measured on SmolLM2-135M, bf16 sdpa vs its bf16 eager twin over 16
-    prompts x 153 taps: d/noise median 0.9, 99th percentile 1.3, largest 2.14) and ``eps`` = half a unit roundoff of the lower
-    dtype (the rms of one rounding of every element: a tap the twin gets exactly may still
-    differ by one rounding). Evidence kept per pair: ``d``, ``noise``, the bound, ``d/noise``,
+    prompts x 153 taps: d/noise median 0.9, 99th percentile 1.3, largest 2.14) and ``eps`` =
+    half a unit roundoff of the lower dtype (the rms of one rounding of every element: a tap
+    the twin gets exactly may still differ by one rounding). Evidence kept per pair: ``d``, ``noise``, the bound, ``d/noise``,
     and the target's own error against the baseline with its ratio to the twin's.
 
     First departure: while the target is bitwise equal to ``L`` at every earlier tap of a step,
@@ -74,6 +74,9 @@ from parity.jsonsafe import json_float
 #: Unit roundoff per dtype: the largest relative error of one rounding to nearest.
 UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11,
                                    "bfloat16": 2.0 ** -8}
+#: Every outcome kind, best first: the grades, then the structural failures.
+OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target",
+            "missing_in_baseline", "nonfinite", "degenerate")
 #: Grades that do not fail a run.
 OK_GRADES = frozenset({"identical", "pass", "noise"})
 #: The twin rule's factor: d <= m * noise + eps.

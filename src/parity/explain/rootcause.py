@@ -146,7 +146,8 @@ class Explanation:
         """JSON-ready form."""
         return {"baseline": self.baseline, "target": self.target, "case": self.case,
                 "root_cause": self.root.name if self.root else None, "sentence": self.sentence,
-                "anomaly_rule": {"floor_roundoffs": FLOOR_U, "outlier_factor": OUTLIER, "systemic_roundoffs": SYSTEMIC_U},
+                "anomaly_rule": {"floor_roundoffs": FLOOR_U, "outlier_factor": OUTLIER,
+                                 "systemic_roundoffs": SYSTEMIC_U},
                 "modules": [m.to_json() for m in self.modules], "drilldown": self.drilldown, "notes": self.notes}
 
 

@@ -35,13 +35,10 @@ import os
 import re
 from typing import Any
 
-from parity.compare.verdict import OK_GRADES, outcome_ok
+from parity.compare.verdict import OK_GRADES, OUTCOMES, outcome_ok
 from parity.jsonsafe import json_float
 from parity.report.files import num, worse, write_text_atomic
 
-#: Outcomes in the order the page lists them.
-OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target", "missing_in_baseline",
-            "nonfinite", "degenerate")
 
 #: Columns of the compact pair rows embedded for the table (one list per pair).
 PAIR_COLUMNS = ("index", "step", "rank", "layer", "name", "outcome", "allowed", "rel_l2", "max_abs",
