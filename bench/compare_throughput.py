@@ -106,6 +106,7 @@ def write_variant(root: Path, variant: str, gb: float, seed: int) -> tuple[Path,
     """Write the baseline and target dumps of one variant; returns their directories."""
     import torch
 
+    from parity.capturing.stats import tensor_stats  # as a capture stores them (the scale floor reads l2)
     from parity.store.format import FORMAT_VERSION, Record, RunHeader
     from parity.store.writer import DumpWriter
 
@@ -143,7 +144,7 @@ def write_variant(root: Path, variant: str, gb: float, seed: int) -> tuple[Path,
             for w, tensor in zip(writers, (base, target)):
                 tensor = tensor.to(dtype).contiguous()
                 record = Record(name=label, step=0, rank=0, order=order, shape=tuple(tensor.shape), dtype=name,
-                                file=None, key=f"{label}/step0", stats={}, tags={})
+                                file=None, key=f"{label}/step0", stats=tensor_stats(tensor), tags={})
                 w.add(record, tensor)
     finally:
         for w in writers:

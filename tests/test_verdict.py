@@ -179,3 +179,27 @@ def test_first_divergence_is_where_the_error_jumps_not_where_it_first_fails(base
     assert report.outcomes.index(failing) > report.outcomes.index(first)
     # a passing run is never changed: identical runs have no jump to find
     assert locate_jump(compare(baseline_dump, baseline_dump).outcomes, 0) is None
+
+
+def test_a_doctored_stored_norm_cannot_loosen_the_scale_floor(baseline_dump, tiny_model_dir, prompts, tmp_path):
+    """The floor's RMS is read from the stored l2 only when the data confirms it."""
+    import shutil
+
+    faulty = load(tiny_model_dir, parse_spec("dtype=float32,attn=eager"))
+    faulty.model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out * 1.01)
+    run_and_capture(faulty, prompts, tmp_path / "faulty")
+    doctored = tmp_path / "doctored"
+    shutil.copytree(baseline_dump, doctored)
+    manifest = doctored / "manifest-rank0.jsonl"
+    lines = []
+    for line in manifest.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("type") == "record" and isinstance(entry.get("stats", {}).get("l2"), float):
+            entry["stats"]["l2"] *= 1e6  # a floor a million times looser would pass everything
+        lines.append(json.dumps(entry))
+    manifest.write_text("\n".join(lines) + "\n")
+    honest = compare(baseline_dump, tmp_path / "faulty").first_divergence
+    report = compare(doctored, tmp_path / "faulty")
+    first = report.first_divergence
+    assert first is not None and (first.name, first.kind) == (honest.name, honest.kind) == ("model.layers.1.mlp", "fail")
+    assert first.tolerance.floor == pytest.approx(honest.tolerance.floor, rel=1e-9)  # from the data, not the file

@@ -10,6 +10,7 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,11 +57,30 @@ def _metrics(base: Any, base_dtype: str, target: Any, target_dtype: str, *, rtol
     return pair_metrics(base, base_dtype, target, target_dtype, rtol=rtol, atol=atol)
 
 
-def _worst_text(worst: dict[str, Any] | None) -> str:
-    if not worst:
-        return ""
-    return (f"worst element {worst['index']}: |Δ| {_fmt(worst['abs_diff'])} > allowed {_fmt(worst['allowed'])} "
-            f"(x{_fmt(worst['excess'])}; baseline {_fmt(worst['baseline'])}, target {_fmt(worst['target'])}); largest ")
+def attach_worst_failing(outcome: Outcome, pair: Pair, base: Any, target: Any) -> None:
+    """Find the element of ``outcome``'s pair that fails the rule by the largest factor and name it
+    in the reason, before the largest |Δ| (a different element in general).
+
+    One extra pass over one pair: :func:`compare` does it for the first divergence only (the
+    compiled kernel does not track this element, and a pass per failing pair would cost the
+    throughput of large failing comparisons).
+    """
+    m, tol = outcome.metrics, outcome.tolerance
+    b, t = pair.baseline, pair.target
+    if m is None or tol is None or b is None or t is None or m.mismatched <= m.nonfinite_mismatch:
+        return
+    shape = b.shape if b.shape == t.shape else _squeezed(b.shape)
+    worst = worst_failing_element(base.raw(b).reshape(shape), b.dtype, target.raw(t).reshape(shape), t.dtype,
+                                  rtol=tol.rtol, atol=tol.effective_atol)
+    base.release(b)
+    target.release(t)
+    if worst is None:
+        return
+    outcome.worst_failing = worst
+    text = (f"worst element {worst['index']}: |Δ| {_fmt(worst['abs_diff'])} > allowed {_fmt(worst['allowed'])} "
+            f"(x{_fmt(worst['excess'])}; baseline {_fmt(worst['baseline'])}, target {_fmt(worst['target'])}); "
+            f"largest max |Δ|")
+    outcome.reason = outcome.reason.replace("max |Δ|", text, 1)
 
 
 def _incomplete(record: Any) -> str | None:
@@ -157,14 +177,32 @@ def _twin_evidence(twin: TwinContext, b: Any, base_arr: Any, t: Any, target_arr:
                         target_error=target_error, twin_error=twin_error, low_dtype=low, reference=reference)
 
 
+def _stored_rms(record: Any) -> float | None:
+    """RMS of a record's finite elements from its stored statistics (``l2``), or None."""
+    stats = record.stats
+    l2 = stats.get("l2")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2):
+        return None
+    finite = record.numel - int(stats.get("nan") or 0) - int(stats.get("inf") or 0)
+    return float(l2) / math.sqrt(finite) if finite > 0 else None
+
+
 def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: Tolerance) -> tuple[Any, Tolerance]:
     """Metrics under the tolerance, with the scale floor ``max(atol, scale·rms(b))`` applied.
 
-    The RMS comes from the data (never from a dump's stored statistics): the first pass uses
-    the plain atol; only a pair that fails it is measured again with the floor, and only then
-    does the returned tolerance carry ``floor`` (the metrics' needed tolerances are always
-    relative to the atol they were measured with: ``effective_atol``).
+    One pass when the baseline record stores its L2 norm (every parity capture does): the floor
+    is computed from it, and the pass itself measures the true RMS — a stored statistic that
+    disagrees with the data (a corrupted or doctored dump) is never trusted: the pair is then
+    measured again with the floor from the data. Without a stored norm, the first pass uses the
+    plain atol and only a pair that fails it is measured again with the floor. The returned
+    tolerance carries ``floor`` exactly when the metrics were measured with it (the needed
+    tolerances are relative to ``effective_atol``).
     """
+    if tolerance.scale > 0 and (hint := _stored_rms(b)) is not None:
+        floor = max(tolerance.atol, tolerance.scale * hint)
+        metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=floor)
+        if math.isclose(metrics.rms_baseline, hint, rel_tol=1e-6):
+            return metrics, replace(tolerance, floor=floor)
     metrics = _metrics(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol, atol=tolerance.atol)
     if tolerance.scale <= 0:
         return metrics, tolerance
@@ -238,10 +276,6 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
         notes.append("integer/bool data: compared as float64")
     metrics, tolerance = _scaled_metrics(base_arr, b, target_arr, t, tolerance)
     m = metrics
-    worst = None
-    if m.mismatched > m.nonfinite_mismatch:
-        worst = worst_failing_element(base_arr, b.dtype, target_arr, t.dtype, rtol=tolerance.rtol,
-                                      atol=tolerance.effective_atol)
     evidence = None
     if twin is not None:
         evidence = _twin_evidence(twin, b, base_arr, t, target_arr, shape, m.rel_l2, notes)
@@ -274,8 +308,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
                 break
         kind = "degenerate" if degenerate else "fail"
         reason = (f"{degenerate}; " if degenerate else "") + (
-            f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; "
-            f"{_worst_text(worst)}{at}")
+            f"{m.mismatched} of {m.numel} elements ({100 * m.mismatch_fraction:.3g}%) outside tolerance; {at}")
     if evidence is not None and kind != "nonfinite":
         key = (pair.step, pair.rank)
         earlier_equal = twin.equal_so_far.get(key, True)  # type: ignore[union-attr]
@@ -289,8 +322,7 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
                                         f"the tensor rebuilt from the agreeing copies is within tolerance; {at}")
     outcome = Outcome(pair.name, pair.step, rank, layer, kind, reason, *sides,
-                      metrics=metrics, tolerance=tolerance, notes=notes, twin=evidence,
-                      worst_failing=worst if kind not in ("identical", "pass") else None)
+                      metrics=metrics, tolerance=tolerance, notes=notes, twin=evidence)
     outcome.allowed = not outcome.ok and _matches(allow_failed, pair.name)
     return outcome
 
@@ -526,6 +558,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         if first is not None and twin_context is None and outcomes[first].metrics is not None:
             first = _mark_jump(outcomes, first, failed_taps)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
+            attach_worst_failing(outcomes[first], pairs[first], base_run, target_run)
             positions = position_errors(pairs[first], base_run, target_run, decode)
         if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged
             for outcome in _token_outcomes(alignment):
