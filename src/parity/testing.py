@@ -236,24 +236,32 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
     raise ParityAssertionError("\n".join(lines), details)
 
 
-def _walk(actual: Any, expected: Any, path: str, **kw: Any) -> None:
+def _walk(actual: Any, expected: Any, path: str, twin: Any = None, **kw: Any) -> None:
+    """Compare ``actual`` with ``expected`` leaf by leaf (``twin``, when given, has the structure of
+    ``expected`` and is walked alongside)."""
     if _is_leaf(expected) or _is_leaf(actual):
         if not (_is_leaf(expected) and _is_leaf(actual)):
             raise _fail(path, f"types differ: actual {type(actual).__name__} vs expected {type(expected).__name__}")
+        if twin is not None and not _is_leaf(twin):
+            raise _fail(path, f"types differ: twin {type(twin).__name__} vs expected {type(expected).__name__}")
         label = "Tensor-likes" if getattr(expected, "shape", ()) != () else "Scalars"
-        _compare_leaf(actual, expected, path, label, **kw)
+        _compare_leaf(actual, expected, path, label, twin=twin, **kw)
     elif isinstance(expected, dict):
         if not isinstance(actual, dict) or set(actual) != set(expected):
             keys = sorted(map(str, set(expected) ^ set(actual))) if isinstance(actual, dict) else "-"
             raise _fail(path, f"dict keys differ (keys on one side only: {keys})")
+        if twin is not None and (not isinstance(twin, dict) or set(twin) != set(expected)):
+            raise _fail(path, "twin dict keys differ from expected")
         for key in expected:
-            _walk(actual[key], expected[key], f"{path}[{key!r}]", **kw)
+            _walk(actual[key], expected[key], f"{path}[{key!r}]", None if twin is None else twin[key], **kw)
     elif isinstance(expected, (list, tuple)):
         if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
             got = len(actual) if isinstance(actual, (list, tuple)) else type(actual).__name__
             raise _fail(path, f"sequence lengths differ: actual {got} vs expected {len(expected)}")
+        if twin is not None and (not isinstance(twin, (list, tuple)) or len(twin) != len(expected)):
+            raise _fail(path, f"twin sequence length differs from expected {len(expected)}")
         for index, (x, y) in enumerate(zip(actual, expected)):
-            _walk(x, y, f"{path}[{index}]", **kw)
+            _walk(x, y, f"{path}[{index}]", None if twin is None else twin[index], **kw)
     else:
         raise _fail(path, f"unsupported type {type(expected).__name__}")
 
@@ -270,32 +278,5 @@ def assert_close(actual: Any, expected: Any, *, rtol: float | None = None, atol:
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {sorted(RULES)}, not {rule!r}")
-    if twin is not None:
-        _walk_twin(actual, expected, twin, "actual", rtol=rtol, atol=atol, profile=profile, backend=backend,
-                   name=name, rule=rule, equal_nan=equal_nan, twin_m=twin_m)
-        return
-    _walk(actual, expected, "actual", rtol=rtol, atol=atol, profile=profile, backend=backend, name=name,
-          rule=rule, equal_nan=equal_nan)
-
-
-def _walk_twin(actual: Any, expected: Any, twin: Any, path: str, **kw: Any) -> None:
-    """:func:`_walk` with a twin of the same structure as ``expected``."""
-    if isinstance(expected, dict) and isinstance(twin, dict) and isinstance(actual, dict):
-        if set(twin) != set(expected):
-            raise _fail(path, "twin dict keys differ from expected")
-        if set(actual) != set(expected):
-            raise _fail(path, f"dict keys differ (keys on one side only: {sorted(map(str, set(expected) ^ set(actual)))})")
-        for key in expected:
-            _walk_twin(actual[key], expected[key], twin[key], f"{path}[{key!r}]", **kw)
-    elif isinstance(expected, (list, tuple)) and isinstance(twin, (list, tuple)) and isinstance(actual, (list, tuple)):
-        if not len(actual) == len(expected) == len(twin):
-            raise _fail(path, f"sequence lengths differ: actual {len(actual)}, expected {len(expected)}, "
-                              f"twin {len(twin)}")
-        for index, (x, y, z) in enumerate(zip(actual, expected, twin)):
-            _walk_twin(x, y, z, f"{path}[{index}]", **kw)
-    elif _is_leaf(expected) and _is_leaf(actual) and _is_leaf(twin):
-        label = "Tensor-likes" if getattr(expected, "shape", ()) != () else "Scalars"
-        _compare_leaf(actual, expected, path, label, twin=twin, **kw)
-    else:
-        raise _fail(path, f"types differ: actual {type(actual).__name__}, expected {type(expected).__name__}, "
-                          f"twin {type(twin).__name__}")
+    _walk(actual, expected, "actual", twin, rtol=rtol, atol=atol, profile=profile, backend=backend, name=name,
+          rule=rule, equal_nan=equal_nan, twin_m=twin_m)
