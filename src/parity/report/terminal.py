@@ -23,7 +23,8 @@ from parity.compare.result import Outcome, Report
 SHOW = 12
 WIDTH = 100
 
-STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "bold red", "fail": "red", "shape_mismatch": "magenta", "missing_in_target": "yellow",
+STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "bold red", "fail": "red",
+         "shape_mismatch": "magenta", "missing_in_target": "yellow",
          "missing_in_baseline": "yellow", "nonfinite": "bold red", "degenerate": "bold red"}
 
 
