@@ -154,3 +154,19 @@ def test_pytest_plugin_applies_the_profile_of_the_platform(tmp_path):
     assert "default for float64" in elsewhere.stdout and "Mismatched elements: 2 / 2" in elsewhere.stdout
     verbose = pytest_run("--parity-backend", "rocm", "-v")
     assert "parity: backend=rocm profile=" in verbose.stdout
+
+
+def test_a_failing_assert_close_under_pytest_shows_the_message_not_parity_frames(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "test_user.py").write_text(
+        "import numpy as np\n"
+        "from parity.testing import assert_close\n"
+        "def test_values():\n"
+        "    assert_close(np.array([1.0, 2.0]), np.array([1.0, 2.5]), name='scores')\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Mismatched elements: 1 / 2" in result.stdout
+    assert "_compare_leaf" not in result.stdout and "def _walk" not in result.stdout

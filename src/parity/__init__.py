@@ -6,7 +6,10 @@ Public API (heavy modules load on first use, so ``import parity`` stays cheap):
 - :func:`dump` — explicit tap from inside engine code; one check when no capture is active.
 - :func:`next_step` — advance the process-wide step of ``PARITY_DUMP_DIR`` captures.
 - :func:`load_run` — read and validate a dump directory.
-- :func:`compare` — compare two dumps; returns a :class:`parity.report.model.Report`.
+- :func:`compare` — compare two dumps; returns a :class:`parity.compare.result.Report`. It is
+  the ``parity.compare`` package itself, callable (so it stays callable after any
+  ``parity.compare.*`` import); options as :func:`parity.compare.engine.compare`, tolerances
+  included (``rtol``, ``atol``, ``tol``, ``profile``, ``backend``) and ``twin``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ __version__ = "0.1.0"
 __all__ = ["capture", "dump", "next_step", "load_run", "compare", "__version__"]
 
 
+def __dir__() -> list[str]:
+    """The public API (what ``__all__`` lists), not the module's helpers."""
+    return sorted(__all__)
+
+
 def __getattr__(name: str) -> Any:
     if name == "capture":
         from parity.capturing.hooks import capture
@@ -28,8 +36,8 @@ def __getattr__(name: str) -> Any:
         from parity.store.reader import load_run
 
         return load_run
-    if name == "compare":
-        from parity.compare.engine import compare
+    if name == "compare":  # the package, callable as the function (see parity/compare/__init__.py)
+        import parity.compare
 
-        return compare
+        return parity.compare
     raise AttributeError(f"module 'parity' has no attribute {name!r}")

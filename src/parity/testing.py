@@ -158,6 +158,7 @@ def _twin_check(a: np.ndarray, e: np.ndarray, twin: Any, dtype: str, twin_m: flo
 def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: float | None, atol: float | None,
                   profile: Any, backend: str | None, name: str | None, rule: str, equal_nan: bool,
                   twin: Any = None, twin_m: float = DEFAULT_M) -> None:
+    __tracebackhide__ = True  # pytest shows the failure message, not parity's frames
     a, e = _to_numpy(actual), _to_numpy(expected)
     if a.shape != e.shape:
         raise _fail(path, f"{label}: shapes differ: actual {list(a.shape)} vs expected {list(e.shape)}")
@@ -239,6 +240,7 @@ def _compare_leaf(actual: Any, expected: Any, path: str, label: str, *, rtol: fl
 def _walk(actual: Any, expected: Any, path: str, twin: Any = None, **kw: Any) -> None:
     """Compare ``actual`` with ``expected`` leaf by leaf (``twin``, when given, has the structure of
     ``expected`` and is walked alongside)."""
+    __tracebackhide__ = True
     if _is_leaf(expected) or _is_leaf(actual):
         if not (_is_leaf(expected) and _is_leaf(actual)):
             raise _fail(path, f"types differ: actual {type(actual).__name__} vs expected {type(expected).__name__}")
@@ -274,8 +276,10 @@ def assert_close(actual: Any, expected: Any, *, rtol: float | None = None, atol:
     ``twin`` (default None): the same computation at ``actual``'s precision from a trusted
     backend, same structure as ``expected``; values within precision noise of it pass.
 
-    Raises :class:`ParityAssertionError` (an AssertionError) with a message that explains.
+    Raises :class:`ParityAssertionError` (an AssertionError) with a message that explains; under
+    pytest the traceback stops at the caller (``__tracebackhide__``).
     """
+    __tracebackhide__ = True
     if rule not in RULES:
         raise ValueError(f"rule must be one of {sorted(RULES)}, not {rule!r}")
     _walk(actual, expected, "actual", twin, rtol=rtol, atol=atol, profile=profile, backend=backend, name=name,

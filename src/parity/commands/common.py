@@ -78,16 +78,11 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_policy(rtol: float | None, atol: float | None, tol: Sequence[str], profile: str | None,
-            backend: str | None):
-    from parity.compare.profile import load_profile
-    from parity.compare.tolerance import TolerancePolicy, parse_override
+                backend: str | None):
+    """The tolerance policy of the command-line options (TolerancePolicy.from_options)."""
+    from parity.compare.tolerance import TolerancePolicy
 
-    for name, value in (("--rtol", rtol), ("--atol", atol)):
-        if value is not None and not value >= 0:
-            raise UsageError(f"{name} must be >= 0, got {value}")
-    return TolerancePolicy(cli_overrides=[parse_override(t) for t in tol],
-                           file_overrides=load_profile(profile) if profile else [],
-                           rtol=rtol, atol=atol, backend=backend, profile_path=profile)
+    return TolerancePolicy.from_options(rtol=rtol, atol=atol, tol=tol, profile=profile, backend=backend)
 
 
 class Progress:

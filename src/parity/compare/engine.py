@@ -496,7 +496,9 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
             progress: Progress | None = None, decode: Callable[[int], str] | None = None,
             shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
-            distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M) -> Report:
+            distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M,
+            rtol: float | None = None, atol: float | None = None, tol: Sequence[str] = (),
+            profile: str | Path | None = None, backend: str | None = None) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
@@ -510,8 +512,16 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     processes; ``distributed=True`` shares them among the ranks of a torchrun launch (see
     :mod:`parity.compare.parallel`); the report is the same. ``twin`` (default None) is the
     baseline's settings run at the other precision: pairs are then graded by the twin rule of
-    :mod:`parity.compare.verdict` with factor ``twin_m`` (default 3).
+    :mod:`parity.compare.verdict` with factor ``twin_m`` (default 3). Tolerances as on the
+    command line: ``rtol``, ``atol``, ``tol`` (``PATTERN:rtol=R,atol=A`` strings), ``profile``
+    (a TOML file) and ``backend`` (default none of them: the per-dtype defaults); or a ready
+    ``policy`` (not both).
     """
+    options = {"rtol": rtol, "atol": atol, "tol": tol, "profile": profile, "backend": backend}
+    if any(v not in (None, ()) for v in options.values()):
+        if policy is not None:
+            raise UsageError("give either policy= or the tolerance options (rtol, atol, tol, profile, backend)")
+        policy = TolerancePolicy.from_options(**options)  # type: ignore[arg-type]
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
     if twin is not None and (workers > 1 or distributed or align != "steps"):

@@ -196,6 +196,22 @@ class TolerancePolicy:
                                         else f" (rest: default for {dtype})")
         return Tolerance(rtol, atol, source, scale=scale)
 
+    @classmethod
+    def from_options(cls, *, rtol: float | None = None, atol: float | None = None, tol: Sequence[str] = (),
+                     profile: str | None = None, backend: str | None = None) -> "TolerancePolicy":
+        """The policy of the CLI options ``--rtol --atol --tol --profile --backend`` (all optional;
+        ``tol`` entries are ``PATTERN:rtol=R,atol=A`` strings). Raises UsageError on a bad value."""
+        from parity.compare.profile import load_profile
+
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if value is not None and not value >= 0:
+                raise UsageError(f"{name} must be >= 0, got {value}")
+        if isinstance(tol, str):  # a single pattern, not its characters
+            tol = [tol]
+        return cls(cli_overrides=[parse_override(t) for t in tol],
+                   file_overrides=load_profile(profile) if profile else [],
+                   rtol=rtol, atol=atol, backend=backend, profile_path=str(profile) if profile else None)
+
     def describe(self) -> dict[str, Any]:
         """The policy as JSON-ready data for the report."""
         return {
