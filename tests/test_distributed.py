@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from parity.compare.engine import compare
+from parity.errors import UsageError
 
 pytestmark = pytest.mark.xdist_group("distributed")
 
@@ -122,7 +123,9 @@ def test_a_wrong_annotation_is_overridden_at_compare_time_without_a_rerun(hf_tp1
 
 def test_incident_4_padding_token_is_aligned_away(hf_tp1, tmp_path):
     padded = tp_run(tmp_path / "padded", "--pad", "1")
-    by_step = compare(hf_tp1, padded)
+    with pytest.raises(UsageError, match="different inputs at step 0"):  # step by step: not comparable
+        compare(hf_tp1, padded)
+    by_step = compare(hf_tp1, padded, allow_incomparable=True)
     assert by_step.verdict == "fail" and {o.kind for o in by_step.outcomes} == {"shape_mismatch"}
     aligned = compare(hf_tp1, padded, align="tokens")
     assert aligned.verdict == "pass", [o.reason for o in aligned.outcomes if not o.ok]
@@ -193,7 +196,8 @@ def test_chunked_prefill_and_padded_batches_align_with_one_packed_step(tmp_path)
     report = compare(packed, chunked, align="tokens")
     assert report.verdict == "pass", [o.reason for o in report.outcomes]
     assert "8 tokens of 2 request(s)" in report.notes[0] and "3 target slot" in report.notes[0]
-    assert compare(packed, chunked).verdict == "fail"  # step by step, the layouts cannot pair
+    # step by step, the layouts cannot pair
+    assert compare(packed, chunked, allow_incomparable=True).verdict == "fail"
 
 
 def test_requests_pair_by_request_id_in_any_order(tmp_path):
@@ -365,7 +369,7 @@ def test_incident_4_empty_data_parallel_rank_adds_a_padding_token(tmp_path):
     target = _dp_run(tmp_path / "tp2dp2", [
         {"tags": {"input_ids": [ids], "seq_lens": [5]}, "value": value},
         {"tags": {"input_ids": [[0]], "seq_lens": []}, "value": torch.zeros(1, 1, 8)}], tp=2)
-    by_step = compare(tmp_path / "tp2", target)
+    by_step = compare(tmp_path / "tp2", target, allow_incomparable=True)
     assert [o.kind for o in by_step.outcomes] == ["shape_mismatch"] and "[1, 6, 8]" in by_step.outcomes[0].reason
     aligned = compare(tmp_path / "tp2", target, align="tokens")
     assert aligned.verdict == "pass" and aligned.outcomes[0].metrics.max_abs == 0

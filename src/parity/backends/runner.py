@@ -88,6 +88,10 @@ def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], b
                      task: ProgressFactory) -> tuple[Any, list | None, list[list[int]]]:
     """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences)."""
     base = _load(model_path, baseline)
+    if taps and baseline.engine == "hf":  # a mistyped --taps pattern stops here, before any generation
+        from parity.capturing.taps import model_taps
+
+        model_taps(base.model, taps)
     if new_tokens > 0:
         base_gen = _generate(base, prompts, new_tokens)
         sequences = [g.sequence for g in base_gen]

@@ -75,6 +75,10 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
             layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
 
+    ``taps``: tap patterns (a list, or one pattern as a string; default the decoder-LM tap set);
+    a pattern that matches no module is a :class:`~parity.errors.UsageError` naming the closest
+    module names, raised here, before anything is captured.
+
     Yields the :class:`~parity.capturing.session.CaptureSession` (``session.error`` says why
     capture turned itself off, if it did). ``parity.dump`` calls inside the block go to the same
     dump. The dump is complete when the block exits. Under torch.distributed call it on every

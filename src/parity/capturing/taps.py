@@ -106,14 +106,41 @@ def compile_tap(text: str) -> Tap:
     return Tap(text=text, regex=regex, index=index)
 
 
-def select_taps(names: Iterable[str], patterns: Sequence[str] | None,
+def closest_names(pattern: str, names: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names (or their layer-generalized forms, ``model.layers.*.mlp``) closest to
+    ``pattern``, for a message about a pattern that matched nothing."""
+    import difflib
+
+    general = [re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names]
+    tails = ["**." + ".".join(g.split(".")[-k:]) for g in general for k in (1, 2) if g.count(".") >= k]
+    pool = list(dict.fromkeys([*names, *general, *tails]))
+    return difflib.get_close_matches(pattern.removeprefix("re:"), pool, n=n, cutoff=0.4)
+
+
+def unmatched_error(kind: str, patterns: Sequence[str], names: Iterable[str]) -> UsageError:
+    """The one error for patterns that matched nothing, naming the closest names."""
+    names = list(names)
+    hints = [f"{p!r}: closest {', '.join(closest_names(p, names)) or '(none)'}" for p in patterns]
+    return UsageError(f"{kind} {', '.join(map(repr, patterns))} matched nothing",
+                      hint="; ".join(hints))
+
+
+def select_taps(names: Iterable[str], patterns: Sequence[str] | str | None,
                 leaf_names: Iterable[str] = ()) -> dict[str, Tap]:
     """Map each tapped module name to the first tap that matches it.
 
     ``patterns=None`` means :data:`DECODER_LM_TAPS`, else :data:`ENCODER_TAPS`, or, when neither
-    matches anything, every name in ``leaf_names`` (the model's leaf modules).
+    matches anything, every name in ``leaf_names`` (the model's leaf modules). A single string is
+    one pattern. A given pattern that matches no module is a UsageError naming the closest
+    module names, raised before anything is captured.
     """
     names = list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if patterns is not None:
+        unmatched = [p for p in patterns if not any(compile_tap(p).matches(name) for name in names)]
+        if unmatched:
+            raise unmatched_error("tap pattern" + ("s" if len(unmatched) > 1 else ""), unmatched, names)
     chosen: dict[str, Tap] = {}
     for tap_set in ([patterns] if patterns is not None else [DECODER_LM_TAPS, ENCODER_TAPS]):
         taps = [compile_tap(p) for p in tap_set]
@@ -130,7 +157,7 @@ def select_taps(names: Iterable[str], patterns: Sequence[str] | None,
     return chosen
 
 
-def model_taps(model: Any, patterns: Sequence[str] | None) -> dict[str, Tap]:
+def model_taps(model: Any, patterns: Sequence[str] | str | None) -> dict[str, Tap]:
     """:func:`select_taps` over the qualified module names of a torch model (root excluded)."""
     named = [(n, m) for n, m in model.named_modules() if n]
     leaves = [n for n, m in named if not any(True for _ in m.children())]

@@ -46,6 +46,9 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "and request ids; tokens of one side only are reported."),
         click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Evaluate the pairs in N processes (each reads its share of the dumps)."),
+        click.option("--allow-incomparable", is_flag=True,
+                     help="Compare runs of different models or different inputs anyway (refused by default: "
+                          "exit 2 naming the first difference)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance for every pair without a --tol match."),
         click.option("--atol", type=float, default=None, help="Absolute floor for every pair without a --tol match."),
         click.option("--tol", multiple=True, metavar="PATTERN:rtol=R,atol=A",
@@ -134,7 +137,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         decode: Callable[[list[int]], str] | None = None, html_path: str | None = None,
                         junit_path: str | None = None, markdown_path: str | None = None,
                         shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
-                        distributed: bool = False, twin_dir: Any = None, twin_m: float = 3.0) -> int:
+                        distributed: bool = False, twin_dir: Any = None, twin_m: float = 3.0,
+                        allow_incomparable: bool = False) -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
@@ -169,7 +173,7 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
             report = compare(base, target, policy=policy, renames=renames, allow_missing=allow_missing,
                              allow_failed=allow_failed, progress=None if distributed else progress.task("comparing"),
                              shards=shards, align=align, workers=workers, distributed=distributed,
-                             twin=twin_dir, twin_m=twin_m,
+                             twin=twin_dir, twin_m=twin_m, allow_incomparable=allow_incomparable,
                              decode=(lambda token: decode([token])) if decode is not None else None)
         except ParityError:
             if distributed and not rank0:  # every rank raised the same error: rank 0 reports it

@@ -10,12 +10,13 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind
+from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind, unmatched_error
 from parity.compare.metrics import pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
@@ -452,6 +453,30 @@ def _token_outcomes(alignment: Any) -> list[Outcome]:
     return out
 
 
+def check_patterns(names: set[str], *, allow_missing: Sequence[str] = (), allow_failed: Sequence[str] = (),
+                   policy: TolerancePolicy | None = None) -> None:
+    """Raise a UsageError naming every ``--allow-*`` / ``--tol`` pattern that matches no pair name
+    (with the closest names): a mistyped pattern would otherwise excuse or loosen nothing, silently."""
+    overrides = [o.pattern for o in policy.cli_overrides] if policy is not None else []
+    for kind, patterns in (("--allow-missing pattern", allow_missing), ("--allow-failed pattern", allow_failed),
+                           ("--tol pattern", overrides)):
+        unmatched = [p for p in patterns if not any(compile_tap(p).matches(name) for name in names)]
+        if unmatched:
+            raise unmatched_error(kind + ("s" if len(unmatched) > 1 else ""), unmatched, sorted(names))
+
+
+def profile_note(policy: TolerancePolicy) -> str | None:
+    """A note when a profile was given but none of its entries can apply to ``--backend``."""
+    entries = list(policy.file_overrides)
+    backend = policy.backend
+    if not entries or any(e.backend in (None, "*") or (backend is not None and fnmatch.fnmatchcase(backend, e.backend))
+                          for e in entries):
+        return None
+    backends = ", ".join(sorted({e.backend or "" for e in entries}))
+    return (f"profile {policy.profile_path}: none of its {len(entries)} entries applies — they are for backend "
+            f"{backends}, and --backend is {backend or 'not given'}: the defaults applied")
+
+
 def describe_run(run: Run) -> dict[str, object]:
     """What the report says about one run: path, header facts, record count."""
     h = run.header
@@ -498,7 +523,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
             distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M,
             rtol: float | None = None, atol: float | None = None, tol: Sequence[str] = (),
-            profile: str | Path | None = None, backend: str | None = None) -> Report:
+            profile: str | Path | None = None, backend: str | None = None,
+            allow_incomparable: bool = False) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
@@ -515,7 +541,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     :mod:`parity.compare.verdict` with factor ``twin_m`` (default 3). Tolerances as on the
     command line: ``rtol``, ``atol``, ``tol`` (``PATTERN:rtol=R,atol=A`` strings), ``profile``
     (a TOML file) and ``backend`` (default none of them: the per-dtype defaults); or a ready
-    ``policy`` (not both).
+    ``policy`` (not both). Runs of different models or inputs are refused with a UsageError
+    (:mod:`parity.compare.comparable`) unless ``allow_incomparable`` (default False).
     """
     options = {"rtol": rtol, "atol": atol, "tol": tol, "profile": profile, "backend": backend}
     if any(v not in (None, ()) for v in options.values()):
@@ -550,6 +577,11 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             raise UsageError(f"twin dump {twin_run.path} holds no tensors: the twin rule needs a full capture")
         twin_context = TwinContext.open(twin_run, twin_m)
     try:
+        from parity.compare.comparable import check_comparable
+
+        incomparable = check_comparable(base_run, target_run, align=align, allow=allow_incomparable, decode=decode)
+        check_patterns({p.name for p in pairs} | ({"tokens"} if alignment is not None else set()),
+                       allow_missing=allow_missing, allow_failed=allow_failed, policy=policy)
         if (workers > 1 and len(pairs) > 1) or distributed:
             from parity.compare import parallel
 
@@ -580,6 +612,9 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         if twin_context is not None:
             twin_context.run.close()
     notes = [f"baseline: {n}" for n in base_run.notes] + [f"target: {n}" for n in target_run.notes]
+    notes.extend(incomparable)
+    if (unused := profile_note(policy)) is not None:
+        notes.append(unused)
     if alignment is not None:
         notes.insert(0, alignment.summary())
     tolerance = policy.describe()

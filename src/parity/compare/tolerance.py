@@ -205,7 +205,7 @@ class TolerancePolicy:
 
         for name, value in (("rtol", rtol), ("atol", atol)):
             if value is not None and not value >= 0:
-                raise UsageError(f"{name} must be >= 0, got {value}")
+                raise UsageError(f"{name} (--{name}) must be >= 0, got {value}")
         if isinstance(tol, str):  # a single pattern, not its characters
             tol = [tol]
         return cls(cli_overrides=[parse_override(t) for t in tol],
