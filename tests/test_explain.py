@@ -134,3 +134,17 @@ def test_a_fault_every_attention_shares_is_named_at_the_first_attention(fp32_mod
     result = explain(fp32_model, fresh_fp32, token_ids, drill=False)
     assert result.root is not None and result.root.name == "model.layers.0.self_attn"
     assert "every model.layers.*.self_attn" in result.sentence
+
+
+def test_explain_refuses_a_dump_its_replay_does_not_reproduce(fresh_fp32, prompts, baseline_dump, tmp_path):
+    """A run patched in memory: the model on disk is healthy, so replaying it would explain nothing."""
+    from parity.backends.hf import run_and_capture
+
+    fresh_fp32.model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out * 1.01)
+    run_and_capture(fresh_fp32, prompts, tmp_path / "patched")
+    assert compare(baseline_dump, tmp_path / "patched").verdict == "fail"
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "explain", str(baseline_dump),
+                             str(tmp_path / "patched")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "does not reproduce the dumped target run" in result.stderr
+    assert "model.layers.1.mlp" in result.stderr

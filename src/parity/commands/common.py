@@ -255,6 +255,10 @@ def explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, 
     update = progress.task("loading models for replay")
     base, target = load(paths[0], specs[0]), load(paths[1], specs[1])
     update(1, 1)
+    from parity.explain.reproduce import check_reproduces
+
+    for loaded, run, side in ((base, runs[0], "baseline"), (target, runs[1], "target")):
+        check_reproduces(loaded, run, token_ids[0], steps[0], side)
     result = explain(base, target, token_ids, policy=policy, progress=progress.task("replaying", len(token_ids)))
     progress.__exit__(None, None, None)
     if json_path:
