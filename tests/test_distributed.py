@@ -468,3 +468,14 @@ def test_malformed_token_metadata_never_crashes_the_aligner(tmp_path, tags):
         session.close()
     result = cli("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--align", "tokens")
     assert result.returncode in (0, 1, 2) and "internal error" not in result.stderr, result.stderr
+
+
+def test_a_layout_that_cannot_split_is_one_line_from_parity(tmp_path):
+    """4 heads over 3 ranks: rank 0 says why in one line; no rank prints a traceback of parity's code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+               "-m", "parity.parallel.tp_llama", "--out", str(tmp_path / "tp3")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tp_llama:")]
+    assert lines == ["tp_llama: 4 heads / 2 kv heads do not split over 3 ranks"]
+    assert "parity/parallel" not in result.stderr  # torchrun's own summary follows; no worker traceback

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parity.errors import ParityError
+
 #: Sharding of the canonical taps of this model (see the module docstring).
 SHARDING: dict[str, str] = {
     "embeddings": "replicated",
@@ -276,7 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         path = resolve_model_dir(args.model)
-        model = load(path, rank, world, dtype=getattr(torch, args.dtype), fault=args.fault)
+        try:
+            model = load(path, rank, world, dtype=getattr(torch, args.dtype), fault=args.fault)
+        except (ValueError, ParityError) as exc:  # a layout that cannot split: one line, from rank 0 only
+            if rank == 0:
+                text = exc.one_line() if isinstance(exc, ParityError) else str(exc)
+                print(f"tp_llama: {text}", file=sys.stderr)
+            return 2
         tokenizer = AutoTokenizer.from_pretrained(path)
         prompts = args.prompt or ["The quick brown fox"]
         spec = {"engine": "tp_llama", "dtype": args.dtype, "tp": world, "pad": args.pad,
