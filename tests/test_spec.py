@@ -22,7 +22,7 @@ def test_full_spec_with_aliases_and_spaces():
     ("dtype=bf17", "valid: bf16, bfloat16"),
     ("precision=fp32", "valid keys: engine, dtype, attn, compile, device, quant"),
     ("quant=int4", "valid: none, int8wo, int8dyn"),
-    ("engine=vllm,compile=1", "engine=vllm takes dtype and device only"),
+    ("engine=vllm,compile=1", "engine=vllm takes dtype, device and tp only"),
     ("attn=flash", "valid: eager, sdpa"),
     ("compile=yes", "valid: 0, 1"),
     ("dtype", "not KEY=VALUE"),

@@ -124,7 +124,7 @@ def parse_spec(text: str) -> Spec:
             values[key] = int(low)
     spec = Spec(**values)  # type: ignore[arg-type]
     if spec.engine == "vllm" and (spec.quant != "none" or spec.compile or "attn" in values):
-        raise SpecError("engine=vllm takes dtype and device only (vLLM picks its attention backend, "
+        raise SpecError("engine=vllm takes dtype, device and tp only (vLLM picks its attention backend, "
                         "runs eager so hooks fire, and quantizes through its own checkpoints)")
     if spec.tp > 1 and spec.engine != "vllm":
         raise SpecError("tp=N applies to engine=vllm (for transformers, run a sharded model under torchrun "
