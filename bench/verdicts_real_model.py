@@ -11,8 +11,8 @@ with the fault applied, ~20 s per case).
 For every case it prints one row: the verdict (exit code the CLI would give), the number of
 non-passing taps, the first divergence and whether it is the faulted tap, the worst grade
 evidence, and explain's root cause. Then detection rate, false alarms, and the smallest fault
-found per dtype (``--sweep``: the MLP-shift fault in fp32 and the gate-row fault in bf16 at
-several sizes).
+found per target (``--sweep``: layer 8's MLP output scaled by 1+δ in fp32 eager/sdpa and bf16
+eager/sdpa targets, bf16 ones judged with the bf16 eager twin).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from verdict_cases import BENIGN, FAULTS, Case, scale_mlp, zero_gate_row  # noqa: E402
+from verdict_cases import BENIGN, FAULTS  # noqa: E402
 
 BASELINE = "dtype=float32,attn=eager"
 
