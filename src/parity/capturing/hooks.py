@@ -70,10 +70,15 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
 
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Sequence[str] | None = None,
-            *, mode: str = "full", spec: dict[str, Any] | None = None,
+            *, mode: str = "full", spec: str | dict[str, Any] | None = None,
             model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
             layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
+
+    ``spec`` (default None) says how the model runs, as a SPEC string (``"dtype=bfloat16,attn=sdpa"``,
+    see :mod:`parity.backends.spec`) or a dict; ``model_info`` (default None) what it is, e.g.
+    ``{"path": MODEL_DIR}``. With both, ``parity explain`` can replay the dump (it reloads the
+    model from that path under that spec).
 
     ``taps``: tap patterns (a list, or one pattern as a string; default the decoder-LM tap set);
     a pattern that matches no module is a :class:`~parity.errors.UsageError` naming the closest
@@ -90,6 +95,10 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Seque
     the statistics, at spread-out positions (see :func:`parity.store.format.sample_positions`).
     """
     chosen = model_taps(model, taps)
+    if isinstance(spec, str):
+        from parity.backends.spec import parse_spec
+
+        spec = parse_spec(spec).to_dict()
     info = {"class": type(model).__name__, **(model_info or {})}
     session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info, sharding=sharding, layout=layout,
                              sample=sample)
