@@ -138,7 +138,8 @@ def select_taps(names: Iterable[str], patterns: Sequence[str] | str | None,
     if isinstance(patterns, str):
         patterns = [patterns]
     if patterns is not None:
-        unmatched = [p for p in patterns if not any(compile_tap(p).matches(name) for name in names)]
+        unmatched = [p for p, tap in ((p, compile_tap(p)) for p in patterns)
+                     if not any(tap.matches(name) for name in names)]
         if unmatched:
             raise unmatched_error("tap pattern" + ("s" if len(unmatched) > 1 else ""), unmatched, names)
     chosen: dict[str, Tap] = {}

@@ -10,7 +10,6 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,6 +177,19 @@ def _twin_evidence(twin: TwinContext, b: Any, base_arr: Any, t: Any, target_arr:
                         target_error=target_error, twin_error=twin_error, low_dtype=low, reference=reference)
 
 
+def _open_twin(twin: str | Path | Run, shards: Sequence[str], m: float) -> TwinContext:
+    """The twin dump as a :class:`TwinContext` (its logical view when multi-rank); a dump without
+    tensors is a UsageError."""
+    from parity.align.shards import logical_view, shard_rules
+
+    run: Any = twin if not isinstance(twin, (str, Path)) else load_run(twin)
+    run = logical_view(run, shard_rules(list(shards))) if isinstance(run, Run) else run
+    if run.header.mode == "stats" or not run.records:
+        run.close()
+        raise UsageError(f"twin dump {run.path} holds no tensors: the twin rule needs a full capture")
+    return TwinContext.open(run, m)
+
+
 def _stored_rms(record: Any) -> float | None:
     """RMS of a record's finite elements from its stored statistics (``l2``), or None."""
     stats = record.stats
@@ -261,9 +273,8 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     if b.file is None or t.file is None:  # statistics-only capture on at least one side
         from parity.compare.stats_check import stats_check
 
-        l2 = b.stats.get("l2")
-        if tolerance.scale > 0 and isinstance(l2, (int, float)) and l2 == l2 and b.numel:  # stats are all there is
-            tolerance = replace(tolerance, floor=max(tolerance.atol, tolerance.scale * float(l2) / b.numel ** 0.5))
+        if tolerance.scale > 0 and (rms := _stored_rms(b)) is not None:  # stored statistics are all there is
+            tolerance = replace(tolerance, floor=max(tolerance.atol, tolerance.scale * rms))
         kind, reason, details, rel = stats_check(_sampled(base, b, t), _sampled(target, t, b), tolerance)
         kind, reason, rank = _with_findings(kind, reason, pair.rank, notes, base, b, target, t,
                                             "the statistics of the copy taken are within tolerance")
@@ -460,7 +471,8 @@ def check_patterns(names: set[str], *, allow_missing: Sequence[str] = (), allow_
     overrides = [o.pattern for o in policy.cli_overrides] if policy is not None else []
     for kind, patterns in (("--allow-missing pattern", allow_missing), ("--allow-failed pattern", allow_failed),
                            ("--tol pattern", overrides)):
-        unmatched = [p for p in patterns if not any(compile_tap(p).matches(name) for name in names)]
+        unmatched = [p for p, tap in ((p, compile_tap(p)) for p in patterns)
+                     if not any(tap.matches(name) for name in names)]
         if unmatched:
             raise unmatched_error(kind + ("s" if len(unmatched) > 1 else ""), unmatched, sorted(names))
 
@@ -469,8 +481,7 @@ def profile_note(policy: TolerancePolicy) -> str | None:
     """A note when a profile was given but none of its entries can apply to ``--backend``."""
     entries = list(policy.file_overrides)
     backend = policy.backend
-    if not entries or any(e.backend in (None, "*") or (backend is not None and fnmatch.fnmatchcase(backend, e.backend))
-                          for e in entries):
+    if not entries or any(e.applies_to_backend(backend) for e in entries):
         return None
     backends = ", ".join(sorted({e.backend or "" for e in entries}))
     return (f"profile {policy.profile_path}: none of its {len(entries)} entries applies — they are for backend "
@@ -568,15 +579,9 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     outcomes: list[Outcome] = []
     positions = None
     twin_context = None
-    if twin is not None:
-        from parity.align.shards import logical_view, shard_rules
-
-        twin_run: Any = twin if not isinstance(twin, (str, Path)) else load_run(twin)
-        twin_run = logical_view(twin_run, shard_rules(list(shards))) if isinstance(twin_run, Run) else twin_run
-        if twin_run.header.mode == "stats" or not twin_run.records:
-            raise UsageError(f"twin dump {twin_run.path} holds no tensors: the twin rule needs a full capture")
-        twin_context = TwinContext.open(twin_run, twin_m)
     try:
+        if twin is not None:
+            twin_context = _open_twin(twin, shards, twin_m)
         from parity.compare.comparable import check_comparable
 
         incomparable = check_comparable(base_run, target_run, align=align, allow=allow_incomparable, decode=decode)

@@ -119,13 +119,18 @@ class Override:
     dtype: str | None = None
     note: str = ""
 
+    def applies_to_backend(self, backend: str | None) -> bool:
+        """Whether this entry can apply on ``backend`` (an entry without a backend applies anywhere)."""
+        if self.backend is None or self.backend == "*":
+            return True
+        return backend is not None and fnmatch.fnmatchcase(backend, self.backend)
+
     def matches(self, name: str, *, backend: str | None = None, dtype: str | None = None) -> bool:
         """Whether this entry applies to pair ``name`` of ``dtype`` on ``backend``."""
         if self.dtype is not None and self.dtype != dtype:
             return False
-        if self.backend is not None and self.backend != "*":
-            if backend is None or not fnmatch.fnmatchcase(backend, self.backend):
-                return False
+        if not self.applies_to_backend(backend):
+            return False
         return compile_tap(self.pattern).matches(name)
 
 
