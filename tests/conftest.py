@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# commands run here write to pipes: no timed progress lines on their stderr, which several tests
+# read as "one error line" (test_cli turns them on to test them)
+os.environ.setdefault("PARITY_PROGRESS_INTERVAL", "0")
 
 
 @pytest.fixture(scope="session")

@@ -55,3 +55,45 @@ def test_python_api_dumps_with_a_spec_string_and_model_path_can_be_explained(tin
                              str(tmp_path / "target")], capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, 1), result.stderr  # explained (not refused for a missing spec or model)
     assert "error per module" in result.stdout
+
+
+def test_in_memory_captures_compare_exactly_like_dumps(tiny_model_dir, prompts, tmp_path):
+    """Notebook use: capture into memory, compare two such captures; the report is the one the
+    same captures give as dumps on disk (paths and times aside)."""
+    from parity.backends.hf import load
+    from parity.backends.spec import parse_spec
+    from parity.errors import UsageError
+
+    import parity
+
+    memory, disk = {}, {}
+    for name, spec in (("base", "dtype=float32,attn=eager"), ("target", "dtype=bfloat16,attn=sdpa")):
+        loaded = load(tiny_model_dir, parse_spec(spec))
+        ids = loaded.tokenizer(prompts[0], return_tensors="pt").input_ids
+        with parity.capture(loaded.model, spec=spec) as memory[name]:
+            loaded.model(input_ids=ids)
+            with pytest.raises(UsageError, match="still running"):
+                memory[name].run
+        with parity.capture(loaded.model, tmp_path / name, spec=spec) as disk[name]:
+            loaded.model(input_ids=ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "target"]  # in memory: no directory
+    in_memory = parity.compare(memory["base"], memory["target"].run, atol=0.01)
+    on_disk = parity.compare(tmp_path / "base", tmp_path / "target", atol=0.01)
+    assert in_memory.verdict == on_disk.verdict == "fail" and len(in_memory.outcomes) == 23
+
+    def comparable(report):
+        data = report.to_json()
+        for side in ("baseline", "target"):
+            data[side] = {k: v for k, v in data[side].items() if k not in ("path", "created")}
+        return data
+    assert comparable(in_memory) == comparable(on_disk)
+    assert in_memory.to_json()["baseline"]["path"] == "<in memory>"
+    # the same records, statistics and step metadata as the dump read back from disk
+    disk_run = disk["base"].run
+    without_file = [{**r.__dict__, "file": None} for r in memory["base"].run.records]
+    assert without_file == [{**r.__dict__, "file": None} for r in disk_run.records]
+    assert memory["base"].run.steps == disk_run.steps
+    with pytest.raises(UsageError, match="in-memory runs compare in one process"):
+        parity.compare(memory["base"], memory["target"], workers=2)
+    with pytest.raises(UsageError, match="not int"):
+        parity.compare(memory["base"], 3)

@@ -14,14 +14,14 @@ import pytest
 PARITY = [sys.executable, "-m", "parity.cli"]
 
 
-def run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "160"}  # the output must still fit 100 columns
+def run(*args: str, cwd: Path | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "COLUMNS"}, **env}
     return subprocess.run([*PARITY, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("[parity ")]  # progress
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "error" in lines[0] and needle in lines[0], lines[0]
 
@@ -44,8 +44,12 @@ def test_every_command_has_help(command):
 
 
 def test_default_diff_runs_the_builtin_model_and_reports(tmp_path):
-    default = run("diff", "--out", str(tmp_path / "out"))
+    default = run("diff", "--out", str(tmp_path / "out"), PARITY_PROGRESS_INTERVAL="0.2")
     assert default.returncode == 0, default.stdout + default.stderr  # bf16 sdpa is as good as bf16 can be
+    # stderr is not a terminal: timed plain progress lines there, never in the report on stdout
+    progress = [line for line in default.stderr.splitlines() if line.startswith("[parity ")]
+    assert progress and any("loading baseline" in line for line in progress), default.stderr
+    assert "[parity " not in default.stdout
     assert "bfloat16 sdpa is as accurate as bfloat16 eager" in " ".join(default.stdout.split())
     assert (tmp_path / "out" / "twin" / "manifest-rank0.jsonl").is_file()
     # with the twin off and the bare absolute floor, bf16 rounding exceeds the tolerance: exit 1
@@ -55,7 +59,10 @@ def test_default_diff_runs_the_builtin_model_and_reports(tmp_path):
     assert not (tmp_path / "out" / "twin").exists()
     out = result.stdout
     assert "\x1b[" not in out  # plain text when stdout is not a terminal
-    assert max(len(line) for line in out.splitlines()) <= 100
+    wide = max(len(line) for line in out.splitlines())  # not a terminal, no COLUMNS: nothing is cut
+    narrow = run("compare", str(tmp_path / "out" / "baseline"), str(tmp_path / "out" / "target"), "--atol", "0.01",
+                 COLUMNS="80")
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80 < wide
     assert "first divergence: model.layers." in out and "default for bfloat16" in out
     assert re.search(r"^FAIL: \d+ of 92 pairs passed", out, re.M)
     for name in ("report.json",):
@@ -81,6 +88,8 @@ def test_inspect_lists_records_with_stats(baseline_dump):
     assert "records: 92 in 4 steps" in result.stdout
     assert "model.layers.1.mlp" in result.stdout and "f32[1," in result.stdout
     assert "model.layers.2" not in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "dtype[shape]" in line)
+    assert header.split()[-1] == "nan/inf/0"  # no column is cut when stdout is not a terminal
 
 
 @pytest.mark.parametrize("args, needle", [

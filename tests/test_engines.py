@@ -125,7 +125,8 @@ def test_diff_and_matrix_commands_with_vllm(tmp_path):
     result = subprocess.run([sys.executable, "-m", "parity.cli", "matrix", "--out", str(tmp_path / "m"),
                              "--json", str(tmp_path / "m.json"), "--new-tokens", "6",
                              "--target", "engine=vllm,dtype=fp32", "--target", "dtype=bf16,attn=sdpa"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ))  # not the C-level COLUMNS that pytest's readline import sets
     assert result.returncode == 0, result.stderr[-2000:]  # the bf16 target is judged against its bf16 twin
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert [r["verdict"] for r in rows] == ["pass", "pass"]
@@ -133,6 +134,7 @@ def test_diff_and_matrix_commands_with_vllm(tmp_path):
     assert (tmp_path / "m" / "twin-1" / "manifest-rank0.jsonl").is_file()
     assert rows[0]["token_match_rate"] == 1.0 and rows[0]["logits_kl_mean"] < 1e-9
     assert "engine=vllm,dtype=float32" in result.stdout
+    assert "MainProcess" not in result.stdout and "WARNING" not in result.stdout  # vLLM's log goes to stderr
     report = json.loads((tmp_path / "m" / "target-1" / "report.json").read_text())
     assert report["end_to_end"]["token_match_rate"] == 1.0
 

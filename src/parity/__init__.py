@@ -2,11 +2,12 @@
 
 Public API (heavy modules load on first use, so ``import parity`` stays cheap):
 
-- :func:`capture` — context manager recording module outputs of a torch model to a dump.
+- :func:`capture` — context manager recording module outputs of a torch model to a dump
+  directory, or into memory without one (``session.run`` after the block).
 - :func:`dump` — explicit tap from inside engine code; one check when no capture is active.
 - :func:`next_step` — advance the process-wide step of ``PARITY_DUMP_DIR`` captures.
 - :func:`load_run` — read and validate a dump directory.
-- :func:`compare` — compare two dumps; returns a :class:`parity.compare.result.Report`. It is
+- :func:`compare` — compare two dumps (directories, loaded runs or capture sessions); returns a :class:`parity.compare.result.Report`. It is
   the ``parity.compare`` package itself, callable (so it stays callable after any
   ``parity.compare.*`` import); options as :func:`parity.compare.engine.compare`, tolerances
   included (``rtol``, ``atol``, ``tol``, ``profile``, ``backend``) and ``twin``.

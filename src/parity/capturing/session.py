@@ -17,6 +17,8 @@ Policy (defaults in brackets):
   manifest when still possible, and capture turns itself off. ``session.error`` holds the
   reason. Nothing raises into the model's forward.
 - Each completed forward pass (step) is flushed to a durable shard at its end.
+- ``out_dir=None`` keeps the capture in memory (:mod:`parity.store.memory`): the same records,
+  statistics and validation, no files; ``session.run`` is the run to compare.
 - Under torch.distributed every rank writes its own manifest (``manifest-rank{r}.jsonl``) and
   shards into the same directory, without cross-rank locking. Rank and world size come from
   torch.distributed when initialised, else ``RANK``/``WORLD_SIZE``; the parallel ``layout``
@@ -40,7 +42,9 @@ import torch
 
 from parity.capturing.stats import SAMPLE_SIZE, sample_values, tensor_stats
 from parity.capturing.taps import layer_of
+from parity.errors import UsageError
 from parity.store.format import DTYPES, FORMAT_VERSION, MAX_SAMPLE, Record, RunHeader
+from parity.store.memory import MemoryWriter
 from parity.store.writer import SHARD_BYTES, DumpWriter
 
 log = logging.getLogger("parity")
@@ -90,7 +94,7 @@ def _jsonable(value: Any) -> Any:
 class CaptureSession:
     """Receives tensors from hooks and explicit dumps; owns the background writer."""
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, mode: str = "full",
+    def __init__(self, out_dir: str | os.PathLike[str] | None, *, mode: str = "full",
                  spec: dict[str, Any] | None = None, model_info: dict[str, Any] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  layout: dict[str, int] | None = None, sharding: dict[str, str] | None = None,
@@ -104,7 +108,7 @@ class CaptureSession:
         auto_rank, auto_world = dist_rank_world()
         rank = auto_rank if rank is None else rank
         world_size = auto_world if world_size is None else world_size
-        self.out_dir = Path(out_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
         self.mode = mode
         self.sharding: list[Any] = []
         if sharding:
@@ -128,7 +132,10 @@ class CaptureSession:
         self._pending = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._writer = DumpWriter(self.out_dir, self.header, shard_bytes=shard_bytes)
+        self._writer: DumpWriter | MemoryWriter = (
+            MemoryWriter(self.header) if self.out_dir is None
+            else DumpWriter(self.out_dir, self.header, shard_bytes=shard_bytes))
+        self._result: Any = None
         self._thread: threading.Thread | None = None
         try:
             self._writer.open()
@@ -255,6 +262,22 @@ class CaptureSession:
             self._writer.close()
         except Exception as exc:
             self.fail(f"cannot close dump: {getattr(exc, 'message', exc)}")
+
+    @property
+    def run(self) -> Any:
+        """The captured :class:`~parity.store.reader.Run`, ready for :func:`parity.compare`: the
+        in-memory run of a capture without a directory, else the dump read back from ``out_dir``
+        (read once). Available once the session is closed (the capture block exited)."""
+        if not self._closed:
+            raise UsageError("the capture is still running: use session.run after the capture block")
+        if self._result is None:
+            if isinstance(self._writer, MemoryWriter):
+                self._result = self._writer.run()
+            else:
+                from parity.store.reader import load_run
+
+                self._result = load_run(self.out_dir)  # type: ignore[arg-type]
+        return self._result
 
     @property
     def records_written(self) -> int:

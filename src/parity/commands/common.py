@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
+from parity.commands.progress import Progress
 from parity.errors import ParityError, UsageError
 
 #: ``--model DIR`` of the commands that run a causal LM (default: the built-in tiny Llama).
@@ -86,44 +87,6 @@ def make_policy(rtol: float | None, atol: float | None, tol: Sequence[str], prof
     from parity.compare.tolerance import TolerancePolicy
 
     return TolerancePolicy.from_options(rtol=rtol, atol=atol, tol=tol, profile=profile, backend=backend)
-
-
-class Progress:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self) -> None:
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-
-    def __enter__(self) -> "Progress":
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def task(self, description: str, total: int | None = None) -> Callable[..., None]:
-        """Start a task; returns ``update(done, total, *_)``."""
-        if self.bar is None:
-            return lambda *args: None
-        task_id = self.bar.add_task(description, total=total)
-
-        def update(done: int, total: int | None = None, *_: Any) -> None:
-            self.bar.update(task_id, completed=done, total=total)  # type: ignore[union-attr]
-        return update
 
 
 def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename: Sequence[str],

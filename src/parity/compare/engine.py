@@ -11,6 +11,7 @@ rename rules, no allow patterns, :class:`TolerancePolicy` defaults (per-dtype ta
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -177,12 +178,12 @@ def _twin_evidence(twin: TwinContext, b: Any, base_arr: Any, t: Any, target_arr:
                         target_error=target_error, twin_error=twin_error, low_dtype=low, reference=reference)
 
 
-def _open_twin(twin: str | Path | Run, shards: Sequence[str], m: float) -> TwinContext:
+def _open_twin(twin: Any, shards: Sequence[str], m: float) -> TwinContext:
     """The twin dump as a :class:`TwinContext` (its logical view when multi-rank); a dump without
     tensors is a UsageError."""
     from parity.align.shards import logical_view, shard_rules
 
-    run: Any = twin if not isinstance(twin, (str, Path)) else load_run(twin)
+    run: Any = as_run(twin)
     run = logical_view(run, shard_rules(list(shards))) if isinstance(run, Run) else run
     if run.header.mode == "stats" or not run.records:
         run.close()
@@ -496,6 +497,20 @@ def describe_run(run: Run) -> dict[str, object]:
             "env": h.env, "records": len(run.records), "notes": run.notes}
 
 
+def as_run(source: Any) -> Any:
+    """A run to compare: a :class:`Run` or view as it is, a dump directory (str or path) loaded,
+    a capture session's ``run``; anything else is a UsageError."""
+    from parity.align.shards import LogicalRun
+
+    if isinstance(source, (Run, LogicalRun)):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load_run(source)
+    if hasattr(type(source), "run") and hasattr(source, "records_written"):  # a CaptureSession
+        return source.run
+    raise UsageError(f"compare takes dump directories, loaded runs or capture sessions, not {type(source).__name__}")
+
+
 def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), shards: Sequence[str] = (),
             align: str = "steps") -> tuple[Any, Any, list[Pair], Any]:
     """Open both runs as the comparison sees them and pair their records.
@@ -509,8 +524,7 @@ def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), s
     if align not in ("steps", "tokens"):
         raise UsageError(f"align must be 'steps' or 'tokens', not {align!r}")
     overrides = shard_rules(list(shards))
-    base_run: Any = baseline if isinstance(baseline, (Run, LogicalRun)) else load_run(baseline)
-    target_run: Any = target if isinstance(target, (Run, LogicalRun)) else load_run(target)
+    base_run, target_run = as_run(baseline), as_run(target)
     base_run = logical_view(base_run, overrides) if isinstance(base_run, Run) else base_run
     target_run = logical_view(target_run, overrides) if isinstance(target_run, Run) else target_run
     alignment = None
@@ -565,6 +579,10 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     if twin is not None and (workers > 1 or distributed or align != "steps"):
         raise UsageError("a twin run (precision-aware mode) works with --align steps in one process: "
                          "--workers, --distributed and --align tokens do not apply to it")
+    baseline, target = as_run(baseline), as_run(target)
+    if (workers > 1 or distributed) and not all(getattr(run, "on_disk", True) for run in (baseline, target)):
+        raise UsageError("workers > 1 and distributed read the dumps from disk: in-memory runs compare in one "
+                         "process (workers=1)")
     if twin is not None and not twin_m >= 1:
         raise UsageError(f"--twin-m must be >= 1, got {twin_m}")
     if distributed:

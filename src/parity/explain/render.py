@@ -33,7 +33,7 @@ def render_explanation(exp: Explanation, console: Console) -> None:
     table = _table("error per module (rel L2; worst prompt): local = made here, inherited = received")
     for col in ("L", "module", "local", "inherited", "passed on", "x unit", "local ok", "out ok"):
         table.add_column(col, justify="left" if col == "module" else "right", overflow="fold",
-                         no_wrap=col != "module", min_width=39 if col == "module" else None)
+                         no_wrap=col != "module", min_width=16 if col == "module" else None)
     for m in exp.modules:
         root = exp.root is not None and m.name == exp.root.name
         name = Text(m.name + (" <- root cause" if root else ""), style="bold red" if root else "")

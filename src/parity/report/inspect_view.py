@@ -11,6 +11,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from parity.capturing.taps import compile_tap
 from parity.report.terminal import g
@@ -41,8 +42,8 @@ def render_inspect(run: Run, console: Console, *, pattern: str | None = None, st
     ranked = len(run.headers) > 1
     for col in ("step", *(("rank",) if ranked else ()), "L", "name", "dtype[shape]", "min", "max", "mean", "L2",
                 "nan/inf/0"):
-        table.add_column(col, justify="left" if col in ("name", "dtype[shape]") else "right",
-                         overflow="fold", no_wrap=col != "name", min_width=(24 if ranked else 40) if col == "name" else None)
+        table.add_column(Text(col), justify="left" if col in ("name", "dtype[shape]") else "right",
+                         overflow="fold", no_wrap=col != "name", min_width=16 if col == "name" else None)
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
     for r in rows:
         s = r.stats

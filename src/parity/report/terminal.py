@@ -3,13 +3,15 @@
 Layout: run descriptions and the tolerance rule; the depth profile (worst error per layer,
 with its growth over the previous layer); the first divergence in detail; the worst non-passing
 pairs (default :data:`SHOW` = 12 rows; ``show_all`` lists every pair); a one-line verdict.
-Width is at most 100 columns; colour only when the console is a terminal. Every row of a
+Width: the terminal's (or ``COLUMNS``); not truncated when the output is not a terminal and
+``COLUMNS`` is unset (:data:`UNBOUNDED` columns); colour only when the console is a terminal. Every row of a
 table carries the layer index (``-`` for taps outside the layer stack).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from rich import box
@@ -21,7 +23,8 @@ from parity.compare.result import Outcome, Report
 
 #: Rows of the worst-pairs table shown by default.
 SHOW = 12
-WIDTH = 100
+#: Width used when writing to a file or pipe without ``COLUMNS``: wide enough that no table is cut.
+UNBOUNDED = 1000
 
 STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "bold red", "fail": "red",
          "shape_mismatch": "magenta", "missing_in_target": "yellow",
@@ -29,9 +32,11 @@ STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "b
 
 
 def make_console(file: Any = None) -> Console:
-    """A console of at most 100 columns; plain text when not writing to a terminal."""
+    """A console as wide as the terminal (rich reads its size, or ``COLUMNS`` when set); plain
+    text and :data:`UNBOUNDED` columns when not writing to a terminal and ``COLUMNS`` is unset."""
     console = Console(file=file, highlight=False, soft_wrap=False)
-    console.width = min(console.width, WIDTH) if console.is_terminal else WIDTH
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = UNBOUNDED
     return console
 
 

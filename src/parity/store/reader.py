@@ -47,6 +47,11 @@ class Run:
         return self.header.world_size
 
     @property
+    def on_disk(self) -> bool:
+        """True: the run was read from a dump directory (see :class:`parity.store.memory.MemoryRun`)."""
+        return True
+
+    @property
     def mode(self) -> str:
         """``full`` (tensor data stored) or ``stats`` (statistics only)."""
         return self.header.mode
