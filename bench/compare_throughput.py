@@ -16,10 +16,15 @@ What it measures
     (b) ``naive``: a naive float64 reference: each pair read whole, widened to float64, the
         metrics computed straightforwardly with numpy (the definitions of ``metrics.py``);
     (c) ``fast``: :func:`parity.compare.fastpath.fast_pair_metrics` over the memory-mapped pairs
-        (``load_run`` + ``Run.raw``, pages released after each pair, as the engine does), with
+        (``load_run`` + ``Run.raw``, which verifies each record's checksum, pages released after each
+        pair, as the engine does), with
         ``--workers`` threads (default 2), and (d) ``fast-1t``: the same on one thread.
 
-    (a), (c) and (d) run ``--repeat`` times (default 5) in interleaved rounds (a, c, d, a, c,
+    (e) ``cli-unverified``: (a) on copies of the two dumps whose manifests carry no checksums
+        (format 1.2; the shards are hard links to the same files, so the same page cache): the
+        cost of verifying every tensor's checksum on read is (a) against (e).
+
+    (a), (c), (d) and (e) run ``--repeat`` times (default 5) in interleaved rounds (a, c, d, a, c,
     d, ...: a change of the machine's load hits all three); the median is reported, with the
     range from the slowest to the fastest round, and the largest peak RSS of the rounds; the
     kernel set-up times come from the last round; (b) runs once. Throughput is input bytes
@@ -380,12 +385,16 @@ def main(argv: list[str] | None = None) -> int:
             cold = measure("fast", base, target, args.workers, root / f"{variant}-cold.json", env=env)
             # --repeat rounds, each timing the CLI, the fast path and the fast path on one thread
             # in turn (a drift of the machine's load hits all three); the median of each is reported
-            timings: dict[str, list[tuple[float, int]]] = {"cli": [], "fast": [], "fast-1t": []}
+            timings: dict[str, list[tuple[float, int]]] = {"cli": [], "fast": [], "fast-1t": [], "cli-unverified": []}
+            plain = (unverified_copy(base, root / f"{variant}-baseline-unverified"),
+                     unverified_copy(target, root / f"{variant}-target-unverified"))
             warm: dict = {}
             for _ in range(args.repeat):
                 if not args.skip_cli:
                     cli = measure_cli(base, target, root / f"{variant}-report.json", env=env)
                     timings["cli"].append((cli["wall_s"], cli["hwm_bytes"]))
+                    cli = measure_cli(*plain, root / f"{variant}-report-unverified.json", env=env)
+                    timings["cli-unverified"].append((cli["wall_s"], cli["hwm_bytes"]))
                 warm = measure("fast", base, target, args.workers, root / f"{variant}-fast.json", env=env)
                 timings["fast"].append((warm["loop_s"], warm["hwm_bytes"]))
                 one = measure("fast-1t", base, target, 1, root / f"{variant}-fast1.json", env=env)
@@ -400,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["check"] = compare_metrics(warm["metrics"], naive["metrics"])
             rows.append(result)
             print_variant(result, args.workers)
+            for copy in plain:
+                shutil.rmtree(copy, ignore_errors=True)
             if own:  # free the disk (and page cache) before the next variant
                 shutil.rmtree(base, ignore_errors=True)
                 shutil.rmtree(target, ignore_errors=True)
@@ -410,6 +421,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def unverified_copy(dump: Path, dest: Path) -> Path:
+    """``dump`` as a format-1.2 dump without checksums: manifests rewritten, shards hard-linked."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for path in dump.rglob("*"):
+        target = dest / path.relative_to(dump)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.suffix == ".safetensors":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for line in path.read_text().splitlines():
+                obj = json.loads(line)
+                obj.pop("checksum", None)
+                if obj.get("type") == "header":
+                    obj["format_version"] = "1.2"
+                lines.append(json.dumps(obj))
+            target.write_text("\n".join(lines) + "\n")
+    return dest
 
 
 def fault_cost(*dirs: Path) -> float:
@@ -447,14 +481,18 @@ def print_variant(r: dict, workers: int) -> None:
           f"(a), (c), (d): median of {r['repeat']} rounds, GB/s range from the slowest to the fastest")
     print(f"  {'measurement':<34} {'seconds':>8} {'GB/s':>7} {'GB/s range':>12} {'vs naive':>9} {'peak RSS MB':>12}")
     labels = {"cli": "(a) parity compare CLI, end to end", "naive": "(b) naive float64 reference",
-              "fast": f"(c) fast_pair_metrics, {workers} threads", "fast-1t": "(d) fast_pair_metrics, 1 thread"}
-    for key in ("cli", "naive", "fast", "fast-1t"):
+              "fast": f"(c) fast_pair_metrics, {workers} threads", "fast-1t": "(d) fast_pair_metrics, 1 thread",
+              "cli-unverified": "(e) (a) without checksums"}
+    for key in ("cli", "cli-unverified", "naive", "fast", "fast-1t"):
         if key not in r:
             continue
         seconds, hwm, fastest, slowest = r[key]
         ratio = f"{ref / seconds:8.1f}x" if ref else f"{'-':>9}"
         spread = f"{size / GB / slowest:.2f}-{size / GB / fastest:.2f}" if fastest != slowest else "-"
         print(f"  {labels[key]:<34} {seconds:8.2f} {size / GB / seconds:7.2f} {spread:>12} {ratio} {hwm / MB:12.0f}")
+    if "cli" in r and "cli-unverified" in r:
+        print(f"  verifying checksums on read costs the CLI x{r['cli'][0] / r['cli-unverified'][0]:.2f} "
+              "its time without them ((a) / (e))")
     print(f"  fast path set-up in a fresh process: available() {r['available_s']:.2f} s, kernels from the cache "
           f"{r['ready_s']:.2f} s; compiling them (empty cache) {r['compile_s']:.2f} s")
     if "check" in r:

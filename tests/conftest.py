@@ -15,6 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # commands run here write to pipes: no timed progress lines on their stderr, which several tests
 # read as "one error line" (test_cli turns them on to test them)
 os.environ.setdefault("PARITY_PROGRESS_INTERVAL", "0")
+# pytest imports readline, which exports COLUMNS/LINES of the terminal into the process's C-level
+# environment (not os.environ): commands started here would inherit a width of 80. Unset them.
+for _name in ("COLUMNS", "LINES"):
+    os.environ[_name] = ""
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")

@@ -125,8 +125,7 @@ def test_diff_and_matrix_commands_with_vllm(tmp_path):
     result = subprocess.run([sys.executable, "-m", "parity.cli", "matrix", "--out", str(tmp_path / "m"),
                              "--json", str(tmp_path / "m.json"), "--new-tokens", "6",
                              "--target", "engine=vllm,dtype=fp32", "--target", "dtype=bf16,attn=sdpa"],
-                            capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ))  # not the C-level COLUMNS that pytest's readline import sets
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]  # the bf16 target is judged against its bf16 twin
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert [r["verdict"] for r in rows] == ["pass", "pass"]

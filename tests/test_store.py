@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -594,3 +595,81 @@ def test_capture_into_existing_dump_turns_itself_off_and_keeps_the_old_dump(dump
     assert snapshot(dump) == before
     run = load_run(dump)
     assert len(run.records) == 2 * len(EXPECTED_DTYPES) and run.notes == []
+
+
+# --------------------------------------------------------------------------- checksums, verifying inspect
+
+
+def _flip_data_byte(dump: Path, record) -> None:
+    shard = dump / record.file
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    info_begin = json.loads(data[8:8 + n])[record.key]["data_offsets"][0]
+    data[8 + n + info_begin] ^= 0x01  # the lowest mantissa bit: the value stays within any tolerance
+    shard.write_bytes(bytes(data))
+
+
+def test_every_stored_record_carries_a_checksum_verified_on_read(dump):
+    run = load_run(dump)
+    stored = [r for r in run.records if r.file is not None]
+    assert stored and all(r.checksum and r.checksum.startswith("xxh3_64:") for r in stored)
+    record = next(r for r in stored if r.name == "1")
+    _flip_data_byte(dump, record)
+    run = load_run(dump)
+    with pytest.raises(CorruptDataError, match=r"record '1' step 0 .* does not match its checksum"):
+        run.raw(record)
+    other = next(r for r in stored if r.file == record.file and r.name != "1")
+    assert run.raw(other).shape == other.shape  # the rest of the shard is still readable
+
+
+def test_a_flipped_low_bit_is_an_error_not_a_pass_and_inspect_verify_finds_it(captured, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(captured[0], a)
+    shutil.copytree(captured[0], b)
+    record = next(r for r in load_run(b).records if r.name == "1" and r.step == 1)
+    _flip_data_byte(b, record)
+    line = assert_one_line_error(run_cli("compare", str(a), str(b)))
+    assert "checksum" in line and "'1' step 1" in line
+    shown = run_cli("inspect", str(b))  # headers only: the shard's header is intact
+    assert shown.returncode == 0 and "records match their shard headers" in shown.stdout, shown.stderr
+    line = assert_one_line_error(run_cli("inspect", "--verify", str(b)))
+    assert "checksum" in line
+    intact = run_cli("inspect", "--verify", str(a))
+    assert intact.returncode == 0 and re.search(r"(\d+) records read, \1 checksums match", intact.stdout)
+
+
+def test_inspect_validates_shard_headers_by_default(dump):
+    record = load_run(dump).records[0]
+    shard = dump / record.file
+    shard.write_bytes(shard.read_bytes()[:-3])
+    line = assert_one_line_error(run_cli("inspect", str(dump)))
+    assert "corrupted data file" in line and shard.name in line
+
+
+def test_dumps_before_checksums_still_read_and_say_they_are_unverified(dump):
+    lines = []
+    for line in manifest_lines(dump):
+        obj = json.loads(line)
+        obj.pop("checksum", None)
+        if obj["type"] == "header":
+            obj["format_version"] = "1.2"
+        lines.append(json.dumps(obj) + "\n")
+    write_manifest(dump, lines)
+    shown = run_cli("inspect", "--verify", str(dump))
+    assert shown.returncode == 0, shown.stderr
+    assert "carry no checksum (written before format 1.3)" in shown.stdout
+    # a current-format record without its checksum is an edited or corrupted manifest
+    lines[0] = lines[0].replace('"1.2"', f'"{FORMAT_VERSION}"')
+    write_manifest(dump, lines)
+    with pytest.raises(DumpError, match="has no checksum"):
+        load_run(dump)
+
+
+def test_a_header_claiming_a_huge_world_is_refused_before_any_work(dump):
+    lines = manifest_lines(dump)
+    header = json.loads(lines[0])
+    header["world_size"] = 2**40
+    lines[0] = json.dumps(header) + "\n"
+    write_manifest(dump, lines)
+    with pytest.raises(DumpError, match="world_size 1099511627776 is beyond"):
+        load_run(dump)

@@ -192,7 +192,7 @@ def test_ingest_mode_serves_metrics_matching_the_json_report_and_stops_on_sigter
     assert used and used <= exported, used - exported
 
 
-def test_ingest_mode_counts_unreadable_dumps_as_errors_and_stops_on_sigint(baseline_dump, tmp_path):
+def test_ingest_mode_counts_unreadable_and_corrupted_dumps_as_errors_survives_bad_clients_and_stops_on_sigint(baseline_dump, tmp_path):
     ingest = tmp_path / "ingest"
     ingest.mkdir()
     watch = Watch("--baseline-dump", str(baseline_dump), "--ingest", str(ingest), "--interval", "0.2")
@@ -203,11 +203,27 @@ def test_ingest_mode_counts_unreadable_dumps_as_errors_and_stops_on_sigint(basel
         (broken / "manifest-rank0.jsonl").write_text('{"type": "record"}\n')
         wait_for(lambda: scrape(port).get(("parity_errors_total", ())) == 1, "the error to be counted")
         assert scrape(port)[("parity_comparisons_total", ())] == 0
+        # clients that send garbage, or connect and say nothing, do not stop the server
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as rude:
+            rude.sendall(b"\x00\xff NOT HTTP\r\n\r\n" * 100)
+        # a dump whose tensor bytes were corrupted after capture (one flipped bit) is an error, not a pass
+        flipped = tmp_path / "flipped"
+        shutil.copytree(baseline_dump, flipped)
+        shard = sorted((flipped / "data" / "rank0").glob("*.safetensors"))[0]
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0x01
+        shard.write_bytes(bytes(data))
+        shutil.move(flipped, ingest / "flipped")
+        wait_for(lambda: scrape(port).get(("parity_errors_total", ())) == 2, "the corrupted dump to be counted")
+        assert scrape(port)[("parity_comparisons_total", ())] == 0
+        idle.close()
     finally:
         code = watch.stop(signal.SIGINT)
     assert code == 0, watch.stderr
     assert any("cannot compare" in line and "broken" in line for line in watch.stderr)
-    assert watch.stderr[-1].startswith("parity watch: stopped on SIGINT: 0 compared, 0 failed, 1 error(s)")
+    assert any("checksum" in line and "flipped" in line for line in watch.stderr), watch.stderr
+    assert watch.stderr[-1].startswith("parity watch: stopped on SIGINT: 0 compared, 0 failed, 2 error(s)")
 
 
 def _model_mode_checks(metrics: dict, report: dict, identical: bool) -> None:

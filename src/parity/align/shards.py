@@ -194,9 +194,11 @@ class LogicalRun(RunView):
         self.path = run.path
         self.headers = {0: run.header}
         self.notes = list(run.notes)
-        missing = sorted(set(range(run.world_size)) - set(run.headers))
-        if missing:
-            self.notes.append(f"{run.world_size}-rank run without the manifests of ranks {missing}")
+        #: ranks of the world without a manifest here (a bounded list: world_size is at most MAX_WORLD)
+        self._absent = sorted(set(range(run.world_size)) - set(run.headers))
+        if self._absent:
+            self.notes.append(f"{run.world_size}-rank run without the manifests of ranks "
+                              f"{_ranks_text(self._absent, len(self._absent))}")
         self.layouts = _check_layouts(run)
         self._groups: dict[tuple[str, int], _Group] = {}
         self.records = self._build(overrides)
@@ -286,16 +288,17 @@ class LogicalRun(RunView):
                 tp_rank, _, dp_rank, _ = layouts[record.rank]
                 groups.setdefault(dp_rank, []).append((tp_rank, record))
             parts = [[r for _, r in sorted(groups[dp])] for dp in sorted(groups)]
-            expected = set(range(run.world_size))
             present = {r.rank for r in records}
-            lacking = sorted(expected - present)
+            lacking_here = sorted(set(run.headers) - present)
+            count = len(lacking_here) + len(self._absent)
+            lacking = sorted(lacking_here + self._absent[:SHOWN_RANKS])[:SHOWN_RANKS]
             self._groups[(name, step)] = _Group(spec, parts)
             shape = self._shape(name, step, spec, parts)
             first = min(records, key=lambda r: r.rank)
             tags = {**first.tags, "ranks": sorted(present), "shard": str(spec)}
             if lacking:
                 tags["lacking_ranks"] = lacking
-                tags["incomplete"] = f"ranks {lacking} hold no record of it (its shards are incomplete)"
+                tags["incomplete"] = f"ranks {_ranks_text(lacking, count)} hold no record of it (its shards are incomplete)"
             stats = self._stats(spec, parts)
             if not all(r.file for r in records) and not stats:
                 tags["incomplete"] = (f"statistics-only dump: statistics of {spec} shards cannot be combined "
@@ -435,6 +438,16 @@ class LogicalRun(RunView):
                 group.findings.append(ShardFinding(part[i].rank, f"rank {part[i].rank}'s copy of a replicated "
                                                    f"tensor differs from {where} (max |Δ| {delta:.3g})", False))
         return keep
+
+
+#: How many rank numbers a tag or message lists before it only counts.
+SHOWN_RANKS = 16
+
+
+def _ranks_text(ranks: list[int], count: int) -> str:
+    """``[1, 2, 3]``, or the first :data:`SHOWN_RANKS` and how many there are in all."""
+    shown = ranks[:SHOWN_RANKS]
+    return str(shown) if count <= len(shown) else f"{str(shown)[:-1]}, ... ({count} ranks)]"
 
 
 def _stats_problem(stats: dict[str, Any]) -> str | None:

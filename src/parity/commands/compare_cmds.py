@@ -130,12 +130,22 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
 @click.argument("dump_dir", type=click.Path(file_okay=False))
 @click.option("--name", "pattern", default=None, metavar="PATTERN", help="Only records matching PATTERN.")
 @click.option("--step", type=int, default=None, help="Only records of this step.")
-def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None) -> int:
-    """List what a dump holds: header, steps, and per record its shape, dtype and statistics."""
+@click.option("--verify", is_flag=True,
+              help="Also read every stored tensor and check it against its checksum (reads the whole dump).")
+def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None, verify: bool) -> int:
+    """List what a dump holds: header, steps, and per record its shape, dtype and statistics.
+
+    Every data file's header is validated against the manifest first (cheap); --verify also
+    reads every tensor and checks its checksum. A problem exits 2 naming the file and record."""
     from parity.report.inspect_view import render_inspect
     from parity.report.terminal import make_console
     from parity.store.reader import load_run
+    from parity.store.verify import check_data
 
     run = load_run(dump_dir)
-    render_inspect(run, make_console(), pattern=pattern, step=step)
+    with Progress() as progress:
+        checked = check_data(run, read=verify, progress=progress.task("verifying" if verify else "checking headers"))
+    console = make_console()
+    render_inspect(run, console, pattern=pattern, step=step)
+    console.print(checked.summary())
     return 0

@@ -24,7 +24,7 @@ from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
 from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, OK_GRADES, TwinEvidence, grade_with_twin, headline,
                                     locate_jump, precision_rank, twin_eps)
 from parity.errors import DumpError, UsageError
-from parity.store.format import FLOAT_DTYPES, sample_positions
+from parity.store.format import FLOAT_DTYPES, Record, sample_positions
 from parity.store.reader import Run, load_run
 from parity.store.safetensors_io import to_float
 
@@ -263,6 +263,9 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     shape = b.shape
     if b.shape != t.shape:
         if _squeezed(b.shape) != _squeezed(t.shape) or b.numel != t.numel:
+            for run, record in ((base, b), (target, t)):  # a manifest at odds with its data is corruption
+                if isinstance(run, Run) and record.file is not None:
+                    run.locate(record)
             outcome = Outcome(pair.name, pair.step, pair.rank, layer, "shape_mismatch",
                               f"shapes differ: baseline {list(b.shape)} vs target {list(t.shape)}",
                               *sides, tolerance=tolerance, notes=notes)
@@ -283,8 +286,8 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
                           notes=notes, statistics_based=True, stats=details, stats_rel_l2=rel)
         outcome.allowed = kind != "pass" and _matches(allow_failed, pair.name)
         return outcome
-    base_arr = base.raw(b).reshape(shape)
-    target_arr = target.raw(t).reshape(shape)
+    base_arr, target_arr = read_pair(base, b, target, t)
+    base_arr, target_arr = base_arr.reshape(shape), target_arr.reshape(shape)
     if b.dtype not in FLOAT_DTYPES or t.dtype not in FLOAT_DTYPES:
         notes.append("integer/bool data: compared as float64")
     metrics, tolerance = _scaled_metrics(base_arr, b, target_arr, t, tolerance)
@@ -495,6 +498,38 @@ def describe_run(run: Run) -> dict[str, object]:
     return {"path": str(run.path), "format_version": h.format_version, "created": h.created,
             "mode": h.mode, "world_size": h.world_size, "spec": h.spec, "model": h.model,
             "env": h.env, "records": len(run.records), "notes": run.notes}
+
+
+#: Pairs of at least this many bytes per side read their two sides on two threads (1 MiB).
+PARALLEL_READ_BYTES = 1 << 20
+
+
+def read_pair(base: Any, b: Record, target: Any, t: Record) -> tuple[Any, Any]:
+    """Both sides' data (``raw``). A large pair of two distinct dump runs reads the target on a
+    second thread while this one reads the baseline: the first read of a record verifies its
+    checksum (:mod:`parity.store.checksum`, which releases the GIL), so the two checksums cost
+    the time of one on a machine with two free cores."""
+    if base is target or not (isinstance(base, Run) and isinstance(target, Run)) or b.nbytes < PARALLEL_READ_BYTES:
+        return base.raw(b), target.raw(t)
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def read_target() -> None:
+        try:
+            box["data"] = target.raw(t)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=read_target, name="parity-read")
+    thread.start()
+    try:
+        base_data = base.raw(b)
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return base_data, box["data"]
 
 
 def as_run(source: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Manifest schema of a dump (format version ``1.2``) and its validation.
+"""Manifest schema of a dump (format version ``1.3``) and its validation.
 
 Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
 
@@ -17,7 +17,9 @@ Every line of ``manifest-rank{r}.jsonl`` is one JSON object with a ``type``:
     the strings ``"nan"``, ``"inf"``, ``"-inf"``; at most :data:`MAX_SAMPLE`) and
     ``tags`` (``layer``,
     ``module`` class, ``shard`` — the sharding annotation of a multi-rank run, see
-    :mod:`parity.align.shards` — anything the caller passed).
+    :mod:`parity.align.shards` — anything the caller passed), and since 1.3 ``checksum``
+    (optional, records with data only): ``"xxh3_64:<16 hex digits>"`` of the stored bytes
+    (:mod:`parity.store.checksum`), verified by readers before the data is used.
 ``step``
     ``step``, ``rank``, ``tags``: per forward pass metadata (``input_ids``, ``positions``,
     ``seq_lens`` where known).
@@ -34,9 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parity.errors import DumpError
+from parity.store.checksum import PATTERN
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 FORMAT_MAJOR = 1
+#: Largest ``world_size`` a header may claim (readers bound per-rank work by it).
+MAX_WORLD = 65536
 
 #: Summary statistics stored per record. min/max/mean/abs_max/l2 are over the finite
 #: elements (null when there are none); nan/inf/zero count elements; numel is the size.
@@ -101,6 +106,7 @@ class Record:
     key: str | None
     stats: dict[str, Any]
     tags: dict[str, Any]
+    checksum: str | None = None
 
     @property
     def numel(self) -> int:
@@ -122,7 +128,8 @@ class Record:
         """The record as a manifest line object."""
         return {"type": "record", "name": self.name, "step": self.step, "rank": self.rank,
                 "order": self.order, "shape": list(self.shape), "dtype": self.dtype,
-                "file": self.file, "key": self.key, "stats": self.stats, "tags": self.tags}
+                "file": self.file, "key": self.key, "stats": self.stats, "tags": self.tags,
+                **({"checksum": self.checksum} if self.checksum is not None else {})}
 
 
 def check_version(version: Any, where: str) -> None:
@@ -134,6 +141,17 @@ def check_version(version: Any, where: str) -> None:
         raise DumpError(f"{where}: dump format version {version} is not supported "
                         f"(this parity reads {FORMAT_MAJOR}.x)",
                         hint="use the parity release that wrote it")
+
+
+#: The first format version whose records with data must carry a checksum.
+CHECKSUMS_SINCE = (1, 3)
+
+
+def minor_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a checked ``format_version`` (a missing or odd minor counts as 0)."""
+    major, _, rest = version.partition(".")
+    minor = rest.split(".")[0]
+    return int(major), int(minor) if minor.isdigit() else 0
 
 
 def _int(obj: dict[str, Any], key: str, where: str, *, minimum: int = 0) -> int:
@@ -148,6 +166,8 @@ def parse_header(obj: dict[str, Any], where: str) -> RunHeader:
     check_version(obj.get("format_version"), where)
     rank = _int(obj, "rank", where)
     world = _int(obj, "world_size", where, minimum=1)
+    if world > MAX_WORLD:
+        raise DumpError(f"{where}: world_size {world} is beyond the {MAX_WORLD} ranks a dump may have")
     if rank >= world:
         raise DumpError(f"{where}: rank {rank} is not below world_size {world}")
     mode = obj.get("mode", "full")
@@ -186,6 +206,10 @@ def parse_record(obj: dict[str, Any], where: str) -> Record:
             raise DumpError(f"{where}: record {name!r} has an unsafe data path {file!r}")
         if not isinstance(key, str):
             raise DumpError(f"{where}: record {name!r} has no tensor key")
+    checksum = obj.get("checksum")
+    if checksum is not None and (file is None or not isinstance(checksum, str) or not PATTERN.fullmatch(checksum)):
+        raise DumpError(f"{where}: record {name!r} has an invalid checksum {checksum!r}"
+                        + (" (a record without data has none)" if file is None else ""))
     stats = obj.get("stats") or {}
     tags = obj.get("tags") or {}
     if not isinstance(stats, dict) or not isinstance(tags, dict):
@@ -194,7 +218,7 @@ def parse_record(obj: dict[str, Any], where: str) -> Record:
         stats = {**stats, "sample": _sample(stats["sample"], math.prod(shape), f"{where}: record {name!r}")}
     return Record(name=name, step=_int(obj, "step", where), rank=_int(obj, "rank", where),
                   order=_int(obj, "order", where), shape=tuple(shape), dtype=dtype,
-                  file=file, key=key, stats=stats, tags=tags)
+                  file=file, key=key, stats=stats, tags=tags, checksum=checksum)
 
 
 #: Odd multiplier of :func:`sample_positions` (Knuth's multiplicative hash constant).

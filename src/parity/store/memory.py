@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from parity.store.checksum import checksum, storage_array
 from parity.store.format import Record, RunHeader, parse_header, parse_record
 from parity.store.reader import Run
 
@@ -55,19 +56,6 @@ class MemoryRun(Run):
 
     def close(self) -> None:
         """Nothing to close."""
-
-
-def storage_array(tensor: Any) -> np.ndarray:
-    """A contiguous CPU torch tensor as a read-only numpy array of its storage dtype (bfloat16 as
-    uint16 bits), sharing the tensor's memory."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        array = tensor.view(torch.int16).numpy().view(np.uint16)
-    else:
-        array = tensor.numpy()
-    array.flags.writeable = False
-    return array
 
 
 def _round_trip(obj: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +98,7 @@ class MemoryWriter:
         """Validate the queued records as a reader would and keep them."""
         for record, tensor in self._pending:
             if tensor is not None:
-                record = Record(**{**record.__dict__, "file": MEMORY_FILE})
+                record = Record(**{**record.__dict__, "file": MEMORY_FILE, "checksum": checksum(storage_array(tensor))})
             where = f"in-memory record {record.name!r}"
             kept = parse_record(_round_trip(record.to_json()), where)
             if tensor is not None and kept.key is not None:

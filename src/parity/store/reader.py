@@ -10,6 +10,7 @@ noted (``Run.notes``); any other malformed line is a :class:`~parity.errors.Dump
 from __future__ import annotations
 
 import json
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from parity.errors import CorruptDataError, DumpError
-from parity.store.format import MANIFEST_GLOB, Record, RunHeader, parse_header, parse_record
+from parity.store.checksum import checksum
+from parity.store.format import (CHECKSUMS_SINCE, MANIFEST_GLOB, Record, RunHeader, minor_version, parse_header,
+                                 parse_record)
 from parity.store.safetensors_io import SafetensorsFile, to_float
 
 #: How many data files a Run keeps open at once (default 8).
@@ -35,6 +38,7 @@ class Run:
     steps: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     _files: OrderedDict[str, SafetensorsFile] = field(default_factory=OrderedDict, repr=False)
+    _verified: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
     @property
     def header(self) -> RunHeader:
@@ -71,11 +75,17 @@ class Run:
     def _file(self, rel: str) -> SafetensorsFile:
         handle = self._files.get(rel)
         if handle is None:
-            path = (self.path / rel).resolve()
-            if self.path.resolve() not in path.parents:
+            try:
+                path = (self.path / rel).resolve()
+                inside = self.path.resolve() in path.parents
+                regular = path.is_file()
+            except (OSError, RuntimeError):  # a symlink loop, a name too long
+                raise CorruptDataError(f"data file {self.path / rel} named in the manifest cannot be resolved "
+                                       "(a symlink loop?)") from None
+            if not inside:
                 raise CorruptDataError(f"data path {rel!r} escapes the dump directory {self.path}")
-            if not path.is_file():
-                raise CorruptDataError(f"data file {path} named in the manifest is missing")
+            if not regular:
+                raise CorruptDataError(f"data file {path} named in the manifest is missing (or not a regular file)")
             handle = SafetensorsFile(path)
             self._files[rel] = handle
             while len(self._files) > OPEN_FILES:
@@ -84,8 +94,10 @@ class Run:
             self._files.move_to_end(rel)
         return handle
 
-    def raw(self, record: Record) -> np.ndarray:
-        """The record's data as a read-only array of its storage dtype (bfloat16 as uint16 bits)."""
+    def locate(self, record: Record) -> SafetensorsFile:
+        """The data file holding ``record``, its header parsed and checked against the record
+        (key present, same dtype and shape); reads no tensor bytes. Raises :class:`DumpError`
+        for a statistics-only record, :class:`CorruptDataError` for a file that disagrees."""
         if record.file is None or record.key is None:
             raise DumpError(f"record {record.name!r} (step {record.step}) has no tensor data: "
                             f"{self.path} is a statistics-only dump")
@@ -98,7 +110,22 @@ class Run:
             raise CorruptDataError(
                 f"record {record.name!r} says {record.dtype}{list(record.shape)} but "
                 f"{handle.path} holds {info.dtype}{list(info.shape)}")
-        return handle.raw(record.key)
+        return handle
+
+    def raw(self, record: Record) -> np.ndarray:
+        """The record's data as a read-only array of its storage dtype (bfloat16 as uint16 bits).
+        The first read of a record with a ``checksum`` verifies it: a mismatch is a
+        :class:`CorruptDataError` naming the record, never data."""
+        handle = self.locate(record)
+        data = handle.raw(record.key)  # type: ignore[arg-type]
+        if record.checksum is not None and (record.file, record.key) not in self._verified:
+            found = checksum(data)
+            if found != record.checksum:
+                raise CorruptDataError(
+                    f"corrupted data: record {record.name!r} step {record.step} (rank {record.rank}) in "
+                    f"{handle.path} does not match its checksum (manifest {record.checksum}, data {found})")
+            self._verified.add((record.file, record.key))
+        return data
 
     def release(self, record: Record) -> None:
         """Give back the memory pages of a record's data after use (see ``SafetensorsFile.release``)."""
@@ -118,9 +145,11 @@ class Run:
 
 def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+            raise DumpError(f"manifest {path} is not a regular file")
         text = path.read_bytes()
-    except OSError as exc:
-        raise DumpError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise DumpError(f"cannot read manifest {path}: {getattr(exc, 'strerror', None) or exc}") from None
     lines = text.split(b"\n")
     complete = text.endswith(b"\n")
     for number, raw in enumerate(lines, start=1):
@@ -188,6 +217,14 @@ def load_run(path: str | Path) -> Run:
                 raise DumpError(f"{where}: unknown manifest line type {kind!r}")
         if header is None:
             raise DumpError(f"{manifest} is empty: the capture wrote no header")
+    for rank, header in headers.items():
+        stored = [r for r in records if r.rank == rank and r.file is not None]
+        if header.mode == "stats" and stored:
+            raise DumpError(f"{root}: rank {rank}'s header says statistics-only but its records name data files")
+        unchecked = next((r for r in stored if r.checksum is None), None)
+        if unchecked is not None and minor_version(header.format_version) >= CHECKSUMS_SINCE:
+            raise DumpError(f"{root}: record {unchecked.name!r} step {unchecked.step} (rank {rank}) has no checksum, "
+                            f"which format {header.format_version} requires (a corrupted or edited manifest)")
     worlds = {h.world_size for h in headers.values()}
     if len(worlds) > 1:
         raise DumpError(f"{root}: ranks disagree on world_size ({sorted(worlds)})")

@@ -18,6 +18,7 @@ from typing import Any
 
 from parity.errors import DumpError
 from parity.jsonsafe import json_safe
+from parity.store.checksum import checksum, storage_array
 from parity.store.format import Record, RunHeader, manifest_name
 
 #: Default shard size in bytes before a shard is written (64 MiB).
@@ -123,7 +124,7 @@ class DumpWriter:
         storages: set[int] = set()
         for record, tensor in self._pending:
             if tensor is not None:
-                record = Record(**{**record.__dict__, "file": rel})
+                record = Record(**{**record.__dict__, "file": rel, "checksum": checksum(storage_array(tensor))})
                 storage = tensor.untyped_storage().data_ptr()
                 if storage in storages:  # safetensors refuses tensors that share memory
                     tensor = tensor.clone()
