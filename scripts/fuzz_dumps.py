@@ -8,7 +8,8 @@ applies one seeded mutation — a flipped byte in tensor data or in a shard head
 shard, a hostile value in a manifest field (huge or negative shapes, steps, names, world sizes,
 non-finite statistics, path tricks), a duplicated, dropped, swapped or cut manifest line, a
 shard replaced by a symlink, a directory or a FIFO — and runs ``parity compare PRISTINE
-MUTANT``, ``parity inspect MUTANT`` and ``parity inspect --verify MUTANT`` in this process.
+MUTANT`` (with HTML, Markdown, JUnit and JSON reports), ``parity inspect MUTANT`` and ``parity
+inspect --verify MUTANT`` in this process.
 
 A case is **handled** when every command either exits 2 with one ``parity: error:`` line on
 stderr, or exits 0/1 on a mutant whose tensor bytes are intact (a manifest value that is still
@@ -46,7 +47,8 @@ CASE_SECONDS = 20
 HOSTILE_INTS = [-1, -(2**63), 2**31, 2**40, 2**62, 2**64, 10**30, 1.5, float("nan"), "3", None, True, [], {}]
 HOSTILE_SHAPES = [[2**40, 2**40], [2**39] * 16, [-1], [0], [1] * 17, [3, "4"], "[3]", [1.5], [2**63], [], [10**6] * 3]
 HOSTILE_STRINGS = ["", "x" * 5000, "\x1b[31mred\x1b[0m", "[bold]markup[/bold]", "../../etc/passwd", "a\nb",
-                   "\u202e", "\x00", 7, None, ["list"]]
+                   "\u202e", "\x00", 7, None, ["list"], "[/]", "[link=file:///etc/passwd]x[/link]", "\ud800",
+                   "a</script><script>alert(1)</script>", "x|y`z", "\x07\x08\x9b"]
 HOSTILE_STATS = [{"min": float("inf")}, {"l2": -1.0}, {"l2": "inf"}, {"numel": 2**62}, {"nan": -5},
                  {"sample": [1.0] * 5000}, {"sample": ["nan", "x"]}, {"mean": "1e400"}, [], "stats", None,
                  {"min": 1e308, "max": -1e308, "l2": 1e308, "mean": 1e308}]
@@ -162,7 +164,8 @@ def _rewrite_header_entry(path: Path, rng: random.Random) -> Mutant:
         header[key]["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], header[key]["data_offsets"]
         if header[key]["data_offsets"] == header[other]["data_offsets"]:
             return Mutant("shard header entry", "swap with itself (no change)")
-        if (header[key]["shape"], header[key]["dtype"]) == (header[other]["shape"], header[other]["dtype"]):
+        begin, end = header[key]["data_offsets"]
+        if end - begin == header[other]["data_offsets"][1] - header[other]["data_offsets"][0]:
             raw = json.dumps(header).encode()  # a valid header pointing at the wrong bytes: checksums catch it
             shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[start:])
             return Mutant("shard header entry", f"swap of {key} and {other} (alike)", data_changed=True)
@@ -265,6 +268,41 @@ def _manifest_lines(path: Path, rng: random.Random) -> Mutant:
     return Mutant("manifest lines", f"{op} at {i}")
 
 
+def _raw_json(path: Path, rng: random.Random) -> Mutant:
+    """Text a JSON writer would not produce: numbers of thousands of digits, deep nesting, in any line."""
+    lines = _manifest(path)
+    index = rng.randrange(0, len(lines))
+    obj = json.loads(lines[index])
+    key = rng.choice([k for k in obj if k != "type"])
+    hostile = rng.choice(["9" * 5000, "-" + "1" * 4400, "1e99999", "[" * 50000 + "]" * 50000,
+                          '{"a":' * 20000 + "1" + "}" * 20000, '"' + "\\u0000" * 10 + '"'])
+    text = lines[index]
+    start = text.find(json.dumps(key) + ":")
+    if start < 0:
+        return Mutant("raw json", "key not found (no change)")
+    obj[key] = "__HOSTILE__"
+    lines[index] = json.dumps(obj).replace('"__HOSTILE__"', hostile) + "\n"
+    _write_manifest(path, lines)
+    return Mutant("raw json", f"line {index + 1} {key}: {hostile[:12]}...", data_changed=False)
+
+
+def _step_line(path: Path, rng: random.Random) -> Mutant:
+    lines = _manifest(path)
+    steps = [i for i, line in enumerate(lines) if '"type": "step"' in line or '"type":"step"' in line]
+    if not steps:
+        return Mutant("step line", "none (no change)")
+    index = rng.choice(steps)
+    obj = json.loads(lines[index])
+    obj["tags"] = rng.choice([{"input_ids": "abc"}, {"input_ids": [[1, "x"]]}, {"input_ids": [[2**70]]},
+                              {"input_ids": [[-5] * 3]}, {"seq_lens": [10**9]}, {"positions": {"a": 1}},
+                              {"input_ids": [[1] * 100000]}, {"attention_mask": [[2.5]]}, [], {"request_ids": [None]}])
+    if rng.random() < 0.3:
+        obj["step"] = rng.choice(HOSTILE_INTS)
+    lines[index] = _dumps(obj) + "\n"
+    _write_manifest(path, lines)
+    return Mutant("step line", f"line {index + 1}")
+
+
 def _filesystem(path: Path, rng: random.Random) -> Mutant:
     shard = rng.choice(_shards(path))
     op = rng.choice(["symlink outside", "directory", "fifo", "empty", "symlink loop", "manifest symlink",
@@ -297,7 +335,7 @@ def _filesystem(path: Path, rng: random.Random) -> Mutant:
 MUTATIONS: list[tuple[Callable[[Path, random.Random], Mutant], float, str]] = [
     (_flip_data, 3.0, "full"), (_flip_header, 1.0, "full"), (_rewrite_header_entry, 1.0, "full"),
     (_truncate_shard, 1.0, "full"), (_record_field, 3.0, "any"), (_header_field, 1.0, "any"),
-    (_manifest_lines, 1.0, "any"), (_filesystem, 0.5, "full"),
+    (_manifest_lines, 1.0, "any"), (_filesystem, 0.5, "full"), (_raw_json, 0.7, "any"), (_step_line, 0.7, "any"),
 ]
 
 
@@ -316,7 +354,9 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     """``parity ARGS`` in this process: (exit code, stdout, stderr); -1 on a hang."""
     from parity.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
+    # strict UTF-8 text streams, like a terminal or a pipe: a lone surrogate cannot be written
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
     code = 0
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
@@ -330,7 +370,7 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    return code, out.getvalue(), err.getvalue()
+    return code, out.buffer.getvalue().decode("utf-8"), err.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
 
 
 def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
@@ -375,7 +415,9 @@ def run_fuzz(cases: int, seed: int = 0, workdir: Path | None = None,
             shutil.copytree(dumps[mode], case, symlinks=True)
             mutant = mutate(case, rng)
             failures = []
-            for command, args in (("compare", ["compare", str(dumps[mode]), str(case)]),
+            outputs = ["--html", str(root / "r.html"), "--markdown", str(root / "r.md"), "--junit", str(root / "r.xml"),
+                       "--json", str(root / "r.json")]
+            for command, args in (("compare", ["compare", str(dumps[mode]), str(case), *outputs]),
                                   ("inspect", ["inspect", str(case)]),
                                   ("inspect --verify", ["inspect", "--verify", str(case)])):
                 code, _, stderr = run_cli(args)

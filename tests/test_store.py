@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -673,3 +674,66 @@ def test_a_header_claiming_a_huge_world_is_refused_before_any_work(dump):
     write_manifest(dump, lines)
     with pytest.raises(DumpError, match="world_size 1099511627776 is beyond"):
         load_run(dump)
+
+
+# --------------------------------------------------------------------------- hostile names and files
+
+
+HOSTILE_NAMES = ["\x1b[31mred\x1b[0m", "[bold red]x[/]", "[link=file:///etc/passwd]y[/link]", "[/]", "z\ud800",
+                 "</script><script>alert(1)</script>", "bell\x07|`pipe`"]
+
+
+def test_names_from_a_dump_are_shown_as_written_in_every_output(dump, tmp_path):
+    """Markup, escape sequences, lone surrogates and script tags in record names act nowhere."""
+    lines = manifest_lines(dump)
+    renamed = 0
+    for i, line in enumerate(lines):
+        obj = json.loads(line)
+        if obj["type"] == "record" and obj["step"] == 0 and renamed < len(HOSTILE_NAMES):
+            obj["name"] = HOSTILE_NAMES[renamed]
+            renamed += 1
+            lines[i] = json.dumps(obj) + "\n"
+    write_manifest(dump, lines)
+    outputs = {k: tmp_path / f"r.{k}" for k in ("html", "md", "xml", "json")}
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "compare", str(dump), str(dump), "--all",
+                             "--html", str(outputs["html"]), "--markdown", str(outputs["md"]),
+                             "--junit", str(outputs["xml"]), "--json", str(outputs["json"])],
+                            capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode("utf-8")  # strict: no lone surrogate reached the stream
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[31mred\\x1b[0m" in out and "[bold red]x[/]" in out and "[link=file:///etc/passwd]y[/link]" in out
+    assert "z\\ud800" in out
+    page = outputs["html"].read_text(encoding="utf-8")
+    assert "<script>alert(1)" not in page and "\x1b" not in page
+    markdown = outputs["md"].read_text(encoding="utf-8")
+    assert "\x1b" not in markdown and "\x07" not in markdown
+    import xml.etree.ElementTree as ET
+    ET.parse(outputs["xml"])  # well-formed XML despite the control characters
+    shown = subprocess.run([sys.executable, "-m", "parity.cli", "inspect", str(dump)], capture_output=True,
+                           timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert shown.returncode == 0 and b"\x1b" not in shown.stdout and b"[/]" in shown.stdout, shown.stderr.decode()
+
+
+@pytest.mark.parametrize("hostile", ["9" * 5000, "[" * 50000 + "]" * 50000])
+def test_huge_numbers_and_deep_nesting_in_a_manifest_are_one_error(dump, hostile):
+    lines = manifest_lines(dump)
+    lines[1] = lines[1].replace('"step":', f'"extra": {hostile}, "step":', 1).replace('"step": ', f'"extra": {hostile}, "step": ', 1)
+    write_manifest(dump, lines)
+    line = assert_one_line_error(run_cli("inspect", str(dump)))
+    assert "not valid JSON" in line
+
+
+@pytest.mark.parametrize("what", ["outside", "fifo", "device"])
+def test_a_manifest_that_is_not_a_regular_file_inside_the_dump_is_refused(dump, tmp_path, what):
+    manifest = dump / MANIFEST
+    outside = tmp_path / "elsewhere.jsonl"
+    shutil.move(manifest, outside)
+    if what == "outside":
+        manifest.symlink_to(outside)
+    elif what == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero")
+    line = assert_one_line_error(run_cli("inspect", str(dump)))
+    assert "manifest" in line and ("outside" in line or "regular file" in line)

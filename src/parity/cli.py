@@ -18,6 +18,7 @@ import click
 from parity import __version__
 from parity.commands import CONTEXT
 from parity.errors import ParityError
+from parity.untrusted import shown
 
 
 @click.group(context_settings=CONTEXT)
@@ -68,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         command = exc.ctx.command_path if getattr(exc, "ctx", None) else "parity"
         message = " ".join(exc.format_message().split())
-        click.echo(f"{command}: error: {message} (see '{command} --help')", err=True)
+        click.echo(shown(f"{command}: error: {message} (see '{command} --help')"), err=True)
         sys.exit(2)
     except ParityError as exc:
-        click.echo(f"parity: error: {exc.one_line()}", err=True)
+        click.echo(shown(f"parity: error: {exc.one_line()}"), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("parity: interrupted", err=True)
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # the last line of defence: no traceback for users
         if os.environ.get("PARITY_DEBUG"):
             raise
-        click.echo(f"parity: internal error: {type(exc).__name__}: {exc} (set PARITY_DEBUG=1 for a traceback)",
+        click.echo(shown(f"parity: internal error: {type(exc).__name__}: {exc} (set PARITY_DEBUG=1 for a traceback)"),
                    err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

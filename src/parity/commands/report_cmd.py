@@ -148,6 +148,9 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                          hint="give the file written by parity compare --json") from None
+    except (ValueError, RecursionError):  # numbers of thousands of digits, nesting too deep
+        raise UsageError(f"{source} holds numbers or nesting beyond a reader's limits",
+                         hint="give the file written by parity compare --json") from None
     try:
         validate_report(data)
     except _Invalid as exc:

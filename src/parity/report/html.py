@@ -38,6 +38,7 @@ from typing import Any
 from parity.compare.verdict import OK_GRADES, OUTCOMES, outcome_ok
 from parity.jsonsafe import json_float
 from parity.report.files import num, worse, write_text_atomic
+from parity.untrusted import shown
 
 
 #: Columns of the compact pair rows embedded for the table (one list per pair).
@@ -266,13 +267,13 @@ def page_data(data: dict[str, Any]) -> dict[str, Any]:
 
 def script_json(obj: Any) -> str:
     """JSON safe to place inside ``<script type="application/json">``: no ``<``, ``>``, ``&``."""
-    text = json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(obj, allow_nan=False, separators=(",", ":"))  # ASCII: a lone surrogate is written as \udXXX
     return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+    return html.escape(shown(x), quote=True)
 
 
 def _summary_html(data: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 from parity.compare.verdict import outcome_ok
 from parity.report.files import fmt, fmt_up, num, worse, write_text_atomic
+from parity.untrusted import shown
 
 #: Rows of the worst-taps table (default 10).
 TOP = 10
@@ -46,12 +47,12 @@ def _g_up(x: Any) -> str:
 
 def text(value: Any) -> str:
     """Plain text safe in Markdown: one line, punctuation that means something backslash-escaped."""
-    return _SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+    return _SPECIAL.sub(r"\\\1", " ".join(shown(value).split()))
 
 
 def code(value: Any) -> str:
     """A code span holding ``value`` literally, usable inside a table cell."""
-    body = " ".join(str(value).split()).replace("|", "\\|")
+    body = " ".join(shown(value).split()).replace("|", "\\|")
     longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if body.startswith("`") or body.endswith("`") or not body.strip() else ""

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.compare.result import Outcome, Report
+from parity.report.safe import SafeConsole
 
 #: Rows of the worst-pairs table shown by default.
 SHOW = 12
@@ -33,8 +34,9 @@ STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "b
 
 def make_console(file: Any = None) -> Console:
     """A console as wide as the terminal (rich reads its size, or ``COLUMNS`` when set); plain
-    text and :data:`UNBOUNDED` columns when not writing to a terminal and ``COLUMNS`` is unset."""
-    console = Console(file=file, highlight=False, soft_wrap=False)
+    text and :data:`UNBOUNDED` columns when not writing to a terminal and ``COLUMNS`` is unset.
+    No rich markup or emoji codes, and text from files escaped (:class:`~parity.report.safe.SafeConsole`)."""
+    console = SafeConsole(file=file, highlight=False, soft_wrap=False, markup=False, emoji=False)
     if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console.width = UNBOUNDED
     return console

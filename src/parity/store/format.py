@@ -202,7 +202,7 @@ def parse_record(obj: dict[str, Any], where: str) -> Record:
     file, key = obj.get("file"), obj.get("key")
     if file is not None:
         if (not isinstance(file, str) or file.startswith(("/", "\\")) or ".." in file.split("/")
-                or not file.endswith(".safetensors")):
+                or not file.endswith(".safetensors") or "\x00" in file or len(file) > 1024):
             raise DumpError(f"{where}: record {name!r} has an unsafe data path {file!r}")
         if not isinstance(key, str):
             raise DumpError(f"{where}: record {name!r} has no tensor key")

@@ -79,7 +79,7 @@ class Run:
                 path = (self.path / rel).resolve()
                 inside = self.path.resolve() in path.parents
                 regular = path.is_file()
-            except (OSError, RuntimeError):  # a symlink loop, a name too long
+            except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long, a NUL byte
                 raise CorruptDataError(f"data file {self.path / rel} named in the manifest cannot be resolved "
                                        "(a symlink loop?)") from None
             if not inside:
@@ -145,10 +145,12 @@ class Run:
 
 def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
+        if path.parent.resolve() not in path.resolve().parents:
+            raise DumpError(f"manifest {path} is a link to a file outside the dump directory")
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
             raise DumpError(f"manifest {path} is not a regular file")
         text = path.read_bytes()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte in a name
         raise DumpError(f"cannot read manifest {path}: {getattr(exc, 'strerror', None) or exc}") from None
     lines = text.split(b"\n")
     complete = text.endswith(b"\n")
@@ -158,7 +160,7 @@ def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]
         is_last = number == len(lines)
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), huge numbers, deep nesting
             if is_last and not complete:
                 notes.append(f"{path.name}: ignored a final line cut short (the writer was interrupted)")
                 return

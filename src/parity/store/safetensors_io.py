@@ -73,8 +73,8 @@ class SafetensorsFile:
         self.data_size = size - self.data_start
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._corrupt("header is not valid JSON") from None
+        except (ValueError, RecursionError):  # not JSON, 5,000-digit numbers, nesting too deep
+            raise self._corrupt("header is not valid JSON (or nests or numbers beyond a reader's limits)") from None
         if not isinstance(header, dict):
             raise self._corrupt("header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
