@@ -1,7 +1,8 @@
 """A seeded, bounded fuzz of the dump readers (scripts/fuzz_dumps.py; longer runs: its --cases).
 
 Every hostile mutant of a real dump — flipped data or header bytes, truncated shards, hostile
-manifest values, broken manifest lines, symlinks, directories and FIFOs in place of shards — is
+manifest values, huge numbers and deep nesting, broken manifest and step lines, symlinks,
+directories, FIFOs and devices in place of shards or manifests — is
 either refused with one ``parity: error:`` line and exit 2, or read correctly when its tensor
 bytes are intact; never a traceback, a hang, a memory blow-up or a silent pass.
 """
@@ -30,7 +31,8 @@ def test_seeded_fuzz_of_the_readers_finds_nothing_unhandled(tmp_path, monkeypatc
     results = fuzz.run_fuzz(cases=240, seed=11, workdir=tmp_path)
     kinds = Counter(r.mutant.kind for r in results)
     assert set(kinds) == {"data byte flip", "shard header byte", "shard header entry", "truncated shard",
-                          "record field", "header field", "manifest lines", "filesystem"}, kinds
+                          "record field", "header field", "manifest lines", "filesystem", "raw json",
+                          "step line"}, kinds
     failures = [f"{r.mutant.kind} ({r.mutant.detail}): {'; '.join(r.failures)}" for r in results if r.failures]
     assert not failures, "\n".join(failures)
     # the fuzz judges something: corrupted data was among the cases, and it was refused
