@@ -10,6 +10,11 @@ module when that matches nothing), ``mode="full"`` (tensors; ``"stats"`` keeps s
 and a sample of ``sample`` = 32 elements per tensor only), ``spec`` / ``model_info`` are stored
 in the run header as given.
 
+A ``torch.compile(model)`` wrapper is captured through the module it compiled (same names as
+the eager model); its compiled code is discarded when the capture starts and ends
+(``torch._dynamo.reset()``, which affects every compiled function of the process), so the
+first forward pass under capture recompiles with the hooks traced in.
+
 Each call of the root module's ``forward`` is one step. Its ``input_ids``, ``position_ids`` and
 ``attention_mask`` (keyword or first positional argument) are stored as step metadata:
 ``input_ids``, ``positions``, ``seq_lens`` (non-padding tokens per sequence) and, when the
@@ -64,7 +69,7 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
             for leaf_name, tensor in found:
                 session.record(leaf_name, tensor, tags={"module": module_class})
         except Exception as exc:  # never raise into the host
-            session.fail(f"hook on {name!r}: {type(exc).__name__}: {exc}")
+            session.note_once(f"hook on {name!r}: {type(exc).__name__}: {exc}; this call not recorded")
     return hook
 
 
@@ -97,6 +102,9 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = Non
     ``mode="stats"``, ``sample`` elements per tensor (default 32, 0 for none) are stored with
     the statistics, at spread-out positions (see :func:`parity.store.format.sample_positions`).
     """
+    compiled = _compiled_inner(model)
+    if compiled is not None:  # a torch.compile'd module: hook the module it compiled, then retrace
+        model = compiled
     chosen = model_taps(model, taps)
     if isinstance(spec, str):
         from parity.backends.spec import parse_spec
@@ -108,8 +116,26 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = Non
     modules = dict(model.named_modules())
     hooks = [(modules[name], _make_hook(session, name, tap, type(modules[name]).__name__))
              for name, tap in chosen.items()]
-    with session_hooks(model, session, hooks, _step_tags):
-        yield session
+    if compiled is not None:
+        session.note_once("the model is torch.compile'd: its compiled code was discarded (torch._dynamo.reset()) "
+                          "so the capture hooks are traced in; the first forward pass under capture recompiles")
+        torch._dynamo.reset()
+    try:
+        with session_hooks(model, session, hooks, _step_tags):
+            yield session
+    finally:
+        if compiled is not None:
+            torch._dynamo.reset()  # compiled code that calls the removed hooks is dropped too
+
+
+def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper compiled, or None for a plain module.
+
+    Hooks registered on submodules after the wrapper first ran never fire (the compiled code
+    does not call them): :func:`capture` hooks the inner module under its own names (no
+    ``_orig_mod.`` prefix, so the dump pairs with an eager one) and makes dynamo retrace."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else None
 
 
 @contextlib.contextmanager
@@ -123,7 +149,8 @@ def session_hooks(model: torch.nn.Module, session: CaptureSession,
         try:
             session.next_step(step_tags(args, kwargs))
         except Exception as exc:
-            session.fail(f"step metadata: {type(exc).__name__}: {exc}")
+            session.note_once(f"step metadata: {type(exc).__name__}: {exc}; stored without it")
+            session.next_step()
 
     handles = []
     previous = _explicit._activate(session)

@@ -12,11 +12,18 @@ Policy (defaults in brackets):
   [``sample`` = :data:`~parity.capturing.stats.SAMPLE_SIZE` = 32] elements per tensor at
   spread-out positions (0: none), which lets a comparison of two such dumps catch what
   statistics cannot see (a permutation, a sign flip at some elements), with the odds of a sample.
-- Never hurt the host: any error while capturing (unwritable directory, disk full, a value
-  that cannot be copied) is logged once on the ``parity`` logger, recorded as a note in the
-  manifest when still possible, and capture turns itself off. ``session.error`` holds the
-  reason. Nothing raises into the model's forward.
-- Each completed forward pass (step) is flushed to a durable shard at its end.
+- Never hurt the host: nothing raises into the model's forward. A value that cannot be
+  recorded (a meta or nested tensor, a record the reader would refuse: a negative step, an
+  empty or over-long name, more than 16 dimensions) is skipped with a note, once per message,
+  and capture goes on; a sparse tensor is recorded dense, with a note. An error of the dump
+  itself (unwritable directory, disk full) is logged once on the ``parity`` logger, recorded as
+  a note when still possible, and turns capture off; ``session.error`` holds the reason. What
+  was queued before a failure in the host's code is still written; the step in flight when
+  capture stopped is named partial in a note.
+- Each completed forward pass (step) is flushed to a durable shard at its end, and a new step
+  (:meth:`CaptureSession.next_step`: the next forward pass, or ``parity.next_step()`` in the
+  ``PARITY_DUMP_DIR`` mode) starts only once the previous one is durable, so a killed process
+  loses at most the step in flight.
 - ``out_dir=None`` keeps the capture in memory (:mod:`parity.store.memory`): the same records,
   statistics and validation, no files; ``session.run`` is the run to compare.
 - Under torch.distributed every rank writes its own manifest (``manifest-rank{r}.jsonl``) and
@@ -42,8 +49,8 @@ import torch
 
 from parity.capturing.stats import SAMPLE_SIZE, sample_values, tensor_stats
 from parity.capturing.taps import layer_of
-from parity.errors import UsageError
-from parity.store.format import DTYPES, FORMAT_VERSION, MAX_SAMPLE, Record, RunHeader
+from parity.errors import DumpError, UsageError
+from parity.store.format import DTYPES, FORMAT_VERSION, MAX_SAMPLE, Record, RunHeader, parse_record
 from parity.store.memory import MemoryWriter
 from parity.store.writer import SHARD_BYTES, DumpWriter
 
@@ -124,12 +131,15 @@ class CaptureSession:
             spec=spec or {}, model=model_info or {}, env=environment())
         self.max_pending_bytes = max_pending_bytes
         self.error: str | None = None
+        self._failed_step = -1
         self.skipped: set[str] = set()
         self.step = -1
         self._order = 0
         self._names: dict[tuple[str, int], int] = {}  # (name, step) -> calls, for NAME#k
         self._queue: deque[tuple[str, Any]] = deque()
         self._pending = 0
+        self._queued = 0   # items ever queued
+        self._handled = 0  # items the writer thread finished with
         self._cond = threading.Condition()
         self._closed = False
         self._writer: DumpWriter | MemoryWriter = (
@@ -165,7 +175,10 @@ class CaptureSession:
         return max(self.step, 0)
 
     def next_step(self, tags: dict[str, Any] | None = None) -> int:
-        """Start a new step (forward pass); ``tags`` are stored as its metadata."""
+        """Start a new step (forward pass); ``tags`` are stored as its metadata. Returns once
+        every earlier step is durable on disk (or capture is off)."""
+        if self.active and (self.step >= 0 or self._order > 0):
+            self._wait_handled(self._put("flush", None, 0))
         self.step = 0 if self.step < 0 and self._order == 0 else self.current_step + 1
         self._order = 0
         if len(self._names) > 1_000_000:  # bound memory on very long runs; keep recent steps
@@ -193,6 +206,13 @@ class CaptureSession:
             if dtype not in DTYPES:
                 self.note_once(f"{name}: dtype {dtype} is not recorded")
                 return
+            if tensor.device.type == "meta" or getattr(tensor, "is_nested", False):
+                kind = "meta" if tensor.device.type == "meta" else "nested"
+                self.note_once(f"{name}: a {kind} tensor has no values to record; skipped")
+                return
+            if tensor.layout != torch.strided:
+                self.note_once(f"{name}: a {str(tensor.layout).removeprefix('torch.')} tensor, recorded dense")
+                tensor = tensor.to_dense()
             copy = tensor.detach()
             copy = copy.to("cpu", copy=True) if copy.device.type != "cpu" else copy.clone(
                 memory_format=torch.contiguous_format)
@@ -208,10 +228,15 @@ class CaptureSession:
             record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
                             shape=tuple(copy.shape), dtype=dtype, file=None,
                             key=f"{step}/{self._order}/{unique}", stats={}, tags=all_tags)
+            try:  # the reader's own validation: what it would refuse is not written
+                parse_record(record.to_json(), "capture")
+            except DumpError as exc:
+                self.note_once(f"not recorded: {str(exc).removeprefix('capture: ')}")
+                return
             self._order += 1
             self._put("record", (record, copy), record.nbytes)
-        except Exception as exc:
-            self.fail(f"cannot record {name!r}: {exc}")
+        except Exception as exc:  # this value only: capture goes on with the others
+            self.note_once(f"cannot record {name[:200]!r}: {type(exc).__name__}: {exc}")
 
     def _annotation(self, name: str) -> str | None:
         """The sharding annotation of tap ``name`` (rules matched once per name: names repeat every step)."""
@@ -239,24 +264,30 @@ class CaptureSession:
         log.warning("parity capture: %s", message)
         self._put("note", message, 0)
 
-    def fail(self, reason: str) -> None:
-        """Turn capture off for good: log once; the writer thread notes it in the manifest."""
+    def fail(self, reason: str, *, drain: bool = True) -> None:
+        """Turn capture off for good: log once; the writer thread notes it in the manifest.
+        ``drain`` (default True: the failure was in the host's code) lets the writer still
+        write what was queued before; False (the dump itself failed) drops it."""
         if self.error is not None:
             return
         self.error = reason
+        self._failed_step = self.step
         log.warning("parity capture turned itself off: %s", reason)
         with self._cond:
-            self._queue.clear()
-            self._pending = 0
+            if not drain:
+                self._handled += len(self._queue)
+                self._queue.clear()
+                self._pending = 0
             self._cond.notify_all()
 
     def close(self) -> None:
         """Write everything queued and close the dump. Safe to call twice."""
         if self._closed:
             return
-        if self._thread is not None and self.error is None:
-            self._put("close", None, 0)
-            self._thread.join()
+        if self._thread is not None:
+            if self.error is None:
+                self._put("close", None, 0)
+            self._thread.join()  # also after a failure: only then may this thread touch the writer
         self._closed = True
         try:
             self._writer.close()
@@ -285,23 +316,32 @@ class CaptureSession:
         return self._writer.records_written
 
     # ----------------------------------------------------------------- writer thread
-    def _put(self, kind: str, payload: Any, nbytes: int) -> None:
+    def _put(self, kind: str, payload: Any, nbytes: int) -> int:
+        """Queue an item for the writer thread; returns its sequence number (0: not queued)."""
         with self._cond:
             while (self._queue and self._pending + nbytes > self.max_pending_bytes
                    and self.error is None):
                 self._cond.wait()
             if self.error is not None:
-                return
+                return 0
             self._queue.append((kind, payload))
             self._pending += nbytes
+            self._queued += 1
             self._cond.notify_all()
+            return self._queued
+
+    def _wait_handled(self, sequence: int) -> None:
+        """Block until the writer thread is done with item ``sequence`` (or capture stopped)."""
+        with self._cond:
+            while self._handled < sequence and self.error is None and self._thread is not None:
+                self._cond.wait()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and self.error is None:
                     self._cond.wait()
-                if self.error is not None:
+                if not self._queue:  # capture stopped and what was queued is written
                     break
                 kind, payload = self._queue.popleft()
             nbytes = 0
@@ -324,12 +364,15 @@ class CaptureSession:
                     self._writer.flush()
                     return
             except Exception as exc:
-                self.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+                self.fail(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}", drain=False)
             finally:
                 with self._cond:
                     self._pending = max(self._pending - nbytes, 0)
+                    self._handled += 1
                     self._cond.notify_all()
         try:  # only this thread writes the manifest, so the note goes here
-            self._writer.add_note(f"capture turned itself off: {self.error}")
+            partial = (f"; step {self._failed_step} was in flight: its records are partial"
+                       if self._failed_step >= 0 else "")
+            self._writer.add_note(f"capture turned itself off: {self.error}{partial}")
         except Exception:
             pass

@@ -65,13 +65,18 @@ class DumpWriter:
         self.records_written = 0
 
     def open(self) -> None:
-        """Create the directory and write the header line. Refuses to append to an existing dump."""
+        """Create the directory and write the header line. Refuses a directory that holds this
+        rank's manifest or shards already (a dump, or the leftovers of one)."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             path = self.root / manifest_name(self.header.rank)
             if path.exists():
                 raise DumpError(f"{path} already exists: {self.root} holds a dump already",
                                 hint="choose an empty output directory")
+            leftover = next(self.data_dir.glob("shard-*"), None)
+            if leftover is not None:  # parts of a dump whose manifest is gone: never overwrite them
+                raise DumpError(f"{leftover} already exists: {self.root} holds parts of a dump (no manifest)",
+                                hint="choose an empty output directory, or remove the leftover data")
             self._manifest = open(path, "x", encoding="utf-8")
         except OSError as exc:
             raise DumpError(f"cannot create dump in {self.root}: {exc.strerror or exc}") from None
