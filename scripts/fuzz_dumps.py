@@ -8,15 +8,17 @@ applies one seeded mutation — a flipped byte in tensor data or in a shard head
 shard, a hostile value in a manifest field (huge or negative shapes, steps, names, world sizes,
 non-finite statistics, path tricks), a duplicated, dropped, swapped or cut manifest line, a
 shard replaced by a symlink, a directory or a FIFO — and runs ``parity compare PRISTINE
-MUTANT`` (with HTML, Markdown, JUnit and JSON reports), ``parity inspect MUTANT`` and ``parity
-inspect --verify MUTANT`` in this process.
+MUTANT`` (with HTML, Markdown, JUnit and JSON reports), ``parity compare --salvage``, ``parity
+inspect MUTANT``, ``parity inspect --verify MUTANT`` and ``parity inspect --verify --salvage
+MUTANT`` in this process.
 
 A case is **handled** when every command either exits 2 with one ``parity: error:`` line on
 stderr, or exits 0/1 on a mutant whose tensor bytes are intact (a manifest value that is still
 valid, such as another step number, is data the reader cannot know to be wrong). It **fails**
 on an internal error (a traceback, ``internal error``, an exit code other than 0, 1, 2), on
 exit 0 or 1 from ``compare`` or ``inspect --verify`` when tensor bytes were changed (a silent
-pass, or corruption reported as a numerical divergence), on exit 0 from ``inspect`` (without
+pass, or corruption reported as a numerical divergence), on exit 0 from the ``--salvage``
+commands then (they report corruption with exit 1), on exit 0 from ``inspect`` (without
 ``--verify``) when a shard's header was damaged, and on a command running longer than
 :data:`CASE_SECONDS`. Prints the counts per mutation kind and every failure; exit 1 if any.
 :func:`run_fuzz` is what the test suite calls with a small, fixed budget.
@@ -384,7 +386,8 @@ def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
         if len(lines) != 1 or ": error:" not in lines[0]:
             return f"exit 2 without one error line: {stderr.strip()[-300:]}"
         return None
-    if mutant.data_changed and command in ("compare", "inspect --verify"):
+    if mutant.data_changed and command in ("compare", "inspect --verify", "compare --salvage", "inspect --salvage") \
+            and not (code == 1 and command.endswith("--salvage")):  # salvage reports corruption with exit 1
         return f"exit {code} on changed tensor bytes ({'a silent pass' if code == 0 else 'reported as a divergence'})"
     if mutant.header_damaged and command == "inspect":
         return "exit 0 on a damaged shard header"
@@ -418,7 +421,9 @@ def run_fuzz(cases: int, seed: int = 0, workdir: Path | None = None,
             outputs = ["--html", str(root / "r.html"), "--markdown", str(root / "r.md"), "--junit", str(root / "r.xml"),
                        "--json", str(root / "r.json")]
             for command, args in (("compare", ["compare", str(dumps[mode]), str(case), *outputs]),
+                                  ("compare --salvage", ["compare", "--salvage", str(dumps[mode]), str(case)]),
                                   ("inspect", ["inspect", str(case)]),
+                                  ("inspect --salvage", ["inspect", "--verify", "--salvage", str(case)]),
                                   ("inspect --verify", ["inspect", "--verify", str(case)])):
                 code, _, stderr = run_cli(args)
                 why = judge(mutant, command, code, stderr)

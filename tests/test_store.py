@@ -737,3 +737,32 @@ def test_a_manifest_that_is_not_a_regular_file_inside_the_dump_is_refused(dump, 
         manifest.symlink_to("/dev/zero")
     line = assert_one_line_error(run_cli("inspect", str(dump)))
     assert "manifest" in line and ("outside" in line or "regular file" in line)
+
+
+def test_salvage_reads_what_is_valid_and_lists_what_is_not(captured, tmp_path):
+    """One bad manifest line and one corrupted tensor do not hide the good records."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(captured[0], a)
+    shutil.copytree(captured[0], b)
+    lines = manifest_lines(b)
+    bad = next(i for i, line in enumerate(lines) if '"name": "4"' in line or '"name":"4"' in line)
+    lines[bad] = lines[bad][: len(lines[bad]) // 2] + "\n"  # a line cut in the middle of the manifest
+    write_manifest(b, lines)
+    flipped = next(r for r in load_run(b, salvage=True).records if r.name == "1" and r.step == 0)
+    _flip_data_byte(b, flipped)
+    assert_one_line_error(run_cli("compare", str(a), str(b)))  # without salvage: refused, one line
+    result = run_cli("compare", str(a), str(b), "--salvage", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 1, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    by_outcome = {}
+    for pair in report["pairs"]:
+        by_outcome.setdefault(pair["outcome"], []).append((pair["name"], pair["step"]))
+    assert by_outcome["corrupt"] == [("1", 0)]
+    assert ("4", 0) in by_outcome["missing_in_target"]  # the skipped line's record
+    assert len(by_outcome["identical"]) == 2 * len(EXPECTED_DTYPES) - 2
+    assert any("salvage: 1 manifest line(s) skipped" in n for n in report["target"]["notes"])
+    shown = run_cli("inspect", "--verify", "--salvage", str(b))
+    assert shown.returncode == 1, shown.stderr
+    invalid = [line for line in shown.stdout.splitlines() if line.startswith("invalid:")]
+    assert len(invalid) == 2 and any("not valid JSON" in line for line in invalid)
+    assert any("'1' step 0" in line and "checksum" in line for line in invalid)

@@ -33,6 +33,9 @@ from parity.errors import UsageError
                    "anomalous / fail against it (see docs/tolerances.md).")
 @click.option("--distributed", is_flag=True,
               help="Run under torchrun: the ranks share the pairs and gather one report (rank 0 prints it).")
+@click.option("--salvage", is_flag=True,
+              help="Read damaged dumps as far as they go: invalid manifest lines are skipped and noted, a pair "
+                   "whose data is corrupted is reported as 'corrupt' (it fails the run) instead of stopping.")
 @compare_options
 def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
@@ -132,20 +135,27 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
 @click.option("--step", type=int, default=None, help="Only records of this step.")
 @click.option("--verify", is_flag=True,
               help="Also read every stored tensor and check it against its checksum (reads the whole dump).")
-def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None, verify: bool) -> int:
+@click.option("--salvage", is_flag=True,
+              help="List what is valid and what is not instead of stopping at the first problem (exit 1 if any).")
+def inspect_cmd(dump_dir: str, pattern: str | None, step: int | None, verify: bool, salvage: bool) -> int:
     """List what a dump holds: header, steps, and per record its shape, dtype and statistics.
 
     Every data file's header is validated against the manifest first (cheap); --verify also
-    reads every tensor and checks its checksum. A problem exits 2 naming the file and record."""
+    reads every tensor and checks its checksum. A problem exits 2 naming the file and record;
+    with --salvage every problem is listed after the valid records and the exit code is 1."""
     from parity.report.inspect_view import render_inspect
     from parity.report.terminal import make_console
     from parity.store.reader import load_run
     from parity.store.verify import check_data
 
-    run = load_run(dump_dir)
+    run = load_run(dump_dir, salvage=salvage)
     with Progress() as progress:
-        checked = check_data(run, read=verify, progress=progress.task("verifying" if verify else "checking headers"))
+        checked = check_data(run, read=verify, salvage=salvage,
+                             progress=progress.task("verifying" if verify else "checking headers"))
     console = make_console()
     render_inspect(run, console, pattern=pattern, step=step)
     console.print(checked.summary())
-    return 0
+    problems = [*run.salvaged, *checked.problems]
+    for problem in problems:
+        console.print(f"invalid: {problem}", style="red")
+    return 1 if problems else 0

@@ -23,7 +23,7 @@ from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
 from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, OK_GRADES, TwinEvidence, grade_with_twin, headline,
                                     locate_jump, precision_rank, twin_eps)
-from parity.errors import DumpError, UsageError
+from parity.errors import CorruptDataError, DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, Record, sample_positions
 from parity.store.reader import Run, load_run
 from parity.store.safetensors_io import to_float
@@ -229,7 +229,26 @@ def _scaled_metrics(base_arr: Any, b: Any, target_arr: Any, t: Any, tolerance: T
 
 def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
                   allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = (),
-                  twin: TwinContext | None = None) -> Outcome:
+                  twin: TwinContext | None = None, salvage: bool = False) -> Outcome:
+    """:func:`_evaluate_pair`; with ``salvage`` (default False) a pair whose data is corrupted
+    (:class:`~parity.errors.CorruptDataError`: a checksum mismatch, a damaged shard) is the
+    outcome ``corrupt`` naming the problem instead of an error that stops the comparison."""
+    try:
+        return _evaluate_pair(pair, base, target, policy, allow_missing=allow_missing,
+                              allow_failed=allow_failed, twin=twin)
+    except CorruptDataError as exc:
+        if not salvage:
+            raise
+        b, t = pair.baseline, pair.target
+        some = b or t
+        layer = some.layer if some is not None and some.layer is not None else layer_of(pair.name)
+        return Outcome(pair.name, pair.step, pair.rank, layer, "corrupt", str(exc),
+                       Side(list(b.shape), b.dtype) if b else None, Side(list(t.shape), t.dtype) if t else None)
+
+
+def _evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *,
+                   allow_missing: Sequence[Tap] = (), allow_failed: Sequence[Tap] = (),
+                   twin: TwinContext | None = None) -> Outcome:
     """Evaluate one pair: metrics, tolerance, outcome kind and a one-line reason.
 
     Multi-rank runs come in as :class:`parity.align.shards.LogicalRun` (token-aligned ones as
@@ -532,15 +551,16 @@ def read_pair(base: Any, b: Record, target: Any, t: Record) -> tuple[Any, Any]:
     return base_data, box["data"]
 
 
-def as_run(source: Any) -> Any:
-    """A run to compare: a :class:`Run` or view as it is, a dump directory (str or path) loaded,
-    a capture session's ``run``; anything else is a UsageError."""
+def as_run(source: Any, *, salvage: bool = False) -> Any:
+    """A run to compare: a :class:`Run` or view as it is, a dump directory (str or path) loaded
+    (with ``salvage``, see :func:`~parity.store.reader.load_run`), a capture session's ``run``;
+    anything else is a UsageError."""
     from parity.align.shards import LogicalRun
 
     if isinstance(source, (Run, LogicalRun)):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return load_run(source)
+        return load_run(source, salvage=salvage)
     if hasattr(type(source), "run") and hasattr(source, "records_written"):  # a CaptureSession
         return source.run
     raise UsageError(f"compare takes dump directories, loaded runs or capture sessions, not {type(source).__name__}")
@@ -584,7 +604,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M,
             rtol: float | None = None, atol: float | None = None, tol: Sequence[str] = (),
             profile: str | Path | None = None, backend: str | None = None,
-            allow_incomparable: bool = False) -> Report:
+            allow_incomparable: bool = False, salvage: bool = False) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
@@ -603,6 +623,9 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     (a TOML file) and ``backend`` (default none of them: the per-dtype defaults); or a ready
     ``policy`` (not both). Runs of different models or inputs are refused with a UsageError
     (:mod:`parity.compare.comparable`) unless ``allow_incomparable`` (default False).
+    ``salvage`` (default False): dumps given as directories are read in salvage mode (invalid
+    manifest lines skipped and noted) and a pair whose data is corrupted is the outcome
+    ``corrupt`` (it fails the run) instead of an error; one process only.
     """
     options = {"rtol": rtol, "atol": atol, "tol": tol, "profile": profile, "backend": backend}
     if any(v not in (None, ()) for v in options.values()):
@@ -614,7 +637,9 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     if twin is not None and (workers > 1 or distributed or align != "steps"):
         raise UsageError("a twin run (precision-aware mode) works with --align steps in one process: "
                          "--workers, --distributed and --align tokens do not apply to it")
-    baseline, target = as_run(baseline), as_run(target)
+    if salvage and (workers > 1 or distributed):
+        raise UsageError("--salvage compares in one process: --workers and --distributed do not apply to it")
+    baseline, target = as_run(baseline, salvage=salvage), as_run(target, salvage=salvage)
     if (workers > 1 or distributed) and not all(getattr(run, "on_disk", True) for run in (baseline, target)):
         raise UsageError("workers > 1 and distributed read the dumps from disk: in-memory runs compare in one "
                          "process (workers=1)")
@@ -649,8 +674,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                         else parallel.run_workers(job, pairs, workers, progress))
         else:
             for index, pair in enumerate(pairs):
-                outcome = evaluate_pair(pair, base_run, target_run, policy,
-                                        allow_missing=missing_taps, allow_failed=failed_taps, twin=twin_context)
+                outcome = evaluate_pair(pair, base_run, target_run, policy, allow_missing=missing_taps,
+                                        allow_failed=failed_taps, twin=twin_context, salvage=salvage)
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)

@@ -76,7 +76,7 @@ UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0 ** -53, "float32": 2.0 ** -24,
                                    "bfloat16": 2.0 ** -8}
 #: Every outcome kind, best first: the grades, then the structural failures.
 OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target",
-            "missing_in_baseline", "nonfinite", "degenerate")
+            "missing_in_baseline", "nonfinite", "degenerate", "corrupt")
 #: Grades that do not fail a run.
 OK_GRADES = frozenset({"identical", "pass", "noise"})
 #: The twin rule's factor: d <= m * noise + eps.

@@ -14,7 +14,7 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class Run:
     records: list[Record]
     steps: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: manifest lines skipped as invalid by ``load_run(..., salvage=True)`` (why, one each)
+    salvaged: list[str] = field(default_factory=list)
     _files: OrderedDict[str, SafetensorsFile] = field(default_factory=OrderedDict, repr=False)
     _verified: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
@@ -143,7 +145,10 @@ class Run:
         self._files.clear()
 
 
-def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _lines(path: Path, notes: list[str],
+           skip: Callable[[DumpError], None]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The manifest's lines as JSON objects; a line that is not one goes to ``skip`` (which
+    raises unless salvaging), a final line cut short by a crash is noted and ignored."""
     try:
         if path.parent.resolve() not in path.resolve().parents:
             raise DumpError(f"manifest {path} is a link to a file outside the dump directory")
@@ -164,14 +169,21 @@ def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]
             if is_last and not complete:
                 notes.append(f"{path.name}: ignored a final line cut short (the writer was interrupted)")
                 return
-            raise DumpError(f"{path}:{number}: manifest line is not valid JSON (corrupted dump)") from None
+            skip(DumpError(f"{path}:{number}: manifest line is not valid JSON (corrupted dump)"))
+            continue
         if not isinstance(obj, dict):
-            raise DumpError(f"{path}:{number}: manifest line is not a JSON object")
+            skip(DumpError(f"{path}:{number}: manifest line is not a JSON object"))
+            continue
         yield number, obj
 
 
-def load_run(path: str | Path) -> Run:
-    """Read and validate a dump directory. Raises :class:`DumpError` if it is not a usable dump."""
+def load_run(path: str | Path, *, salvage: bool = False) -> Run:
+    """Read and validate a dump directory. Raises :class:`DumpError` if it is not a usable dump.
+
+    ``salvage`` (default False): a manifest line that is not valid (malformed JSON in the middle,
+    an invalid or duplicated record, a malformed step line, a second header, a record without
+    the checksum its format requires) is skipped and listed in ``Run.salvaged`` (and a note)
+    instead of refusing the whole dump; what is valid is read. Header problems stay fatal."""
     root = Path(path)
     if not root.exists():
         raise DumpError(f"dump directory {root} does not exist")
@@ -184,10 +196,17 @@ def load_run(path: str | Path) -> Run:
     records: list[Record] = []
     steps: dict[tuple[int, int], dict[str, Any]] = {}
     notes: list[str] = []
+    salvaged: list[str] = []
     seen: set[tuple[str, int, int]] = set()
+
+    def skip(problem: DumpError) -> None:
+        if not salvage:
+            raise problem
+        salvaged.append(str(problem))
+
     for manifest in manifests:
         header: RunHeader | None = None
-        for number, obj in _lines(manifest, notes):
+        for number, obj in _lines(manifest, notes, skip):
             where = f"{manifest}:{number}"
             kind = obj.get("type")
             if header is None:
@@ -197,38 +216,52 @@ def load_run(path: str | Path) -> Run:
                 if header.rank in headers:
                     raise DumpError(f"{where}: two manifests claim rank {header.rank}")
                 headers[header.rank] = header
-            elif kind == "record":
-                record = parse_record(obj, where)
-                if record.rank != header.rank:
-                    raise DumpError(f"{where}: record of rank {record.rank} in the manifest of rank {header.rank}")
-                ident = (record.name, record.step, record.rank)
-                if ident in seen:
-                    raise DumpError(f"{where}: record {record.name!r} step {record.step} appears twice")
-                seen.add(ident)
-                records.append(record)
-            elif kind == "step":
-                step, tags = obj.get("step"), obj.get("tags")
-                if not isinstance(step, int) or not isinstance(tags, dict):
-                    raise DumpError(f"{where}: malformed step line")
-                steps[(step, header.rank)] = tags
-            elif kind == "note":
-                notes.append(f"rank {header.rank}: {obj.get('message', '')}")
-            elif kind == "header":
-                raise DumpError(f"{where}: a second header line")
-            else:
-                raise DumpError(f"{where}: unknown manifest line type {kind!r}")
+                continue
+            try:
+                _read_line(obj, kind, where, header, records, steps, notes, seen)
+            except DumpError as problem:
+                skip(problem)
         if header is None:
             raise DumpError(f"{manifest} is empty: the capture wrote no header")
     for rank, header in headers.items():
         stored = [r for r in records if r.rank == rank and r.file is not None]
         if header.mode == "stats" and stored:
             raise DumpError(f"{root}: rank {rank}'s header says statistics-only but its records name data files")
-        unchecked = next((r for r in stored if r.checksum is None), None)
-        if unchecked is not None and minor_version(header.format_version) >= CHECKSUMS_SINCE:
-            raise DumpError(f"{root}: record {unchecked.name!r} step {unchecked.step} (rank {rank}) has no checksum, "
-                            f"which format {header.format_version} requires (a corrupted or edited manifest)")
+        if minor_version(header.format_version) >= CHECKSUMS_SINCE:
+            for unchecked in [r for r in stored if r.checksum is None]:
+                skip(DumpError(f"{root}: record {unchecked.name!r} step {unchecked.step} (rank {rank}) has no "
+                               f"checksum, which format {header.format_version} requires (a corrupted or edited "
+                               "manifest)"))
+                records.remove(unchecked)
     worlds = {h.world_size for h in headers.values()}
     if len(worlds) > 1:
         raise DumpError(f"{root}: ranks disagree on world_size ({sorted(worlds)})")
     records.sort(key=lambda r: (r.step, r.order, r.rank))
-    return Run(path=root, headers=headers, records=records, steps=steps, notes=notes)
+    if salvaged:
+        notes.append(f"salvage: {len(salvaged)} manifest line(s) skipped as invalid; the first: {salvaged[0]}")
+    return Run(path=root, headers=headers, records=records, steps=steps, notes=notes, salvaged=salvaged)
+
+
+def _read_line(obj: dict[str, Any], kind: Any, where: str, header: RunHeader, records: list[Record],
+               steps: dict[tuple[int, int], dict[str, Any]], notes: list[str], seen: set[tuple[str, int, int]]) -> None:
+    """Validate one manifest line after the header and add it to the run being read."""
+    if kind == "record":
+        record = parse_record(obj, where)
+        if record.rank != header.rank:
+            raise DumpError(f"{where}: record of rank {record.rank} in the manifest of rank {header.rank}")
+        ident = (record.name, record.step, record.rank)
+        if ident in seen:
+            raise DumpError(f"{where}: record {record.name!r} step {record.step} appears twice")
+        seen.add(ident)
+        records.append(record)
+    elif kind == "step":
+        step, tags = obj.get("step"), obj.get("tags")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(tags, dict):
+            raise DumpError(f"{where}: malformed step line")
+        steps[(step, header.rank)] = tags
+    elif kind == "note":
+        notes.append(f"rank {header.rank}: {obj.get('message', '')}")
+    elif kind == "header":
+        raise DumpError(f"{where}: a second header line")
+    else:
+        raise DumpError(f"{where}: unknown manifest line type {kind!r}")
