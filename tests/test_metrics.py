@@ -281,3 +281,27 @@ def test_bfloat16_storage_is_read_as_bits_not_as_integers():
 def test_mismatched_sizes_are_refused():
     with pytest.raises(ValueError):
         pair_metrics(np.zeros(3, np.float32), "float32", np.zeros(4, np.float32), "float32", rtol=0, atol=0)
+
+
+def test_rounding_to_bfloat16_matches_torch_and_the_downcast_diff_sees_pure_rounding():
+    import torch
+
+    from parity.compare.metrics import error_distribution, round_to
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 20, 20000))).astype(np.float32)
+    x[:4] = [np.inf, -np.inf, 0.0, -0.0]
+    ours = round_to(x.astype(np.float64), "bfloat16")
+    theirs = torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
+    assert np.array_equal(ours, theirs)
+    # a target that is the baseline rounded to bf16: all of its error is rounding
+    bits = torch.from_numpy(x[4:]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    pure = error_distribution(x[4:], "float32", bits, "bfloat16")
+    assert pure["downcast"] == {"dtype": "bfloat16", "equal_share": 1.0, "max_abs": 0.0, "rel_l2": 0.0}
+    assert pure["rel"]["max"] <= 2.0 ** -8 and pure["abs"]["p50"] <= pure["abs"]["p90"] <= pure["abs"]["p99"]
+    # a different computation: a tenth of the elements off by 1%
+    other = x[4:].copy()
+    other[::10] *= 1.01
+    bits = torch.from_numpy(other).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    mixed = error_distribution(x[4:], "float32", bits, "bfloat16")
+    assert 0.85 < mixed["downcast"]["equal_share"] < 0.95

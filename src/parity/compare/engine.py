@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind, unmatched_error
-from parity.compare.metrics import pair_metrics, worst_failing_element
+from parity.compare.metrics import error_distribution, pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
@@ -82,6 +82,20 @@ def attach_worst_failing(outcome: Outcome, pair: Pair, base: Any, target: Any) -
             f"(x{_fmt(worst['excess'])}; baseline {_fmt(worst['baseline'])}, target {_fmt(worst['target'])}); "
             f"largest max |Δ|")
     outcome.reason = outcome.reason.replace("max |Δ|", text, 1)
+
+
+def attach_distribution(outcome: Outcome, pair: Pair, base: Any, target: Any) -> None:
+    """The error distribution of ``outcome``'s pair (:func:`~parity.compare.metrics.error_distribution`):
+    percentiles of |Δ| and of the relative error, and the error left after rounding both sides
+    to the lower precision. One extra pass over the pair: the first divergence only."""
+    b, t = pair.baseline, pair.target
+    if outcome.metrics is None or b is None or t is None:
+        return
+    shape = b.shape if b.shape == t.shape else _squeezed(b.shape)
+    outcome.distribution = error_distribution(base.raw(b).reshape(shape), b.dtype, target.raw(t).reshape(shape),
+                                              t.dtype)
+    base.release(b)
+    target.release(t)
 
 
 def _incomplete(record: Any) -> str | None:
@@ -684,6 +698,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             first = _mark_jump(outcomes, first, failed_taps)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
             attach_worst_failing(outcomes[first], pairs[first], base_run, target_run)
+            attach_distribution(outcomes[first], pairs[first], base_run, target_run)
             positions = position_errors(pairs[first], base_run, target_run, decode)
         if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged
             for outcome in _token_outcomes(alignment):

@@ -255,3 +255,61 @@ def worst_failing_element(baseline: np.ndarray, baseline_dtype: str, target: np.
         return None
     return {"index": [int(i) for i in np.unravel_index(best_at, baseline.shape)], "baseline": b_at, "target": t_at,
             "abs_diff": ad_at, "allowed": allowed_at, "excess": ad_at / allowed_at if allowed_at > 0 else math.inf}
+
+
+#: Percentiles of :func:`error_distribution`.
+PERCENTILES = (50, 90, 99)
+#: Mantissa bits of the float dtypes, to find the lower precision of a pair.
+MANTISSA_BITS = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
+
+
+def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 ``values`` rounded to ``dtype`` (round to nearest even) and widened back to float64.
+    bfloat16, which numpy lacks, is rounded from float32 on the bits (NaN kept NaN)."""
+    if dtype == "bfloat16":
+        with np.errstate(over="ignore", invalid="ignore"):
+            bits = values.astype(np.float32).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+        out = rounded.view(np.float32).astype(np.float64)
+        return np.where(np.isnan(values), np.nan, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return values.astype(dtype).astype(np.float64)
+
+
+def error_distribution(baseline: np.ndarray, baseline_dtype: str, target: np.ndarray, target_dtype: str,
+                       ) -> dict[str, Any]:
+    """How the error of one pair is spread, over the elements finite on both sides.
+
+    ``abs``: percentiles :data:`PERCENTILES` and max of |t−b|; ``rel``: the same of |t−b|/|b|
+    over elements with b ≠ 0; ``downcast`` (float pairs of different dtypes): both sides rounded
+    to the lower precision of the two (float16 against bfloat16: bfloat16) — ``dtype``, ``equal_share`` (share of
+    elements then bitwise equal), ``max_abs`` and ``rel_l2`` after rounding. Equal after rounding
+    means the target is the baseline rounded to its precision there: precision, not a different
+    computation. One pass in float64 over the pair (used for the first divergence only).
+    """
+    b = to_float(baseline.reshape(-1), baseline_dtype)
+    t = to_float(target.reshape(-1), target_dtype)
+    finite = np.isfinite(b) & np.isfinite(t)
+    b, t = b[finite], t[finite]
+    out: dict[str, Any] = {"elements": int(b.size)}
+    if not b.size:
+        return out
+    diff = np.abs(t - b)
+    out["abs"] = {**{f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(diff, PERCENTILES))},
+                  "max": float(diff.max())}
+    nonzero = b != 0
+    if nonzero.any():
+        rel = diff[nonzero] / np.abs(b[nonzero])
+        out["rel"] = {**{f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(rel, PERCENTILES))},
+                      "max": float(rel.max())}
+    floats = [d for d in (baseline_dtype, target_dtype) if d in MANTISSA_BITS]
+    if len(floats) == 2 and baseline_dtype != target_dtype:
+        lower = min(floats, key=lambda d: (MANTISSA_BITS[d], d != "bfloat16"))
+        rb, rt = round_to(b, lower), round_to(t, lower)
+        with np.errstate(over="ignore", invalid="ignore"):
+            after = np.abs(rt - rb)
+            norm = float(np.sqrt(np.sum(rb * rb)))
+        out["downcast"] = {"dtype": lower, "equal_share": float(np.mean(rb == rt)),
+                           "max_abs": float(np.nanmax(after)) if after.size else 0.0,
+                           "rel_l2": float(np.sqrt(np.sum(after * after)) / norm) if norm > 0 else None}
+    return out

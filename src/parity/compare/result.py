@@ -72,6 +72,8 @@ class Outcome:
     twin: TwinEvidence | None = None
     #: failing pairs: the element that fails by the largest factor (metrics.worst_failing_element)
     worst_failing: dict[str, Any] | None = None
+    #: the first divergence: percentiles of the error and the error after downcast (metrics.error_distribution)
+    distribution: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -91,6 +93,7 @@ class Outcome:
                        if self.metrics and self.kind in ("fail", "degenerate", "noise") and self.oracle is None
                        else None),
             "worst_failing": json_safe(self.worst_failing) if self.worst_failing else None,
+            "distribution": json_safe(self.distribution) if self.distribution else None,
             **({"twin": self.twin.to_json()} if self.twin is not None else {}),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),

@@ -174,6 +174,17 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             m = first.metrics
             console.print(f"  layer {_layer(first)}: rel L2 {g(m.rel_l2)}, cosine {m.cosine:.6f}, "
                           f"SQNR {g(m.sqnr_db)} dB, mean |Δ| {g(m.mean_abs)}, max rel {g(m.max_rel)}")
+        if first.distribution and "abs" in first.distribution:
+            d = first.distribution
+            rel = d.get("rel")
+            text = ("error distribution: |Δ| " + " ".join(f"{k} {g(v)}" for k, v in d["abs"].items())
+                    + ("; relative " + " ".join(f"{k} {g(v)}" for k, v in rel.items()) if rel else ""))
+            console.print(f"  layer {_layer(first)}: {text}")
+            down = d.get("downcast")
+            if down:
+                console.print(f"  layer {_layer(first)}: both sides rounded to {down['dtype']}: "
+                              f"{100 * down['equal_share']:.1f}% of elements equal, max |Δ| {g(down['max_abs'])}, "
+                              f"rel L2 {g(down['rel_l2'])}")
         if first.twin is not None:
             e = first.twin
             console.print(f"  layer {_layer(first)}: twin rule: d {g(e.distance)} vs precision noise {g(e.noise)} "
