@@ -11,8 +11,9 @@ A tap pattern matches qualified module names (``model.layers.2.mlp``):
 
 :data:`DECODER_LM_TAPS` is the default for decoder-only LMs in transformers naming (Llama,
 Qwen2, Mistral and relatives): embeddings, every decoder layer, its two norms, attention and
-MLP outputs, the final norm and the logits. :data:`ENCODER_TAPS` is the default for BERT-style
-encoders. When neither matches anything in a model, the default falls back to every leaf
+MLP outputs, the final norm and the logits; decoder stacks named otherwise (GPT-2, GPT-NeoX, …)
+get the same parts found from the module tree (:mod:`parity.capturing.structure`).
+:data:`ENCODER_TAPS` is the default for BERT-style encoders. When neither matches anything in a model, the default falls back to every leaf
 module (:func:`select_taps`).
 """
 
@@ -159,10 +160,26 @@ def select_taps(names: Iterable[str], patterns: Sequence[str] | str | None,
 
 
 def model_taps(model: Any, patterns: Sequence[str] | str | None) -> dict[str, Tap]:
-    """:func:`select_taps` over the qualified module names of a torch model (root excluded)."""
+    """:func:`select_taps` over the qualified module names of a torch model (root excluded).
+
+    Default taps (``patterns=None``): :data:`DECODER_LM_TAPS` when they cover the model's layer
+    stack with its attention; else, when the model has a decoder stack named otherwise (GPT-2,
+    GPT-NeoX, …), the taps :func:`parity.capturing.structure.structural_taps` finds; else
+    :data:`ENCODER_TAPS`, else every leaf module."""
     named = [(n, m) for n, m in model.named_modules() if n]
     leaves = [n for n, m in named if not any(True for _ in m.children())]
-    return select_taps([n for n, _ in named], patterns, leaves)
+    names = [n for n, _ in named]
+    if patterns is None:
+        chosen = select_taps(names, None, leaves)
+        covered = any(tap.text == "**.layers.*.self_attn[0]" for tap in chosen.values())
+        if not covered and not any(tap.text.startswith("**.encoder.layer") for tap in chosen.values()):
+            from parity.capturing.structure import structural_taps
+
+            found = structural_taps(model)
+            if found:
+                return select_taps(names, found, leaves)
+        return chosen
+    return select_taps(names, patterns, leaves)
 
 
 def layer_of(name: str) -> int | None:
