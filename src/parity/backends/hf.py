@@ -159,14 +159,13 @@ def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], o
     model = loaded.model
     info = {**model_identity(loaded.path), "architecture": type(model).__name__}
     if canonical:
-        from parity.align.canonical import rules_for
+        from parity.align.canonical import rules_for, supported
         from parity.capturing.canonical_hooks import capture_canonical
 
         model_type = getattr(model.config, "model_type", "")
         rules = rules_for("hf", model_type)
         if rules is None:
-            raise BackendError(f"no canonical taps for architecture {model_type!r} (supported: llama, qwen2, "
-                               "mistral)")
+            raise BackendError(f"no canonical taps for architecture {model_type!r} (supported: {supported()})")
         context = capture_canonical(model, out_dir, rules, num_layers=model.config.num_hidden_layers, mode=mode,
                                     spec=loaded.spec.to_dict(), model_info=info)
     else:

@@ -180,13 +180,13 @@ def capture_sequences(model: VllmModel, sequences: Sequence[Sequence[int]], out_
     """Teacher-forced prefill of each sequence under canonical-tap capture (one step each)."""
     from vllm import SamplingParams
 
-    from parity.align.canonical import rules_for
+    from parity.align.canonical import rules_for, supported
     from parity.backends.hf import model_identity
 
     rules = rules_for("vllm", model.model_type)
     if rules is None:
         raise BackendError(f"no canonical taps for architecture {model.model_type!r} in vLLM "
-                           "(supported: llama, qwen2, mistral)")
+                           f"(supported: {supported()})")
     info = {**model_identity(model.path), "architecture": model.model_type, "engine": "vllm"}
     start = functools.partial(_start_capture, out_dir=str(out_dir), rules=rules, num_layers=model.num_layers,
                               mode=mode, spec=model.spec.to_dict(), info=info, tp=model.spec.tp)
