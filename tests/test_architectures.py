@@ -4,6 +4,7 @@ Built locally from transformers' own configs (hidden 128, head_dim 32: vLLM's CP
 needs head_dim >= 32), with the built-in tokenizer. Per family: transformers fp32 against vLLM
 fp32 passes on every mapped tap; vLLM on a copy whose layer-1 post-attention norm weight is
 scaled by 1.01 is found at ``layers.1.post_attn_norm``. Families: qwen3_moe (MoE, q/k norms),
+mixtral (vLLM names its MoE block ``block_sparse_moe``),
 granite (vLLM's decoder layer returns one tensor; residual and logits multipliers), olmo2
 (post-norms: no input norm to map).
 """
@@ -20,6 +21,7 @@ import pytest
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "src" / "parity" / "assets" / "tiny-llama"
 EXTRA = {"qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32},
+         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 32},
          "granite": {"head_dim": 32}, "olmo2": {"head_dim": 32}}
 
 
@@ -53,7 +55,7 @@ def _parity(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "granite", "olmo2"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "granite", "olmo2"])
 def test_hf_vs_vllm_canonical_taps_pass_and_localize_a_fault(tmp_path, model_type):
     from parity.backends.vllm import available
 

@@ -82,11 +82,17 @@ _VLLM_DECODER = (
 LLAMA_NAMED = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "qwen2_moe", "phi3", "granite", "glm4", "olmo2",
                "starcoder2")
 
+#: vLLM's Mixtral names its MoE block ``block_sparse_moe`` (transformers 5: ``mlp``).
+_VLLM_MIXTRAL = tuple(Rule(r.canonical, r"model\.layers\.(\d+)\.block_sparse_moe") if r.canonical == "layers.{i}.mlp"
+                      else r for r in _VLLM_DECODER)
+
 #: (engine, architecture family) -> rules.
 RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
-    (engine, arch): rules
-    for arch in LLAMA_NAMED
-    for engine, rules in (("hf", _HF_DECODER), ("vllm", _VLLM_DECODER))
+    **{(engine, arch): rules
+       for arch in LLAMA_NAMED
+       for engine, rules in (("hf", _HF_DECODER), ("vllm", _VLLM_DECODER))},
+    ("hf", "mixtral"): _HF_DECODER,
+    ("vllm", "mixtral"): _VLLM_MIXTRAL,
 }
 
 
