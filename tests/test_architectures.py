@@ -3,7 +3,8 @@
 Built locally from transformers' own configs (hidden 128, head_dim 32: vLLM's CPU attention
 needs head_dim >= 32), with the built-in tokenizer. Per family: transformers fp32 against vLLM
 fp32 passes on every mapped tap; vLLM on a copy whose layer-1 post-attention norm weight is
-scaled by 1.01 is found at ``layers.1.post_attn_norm``. Families: qwen3_moe (MoE, q/k norms),
+scaled by 1.01 is found at ``layers.1.post_attn_norm``; MoE routers are compared as top-k expert
+sets (all equal at fp32). Families: qwen3_moe (MoE, q/k norms),
 mixtral (vLLM names its MoE block ``block_sparse_moe``),
 granite (vLLM's decoder layer returns one tensor; residual and logits multipliers), olmo2
 (post-norms: no input norm to map).
@@ -68,6 +69,12 @@ def test_hf_vs_vllm_canonical_taps_pass_and_localize_a_fault(tmp_path, model_typ
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["summary"]["pairs"] >= 12 * 3  # every layer's taps, on every prompt
+    routers = [p for p in report["pairs"] if p["name"].endswith(".router")]
+    if model_type in ("qwen3_moe", "mixtral"):  # MoE: both engines' router logits, top-2 sets all equal
+        assert len({p["name"] for p in routers}) == 3
+        assert all(p["routing"]["k"] == 2 and p["routing"]["agree"] == 1.0 for p in routers)
+    else:
+        assert not routers
     faulty = _parity("diff", "--model", str(bad), "--target", "engine=vllm,dtype=fp32", "--new-tokens", "0",
                      "--out", str(tmp_path / "b"))
     assert faulty.returncode == 0, faulty.stderr[-3000:]  # vLLM agrees with transformers on the bad weights too

@@ -17,6 +17,7 @@ canonical tap               meaning
 ``layers.{i}``              residual stream after layer i
 ``final_norm``              final RMSNorm output
 ``logits``                  next-token logits at every position
+``layers.{i}.router``       MoE models only: the router's logits over the experts (``mlp.gate``)
 ==========================  =====================================================================
 
 A rule says which module feeds a tap and how: ``select`` takes element k of a tuple output;
@@ -63,6 +64,7 @@ _HF_DECODER = (
     Rule("layers.{i}", r"model\.layers\.(\d+)", select=0),
     Rule("final_norm", r"model\.norm"),
     Rule("logits", r"lm_head"),
+    Rule("layers.{i}.router", r"model\.layers\.(\d+)\.mlp\.gate", select=0),
 )
 _VLLM_DECODER = (
     Rule("embeddings", r"model\.embed_tokens"),
@@ -73,6 +75,7 @@ _VLLM_DECODER = (
     Rule("layers.{i}", r"model\.layers\.(\d+)", sum_pair=True),
     Rule("final_norm", r"model\.norm", select=0),
     Rule("logits", r"model\.norm", select=0, logits_from="lm_head"),
+    Rule("layers.{i}.router", r"model\.layers\.(\d+)\.mlp\.gate", select=0),
 )
 
 #: Config ``model_type`` values whose transformers and vLLM modules share the Llama names above
@@ -83,8 +86,8 @@ LLAMA_NAMED = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "qwen2_moe", "
                "starcoder2")
 
 #: vLLM's Mixtral names its MoE block ``block_sparse_moe`` (transformers 5: ``mlp``).
-_VLLM_MIXTRAL = tuple(Rule(r.canonical, r"model\.layers\.(\d+)\.block_sparse_moe") if r.canonical == "layers.{i}.mlp"
-                      else r for r in _VLLM_DECODER)
+_VLLM_MIXTRAL = tuple(Rule(r.canonical, r.module.replace(r"\.mlp", r"\.block_sparse_moe"), r.select)
+                      if r.canonical in ("layers.{i}.mlp", "layers.{i}.router") else r for r in _VLLM_DECODER)
 
 #: (engine, architecture family) -> rules.
 RULES: dict[tuple[str, str], tuple[Rule, ...]] = {

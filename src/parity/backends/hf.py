@@ -12,6 +12,7 @@ shipped in ``parity/assets``; the tap set of :data:`parity.capturing.taps.DECODE
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,21 @@ def read_prompts(path: str | os.PathLike[str] | None) -> list[str]:
 
 
 def model_identity(model_dir: Path) -> dict[str, object]:
-    """Path, architecture and a hash of config.json + weight file sizes: what the header records."""
+    """Path, a hash of config.json + weight file sizes, and for MoE models ``experts_per_token``
+    (the config's ``num_experts_per_tok``, the k of the router's top-k): what the header records."""
     config = model_dir / "config.json"
-    digest = hashlib.sha256(config.read_bytes())
+    text = config.read_bytes()
+    digest = hashlib.sha256(text)
     for weights in sorted(model_dir.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return {"path": str(model_dir), "config_sha256": digest.hexdigest()[:16]}
+    identity: dict[str, object] = {"path": str(model_dir), "config_sha256": digest.hexdigest()[:16]}
+    try:
+        k = json.loads(text).get("num_experts_per_tok")
+    except (ValueError, AttributeError):
+        k = None
+    if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+        identity["experts_per_token"] = k
+    return identity
 
 
 def check_model_dir(model_dir: str | os.PathLike[str]) -> Path:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind, unmatched_error
 from parity.compare.metrics import error_distribution, pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
@@ -96,6 +98,25 @@ def attach_distribution(outcome: Outcome, pair: Pair, base: Any, target: Any) ->
                                               t.dtype)
     base.release(b)
     target.release(t)
+
+
+def attach_routing(outcomes: Sequence[Outcome], pairs: Sequence[Pair], base: Any, target: Any) -> None:
+    """Expert-selection agreement (:mod:`parity.compare.routing`) for every router tap pair,
+    when the baseline's header records the model's ``experts_per_token``."""
+    from parity.compare.routing import is_router, routing_agreement
+
+    k = base.header.model.get("experts_per_token") if base.header.model else None
+    if not isinstance(k, int):
+        return
+    for outcome, pair in zip(outcomes, pairs):
+        b, t = pair.baseline, pair.target
+        if not is_router(pair.name) or b is None or t is None or outcome.metrics is None or outcome.tolerance is None:
+            continue
+        tol = outcome.tolerance
+        outcome.routing = routing_agreement(base.array(b), target.array(t), k,
+                                            lambda x: np.maximum(tol.effective_atol, tol.rtol * np.abs(x)))
+        base.release(b)
+        target.release(t)
 
 
 def _incomplete(record: Any) -> str | None:
@@ -693,6 +714,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)
+        attach_routing(outcomes, pairs, base_run, target_run)
         first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
         if first is not None and twin_context is None and outcomes[first].metrics is not None:
             first = _mark_jump(outcomes, first, failed_taps)

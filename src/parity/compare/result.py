@@ -74,6 +74,8 @@ class Outcome:
     worst_failing: dict[str, Any] | None = None
     #: the first divergence: percentiles of the error and the error after downcast (metrics.error_distribution)
     distribution: dict[str, Any] | None = None
+    #: MoE router taps: top-k expert-set agreement (compare/routing.py)
+    routing: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +96,7 @@ class Outcome:
                        else None),
             "worst_failing": json_safe(self.worst_failing) if self.worst_failing else None,
             "distribution": json_safe(self.distribution) if self.distribution else None,
+            "routing": self.routing,
             **({"twin": self.twin.to_json()} if self.twin is not None else {}),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),

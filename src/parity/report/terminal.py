@@ -42,6 +42,26 @@ def make_console(file: Any = None) -> Console:
     return console
 
 
+def _render_routing(report: Report, console: Console) -> None:
+    """One line per MoE model: the top-k expert-set agreement of each layer's router (all steps)."""
+    per_layer: dict[int, list[dict[str, Any]]] = {}
+    for o in report.outcomes:
+        if o.routing and o.layer is not None:
+            per_layer.setdefault(o.layer, []).append(o.routing)
+    if not per_layer:
+        return
+    some = next(iter(per_layer.values()))[0]
+    parts = []
+    for layer, items in sorted(per_layer.items()):
+        tokens = sum(r["tokens"] for r in items)
+        agree = sum(r["agree"] * r["tokens"] for r in items) / tokens if tokens else 1.0
+        ties, swapped = sum(r["near_ties"] for r in items), sum(r["swapped"] for r in items)
+        extra = ", ".join(x for x in (f"{ties} near ties" if ties else "", f"{swapped} swapped" if swapped else "") if x)
+        parts.append(f"L{layer} {100 * agree:.1f}%" + (f" ({extra})" if extra else ""))
+    console.print(f"expert selection (top-{some['k']} of {some['experts']} experts, tokens with the same set): "
+                  + ", ".join(parts))
+
+
 def g(x: Any) -> str:
     """Compact number formatting (3 significant digits); None and NaN print as ``-``."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -151,6 +171,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
                           "-" if math.isnan(layer.cosine) else f"{layer.cosine:.6f}", layer.worst_name)
         console.print(table)
 
+    _render_routing(report, console)
     first = report.first_divergence
     if first is not None:
         console.print(Text("first divergence: ", style="bold red") + Text(
