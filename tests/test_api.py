@@ -97,3 +97,17 @@ def test_in_memory_captures_compare_exactly_like_dumps(tiny_model_dir, prompts, 
         parity.compare(memory["base"], memory["target"], workers=2)
     with pytest.raises(UsageError, match="not int"):
         parity.compare(memory["base"], 3)
+
+
+def test_error_distributions_for_the_first_divergence_or_for_every_pair(baseline_dump, bf16_dump):
+    import parity
+
+    default = parity.compare(baseline_dump, bf16_dump, atol=0.01)
+    with_dist = [o for o in default.outcomes if o.distribution]
+    assert [o.name for o in with_dist] == [default.first_divergence.name]
+    d = with_dist[0].distribution
+    assert d["abs"]["p50"] <= d["abs"]["p90"] <= d["abs"]["p99"] <= d["abs"]["max"]
+    assert d["downcast"]["dtype"] == "bfloat16" and 0 < d["downcast"]["equal_share"] <= 1
+    every = parity.compare(baseline_dump, bf16_dump, atol=0.01, distributions=True)
+    assert all(o.distribution for o in every.outcomes if o.metrics is not None)
+    assert every.to_json()["pairs"][0]["distribution"]["elements"] > 0

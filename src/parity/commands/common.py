@@ -75,6 +75,9 @@ def compare_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--show", type=click.IntRange(min=0), default=12, show_default=True,
                      help="Rows of the worst-pairs table."),
         click.option("--all", "show_all", is_flag=True, help="List every pair, passing ones included."),
+        click.option("--distributions", is_flag=True,
+                     help="Error percentiles and the diff after downcast for every pair in the JSON report "
+                          "(one extra pass per pair; default: the first divergence only)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -101,7 +104,8 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                         junit_path: str | None = None, markdown_path: str | None = None,
                         shards: Sequence[str] = (), align: str = "steps", workers: int = 1,
                         distributed: bool = False, twin_dir: Any = None, twin_m: float = 3.0,
-                        allow_incomparable: bool = False, salvage: bool = False) -> int:
+                        allow_incomparable: bool = False, salvage: bool = False,
+                        distributions: bool = False) -> int:
     """Compare two dumps (or judge them against an oracle dump), attach the end-to-end section when
     ``generations`` are given, write the requested files and print the report; returns the exit
     code (0 pass, 1 divergence). Options are those of :func:`compare_options`; ``decode`` turns
@@ -137,7 +141,7 @@ def compare_and_report(base: Any, target: Any, *, json_path: str | None, rename:
                              allow_failed=allow_failed, progress=None if distributed else progress.task("comparing"),
                              shards=shards, align=align, workers=workers, distributed=distributed,
                              twin=twin_dir, twin_m=twin_m, allow_incomparable=allow_incomparable,
-                             salvage=salvage, decode=(lambda token: decode([token])) if decode is not None else None)
+                             salvage=salvage, distributions=distributions, decode=(lambda token: decode([token])) if decode is not None else None)
         except ParityError:
             if distributed and not rank0:  # every rank raised the same error: rank 0 reports it
                 sys.exit(2)

@@ -639,7 +639,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             distributed: bool = False, twin: str | Path | Run | None = None, twin_m: float = DEFAULT_M,
             rtol: float | None = None, atol: float | None = None, tol: Sequence[str] = (),
             profile: str | Path | None = None, backend: str | None = None,
-            allow_incomparable: bool = False, salvage: bool = False) -> Report:
+            allow_incomparable: bool = False, salvage: bool = False, distributions: bool = False) -> Report:
     """Compare two dumps (directories or loaded :class:`Run` objects) and return the report.
 
     ``allow_missing`` / ``allow_failed`` are tap patterns (globs or ``re:``) whose non-pass
@@ -660,7 +660,10 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     (:mod:`parity.compare.comparable`) unless ``allow_incomparable`` (default False).
     ``salvage`` (default False): dumps given as directories are read in salvage mode (invalid
     manifest lines skipped and noted) and a pair whose data is corrupted is the outcome
-    ``corrupt`` (it fails the run) instead of an error; one process only.
+    ``corrupt`` (it fails the run) instead of an error; one process only. ``distributions``
+    (default False: the first divergence only) attaches the error distribution
+    (:func:`~parity.compare.metrics.error_distribution`) to every pair with metrics: one extra
+    pass per pair.
     """
     options = {"rtol": rtol, "atol": atol, "tol": tol, "profile": profile, "backend": backend}
     if any(v not in (None, ()) for v in options.values()):
@@ -715,12 +718,16 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)
         attach_routing(outcomes, pairs, base_run, target_run)
+        if distributions:
+            for outcome, pair in zip(outcomes, pairs):
+                attach_distribution(outcome, pair, base_run, target_run)
         first = next((i for i, o in enumerate(outcomes) if not o.ok), None)
         if first is not None and twin_context is None and outcomes[first].metrics is not None:
             first = _mark_jump(outcomes, first, failed_taps)
         if first is not None and outcomes[first].metrics is not None:  # the first divergence's own pair
             attach_worst_failing(outcomes[first], pairs[first], base_run, target_run)
-            attach_distribution(outcomes[first], pairs[first], base_run, target_run)
+            if outcomes[first].distribution is None:
+                attach_distribution(outcomes[first], pairs[first], base_run, target_run)
             positions = position_errors(pairs[first], base_run, target_run, decode)
         if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged
             for outcome in _token_outcomes(alignment):
