@@ -72,11 +72,8 @@ def attach_worst_failing(outcome: Outcome, pair: Pair, base: Any, target: Any) -
     b, t = pair.baseline, pair.target
     if m is None or tol is None or b is None or t is None or m.mismatched <= m.nonfinite_mismatch:
         return
-    shape = b.shape if b.shape == t.shape else _squeezed(b.shape)
-    worst = worst_failing_element(base.raw(b).reshape(shape), b.dtype, target.raw(t).reshape(shape), t.dtype,
-                                  rtol=tol.rtol, atol=tol.effective_atol)
-    base.release(b)
-    target.release(t)
+    worst = _on_pair_data(pair, base, target, lambda b_arr, t_arr: worst_failing_element(
+        b_arr, b.dtype, t_arr, t.dtype, rtol=tol.rtol, atol=tol.effective_atol))
     if worst is None:
         return
     outcome.worst_failing = worst
@@ -93,11 +90,21 @@ def attach_distribution(outcome: Outcome, pair: Pair, base: Any, target: Any) ->
     b, t = pair.baseline, pair.target
     if outcome.metrics is None or b is None or t is None:
         return
+    outcome.distribution = _on_pair_data(pair, base, target,
+                                         lambda b_arr, t_arr: error_distribution(b_arr, b.dtype, t_arr, t.dtype))
+
+
+def _on_pair_data(pair: Pair, base: Any, target: Any, work: Callable[[Any, Any], Any]) -> Any:
+    """``work(baseline array, target array)`` on a pair's stored data in the shape it is compared
+    in (:func:`read_pair`); the pages are given back afterwards."""
+    b, t = pair.baseline, pair.target
     shape = b.shape if b.shape == t.shape else _squeezed(b.shape)
-    outcome.distribution = error_distribution(base.raw(b).reshape(shape), b.dtype, target.raw(t).reshape(shape),
-                                              t.dtype)
-    base.release(b)
-    target.release(t)
+    base_arr, target_arr = read_pair(base, b, target, t)
+    try:
+        return work(base_arr.reshape(shape), target_arr.reshape(shape))
+    finally:
+        base.release(b)
+        target.release(t)
 
 
 def attach_routing(outcomes: Sequence[Outcome], pairs: Sequence[Pair], base: Any, target: Any) -> None:

@@ -31,11 +31,11 @@ class DataCheck:
         """One line for the terminal."""
         if not self.records:
             return "data: none stored (statistics-only dump)"
-        text = f"data: {self.files} files, {self.records} records match their shard headers"
         if self.problems:
-            text = (f"data: {self.files} files, {self.records - len(self.problems)} of {self.records} records valid; "
+            return (f"data: {self.files} files, {self.records - len(self.problems)} of {self.records} records valid; "
                     f"{len(self.problems)} not (listed below)")
-        elif self.read:
+        text = f"data: {self.files} files, {self.records} records match their shard headers"
+        if self.read:
             verified = self.read - self.unverified
             text += f"; {self.read} records read, {verified} checksums match"
             if self.unverified:
@@ -53,11 +53,12 @@ def check_data(run: Run, *, read: bool = False, salvage: bool = False,
     problems: list[str] = []
     for index, record in enumerate(stored):
         try:
-            run.locate(record)
-            if read:
+            if read:  # raw() locates the record in its file's header, then checks the bytes
                 run.raw(record)
                 run.release(record)
                 unverified += record.checksum is None
+            else:
+                run.locate(record)
         except CorruptDataError as exc:
             if not salvage:
                 raise
