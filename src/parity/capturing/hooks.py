@@ -20,12 +20,26 @@ Each call of the root module's ``forward`` is one step. Its ``input_ids``, ``pos
 ``input_ids``, ``positions``, ``seq_lens`` (non-padding tokens per sequence) and, when the
 batch is padded, the ``attention_mask`` itself. Hooks never
 raise into the model and return nothing, so outputs are unchanged (bitwise).
+
+Opt-in records beside each tapped module's output (all off by default; see :func:`capture`):
+
+- ``inputs=True``: its tensor arguments, recorded when it is called (before its output) as
+  ``NAME.input.K`` (positional argument K) and ``NAME.kwargs.KEY`` (keyword argument), flattened
+  like outputs (``NAME.kwargs.position_embeddings.0``), tagged ``role: "input"``;
+- ``parameters=True``: a fingerprint of each parameter (:mod:`parity.capturing.fingerprint`:
+  statistics and digests, no data) at the module's first call, as ``NAME.parameters.PARAM``
+  (``model.layers.3.mlp.parameters.down_proj.weight``); a parameter belongs to the innermost
+  tapped module that holds it, so each is fingerprinted once;
+- ``call_sites=True``: the tag ``call_site`` on each of its records: the innermost
+  :data:`CALL_SITE_FRAMES` frames of the Python stack that called it, outside torch and parity
+  (``path:line in function: source``), taken once per module and call index.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import traceback
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -57,7 +71,73 @@ def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return tags
 
 
-def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
+#: Frames of the calling code kept per call site (innermost first).
+CALL_SITE_FRAMES = 4
+_SKIPPED_FRAMES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,) if m.__file__) + (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+    os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py",
+    os.path.dirname(contextlib.__file__) + os.sep + "threading.py")
+
+
+def call_site(limit: int = CALL_SITE_FRAMES) -> list[str]:
+    """The innermost ``limit`` frames of the current stack outside torch, parity and the standard
+    library's context managers, innermost first, as ``path:line in function: source``."""
+    frames = []
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename.startswith(_SKIPPED_FRAMES):
+            continue
+        frames.append(f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"[:300])
+        if len(frames) == limit:
+            break
+    return frames
+
+
+class _Extras:
+    """The opt-in records of one tapped module: inputs, parameter fingerprints, call sites."""
+
+    def __init__(self, session: CaptureSession, name: str, module_class: str, *, inputs: bool,
+                 parameters: list[tuple[str, torch.nn.Parameter]], call_sites: bool) -> None:
+        self.session, self.name, self.module_class = session, name, module_class
+        self.inputs, self.parameters, self.call_sites = inputs, parameters, call_sites
+        self.sites: dict[int, list[str]] = {}  # call index within a step -> call site
+        self.calls: tuple[int, int] = (-1, 0)  # (step, calls so far in it)
+
+    def site(self) -> list[str] | None:
+        """The call site of the call in progress (taken once per call index)."""
+        if not self.call_sites:
+            return None
+        index = self.calls[1] - 1
+        if index not in self.sites:
+            self.sites[index] = call_site()
+        return self.sites[index]
+
+    def before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: count the call, fingerprint parameters once, record inputs."""
+        session = self.session
+        if not session.active:
+            return
+        try:
+            step = session.current_step
+            self.calls = (step, self.calls[1] + 1 if self.calls[0] == step else 1)
+            tags: dict[str, Any] = {"module": self.module_class}
+            if (site := self.site()) is not None:
+                tags["call_site"] = site
+            for relative, parameter in self.parameters:
+                session.record_fingerprint(f"{self.name}.parameters.{relative}", parameter, tags=tags)
+            self.parameters = []
+            if self.inputs:
+                values = [(f"{self.name}.input.{k}", a) for k, a in enumerate(args)]
+                values += [(f"{self.name}.kwargs.{key}", v) for key, v in kwargs.items()]
+                for prefix, value in values:
+                    found, _ = flatten_output(prefix, value)  # caches, configs: not activations, not noted
+                    for leaf_name, tensor in found:
+                        session.record(leaf_name, tensor, tags={**tags, "role": "input"})
+        except Exception as exc:  # never raise into the host
+            session.note_once(f"input hook on {self.name!r}: {type(exc).__name__}: {exc}; inputs of this call "
+                              "not recorded")
+
+
+def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str, extras: _Extras | None = None):
     def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
         if not session.active:
             return
@@ -66,18 +146,34 @@ def _make_hook(session: CaptureSession, name: str, tap: Tap, module_class: str):
             found, skipped = flatten_output(name, value)
             for message in skipped:
                 session.note_once(message)
+            tags: dict[str, Any] = {"module": module_class}
+            if extras is not None and (site := extras.site()) is not None:
+                tags["call_site"] = site
             for leaf_name, tensor in found:
-                session.record(leaf_name, tensor, tags={"module": module_class})
+                session.record(leaf_name, tensor, tags=tags)
         except Exception as exc:  # never raise into the host
             session.note_once(f"hook on {name!r}: {type(exc).__name__}: {exc}; this call not recorded")
     return hook
+
+
+def _owned_parameters(model: torch.nn.Module, tapped: Sequence[str]) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Each parameter of ``model`` under the innermost tapped module that holds it:
+    {module name: [(name relative to it, parameter)]}; parameters outside every tap are left out."""
+    owned: dict[str, list[tuple[str, torch.nn.Parameter]]] = {name: [] for name in tapped}
+    by_depth = sorted(tapped, key=lambda n: n.count(".") + (n != ""), reverse=True)
+    for full, parameter in model.named_parameters():
+        owner = next((m for m in by_depth if m == "" or full.startswith(m + ".")), None)
+        if owner is not None:
+            owned[owner].append((full[len(owner) + 1:] if owner else full, parameter))
+    return owned
 
 
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = None, taps: Sequence[str] | None = None,
             *, mode: str = "full", spec: str | dict[str, Any] | None = None,
             model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
-            layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
+            layout: dict[str, int] | None = None, sample: int = SAMPLE_SIZE, inputs: bool = False,
+            parameters: bool = False, call_sites: bool = False) -> Iterator[CaptureSession]:
     """Record the outputs of ``model``'s tapped modules into the dump directory ``out_dir``, or,
     with ``out_dir=None`` (the default), into memory: ``session.run`` after the block is the run
     to pass to :func:`parity.compare` (same records, statistics and validation as a dump; for
@@ -101,6 +197,11 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = Non
     group of all ranks) where this rank sits (see :mod:`parity.align.shards`). With
     ``mode="stats"``, ``sample`` elements per tensor (default 32, 0 for none) are stored with
     the statistics, at spread-out positions (see :func:`parity.store.format.sample_positions`).
+
+    Opt-in (default False each; see the module docstring): ``inputs`` records each tapped
+    module's tensor arguments, ``parameters`` a fingerprint of its parameters (compared by
+    digest: "these weights differ" becomes its own finding), ``call_sites`` the code that called
+    it. Inputs cost about as much capture time and disk as the outputs again.
     """
     compiled = _compiled_inner(model)
     if compiled is not None:  # a torch.compile'd module: hook the module it compiled, then retrace
@@ -114,14 +215,23 @@ def capture(model: torch.nn.Module, out_dir: str | os.PathLike[str] | None = Non
     session = CaptureSession(out_dir, mode=mode, spec=spec, model_info=info, sharding=sharding, layout=layout,
                              sample=sample)
     modules = dict(model.named_modules())
-    hooks = [(modules[name], _make_hook(session, name, tap, type(modules[name]).__name__))
-             for name, tap in chosen.items()]
+    owned = _owned_parameters(model, list(chosen)) if parameters else {}
+    hooks = []
+    pre_hooks = []
+    for name, tap in chosen.items():
+        module_class = type(modules[name]).__name__
+        extras = None
+        if inputs or parameters or call_sites:
+            extras = _Extras(session, name, module_class, inputs=inputs, parameters=owned.get(name, []),
+                             call_sites=call_sites)
+            pre_hooks.append((modules[name], extras.before))
+        hooks.append((modules[name], _make_hook(session, name, tap, module_class, extras)))
     if compiled is not None:
         session.note_once("the model is torch.compile'd: its compiled code was discarded (torch._dynamo.reset()) "
                           "so the capture hooks are traced in; the first forward pass under capture recompiles")
         torch._dynamo.reset()
     try:
-        with session_hooks(model, session, hooks, _step_tags):
+        with session_hooks(model, session, hooks, _step_tags, pre_hooks):
             yield session
     finally:
         if compiled is not None:
@@ -141,10 +251,12 @@ def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module | None:
 @contextlib.contextmanager
 def session_hooks(model: torch.nn.Module, session: CaptureSession,
                   hooks: Sequence[tuple[torch.nn.Module, Callable[..., None]]],
-                  step_tags: Callable[[tuple, dict[str, Any]], dict[str, Any]]) -> Iterator[CaptureSession]:
+                  step_tags: Callable[[tuple, dict[str, Any]], dict[str, Any]],
+                  pre_hooks: Sequence[tuple[torch.nn.Module, Callable[..., None]]] = ()) -> Iterator[CaptureSession]:
     """Run ``session`` on ``model``: a step per root forward (metadata from ``step_tags(args,
-    kwargs)``), the given forward ``hooks``, ``parity.dump`` routed to the session; all undone and
-    the session closed on exit. Nothing is installed when the session could not start."""
+    kwargs)``), the given forward ``hooks`` and forward ``pre_hooks`` (called with args and
+    kwargs, after the step began), ``parity.dump`` routed to the session; all undone and the
+    session closed on exit. Nothing is installed when the session could not start."""
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         try:
             session.next_step(step_tags(args, kwargs))
@@ -157,6 +269,7 @@ def session_hooks(model: torch.nn.Module, session: CaptureSession,
     try:
         if session.active:
             handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.extend(module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks)
             handles.extend(module.register_forward_hook(hook) for module, hook in hooks)
             handles.append(model.register_forward_hook(lambda module, args, output: session.end_step()))
         yield session

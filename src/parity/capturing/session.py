@@ -238,6 +238,29 @@ class CaptureSession:
         except Exception as exc:  # this value only: capture goes on with the others
             self.note_once(f"cannot record {name[:200]!r}: {type(exc).__name__}: {exc}")
 
+    def record_fingerprint(self, name: str, parameter: torch.Tensor, *, tags: dict[str, Any] | None = None) -> None:
+        """Queue the fingerprint of ``parameter`` under ``name``: a record with statistics and
+        digests but no data (:mod:`parity.capturing.fingerprint`), in the current step. Never raises."""
+        if not self.active:
+            return
+        try:
+            from parity.capturing.fingerprint import parameter_fingerprint
+
+            values, stats, fingerprint = parameter_fingerprint(parameter)
+            dtype = str(values.dtype).removeprefix("torch.")
+            if dtype not in DTYPES:
+                self.note_once(f"{name}: dtype {dtype} is not recorded")
+                return
+            layer = layer_of(name)
+            all_tags: dict[str, Any] = {**({} if layer is None else {"layer": layer}), **(tags or {}), **fingerprint}
+            record = Record(name=name, step=self.current_step, rank=self.header.rank, order=self._order,
+                            shape=tuple(values.shape), dtype=dtype, file=None, key=None, stats=stats, tags=all_tags)
+            parse_record(record.to_json(), "capture")
+            self._order += 1
+            self._put("fingerprint", record, 0)
+        except Exception as exc:  # this parameter only
+            self.note_once(f"cannot fingerprint {name[:200]!r}: {type(exc).__name__}: {exc}")
+
     def _annotation(self, name: str) -> str | None:
         """The sharding annotation of tap ``name`` (rules matched once per name: names repeat every step)."""
         if name not in self._annotations:
@@ -354,6 +377,8 @@ class CaptureSession:
                         stats["sample"] = sample_values(tensor, self.sample)
                     record = Record(**{**record.__dict__, "stats": stats})
                     self._writer.add(record, tensor if self.mode == "full" else None)
+                elif kind == "fingerprint":  # statistics and digests, no data (already computed)
+                    self._writer.add(payload, None)
                 elif kind == "step":
                     self._writer.add_step(*payload)
                 elif kind == "note":

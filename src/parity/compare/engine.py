@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from parity.capturing.taps import Tap, compile_tap, layer_of, tap_kind, unmatched_error
+from parity.compare.fingerprint import is_fingerprint, judge_fingerprints
 from parity.compare.metrics import error_distribution, pair_metrics, worst_failing_element
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
@@ -276,8 +277,13 @@ def evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, *
     (:class:`~parity.errors.CorruptDataError`: a checksum mismatch, a damaged shard) is the
     outcome ``corrupt`` naming the problem instead of an error that stops the comparison."""
     try:
-        return _evaluate_pair(pair, base, target, policy, allow_missing=allow_missing,
-                              allow_failed=allow_failed, twin=twin)
+        outcome = _evaluate_pair(pair, base, target, policy, allow_missing=allow_missing,
+                                 allow_failed=allow_failed, twin=twin)
+        some = pair.baseline or pair.target
+        outcome.role = some.tags.get("role") if some is not None else None
+        if some is not None and isinstance(site := some.tags.get("call_site"), list):
+            outcome.call_site = [str(frame) for frame in site[:8]]
+        return outcome
     except CorruptDataError as exc:
         if not salvage:
             raise
@@ -335,6 +341,13 @@ def _evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, 
         shape = _squeezed(b.shape)
         notes.append(f"shapes {list(b.shape)} and {list(t.shape)} differ only in size-1 dims: "
                      f"compared as {list(shape)}")
+    if is_fingerprint(b) and is_fingerprint(t):  # parameters: digests, not values (compare/fingerprint.py)
+        notes = [n for n in notes if not n.startswith("dtypes differ")]
+        kind, reason, more = judge_fingerprints(b, t, tolerance)
+        outcome = Outcome(pair.name, pair.step, pair.rank, layer, kind, reason, *sides, tolerance=tolerance,
+                          notes=notes + more)
+        outcome.allowed = not outcome.ok and _matches(allow_failed, pair.name)
+        return outcome
     if b.file is None or t.file is None:  # statistics-only capture on at least one side
         from parity.compare.stats_check import stats_check
 
@@ -469,7 +482,7 @@ def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
     """Worst error per layer index over taps and steps, with growth from the previous layer."""
     by_layer: dict[int, list[Outcome]] = {}
     for o in outcomes:
-        if o.layer is not None and o.metrics is not None:
+        if o.layer is not None and o.metrics is not None and o.role is None:  # outputs: inputs repeat them
             by_layer.setdefault(o.layer, []).append(o)
     if not by_layer:  # statistics-only: the relative difference of L2 norms stands in
         return _stats_profile(outcomes)
@@ -495,7 +508,7 @@ def depth_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
 def _stats_profile(outcomes: Sequence[Outcome]) -> list[LayerError]:
     by_layer: dict[int, list[Outcome]] = {}
     for o in outcomes:
-        if o.layer is not None and o.stats_rel_l2 is not None:
+        if o.layer is not None and o.stats_rel_l2 is not None and o.role is None:
             by_layer.setdefault(o.layer, []).append(o)
     profile: list[LayerError] = []
     previous: float | None = None
@@ -701,6 +714,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     failed_taps = [compile_tap(p) for p in allow_failed]
     outcomes: list[Outcome] = []
     positions = None
+    attribution = None
     twin_context = None
     try:
         if twin is not None:
@@ -736,6 +750,10 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
             if outcomes[first].distribution is None:
                 attach_distribution(outcomes[first], pairs[first], base_run, target_run)
             positions = position_errors(pairs[first], base_run, target_run, decode)
+        if first is not None:
+            from parity.compare.attribution import attribute
+
+            attribution = attribute(outcomes, first)
         if alignment is not None:  # tokens that did not pair come last: the taps say where it diverged
             for outcome in _token_outcomes(alignment):
                 outcome.allowed = outcome.kind != "fail" and _matches(missing_taps, "tokens")
@@ -767,6 +785,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                     outcomes=outcomes, layers=depth_profile(outcomes), notes=notes,
                     first_positions=positions or None,
                     twin=describe_run(twin_context.run) if twin_context is not None else None)
+    report.attribution = attribution
     report.headline = headline(outcomes, baseline=_label(report.baseline), target=_label(report.target),
                                twin=_label(report.twin) if report.twin is not None else None)
     return report

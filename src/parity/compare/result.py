@@ -76,6 +76,11 @@ class Outcome:
     distribution: dict[str, Any] | None = None
     #: MoE router taps: top-k expert-set agreement (compare/routing.py)
     routing: dict[str, Any] | None = None
+    #: what the pair's records are: None for a module output, ``"input"`` (a module's argument)
+    #: or ``"parameter"`` (a parameter fingerprint), from the capture's opt-in records
+    role: str | None = None
+    #: where the module was called from (capture with call sites): innermost frame first
+    call_site: list[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,6 +102,8 @@ class Outcome:
             "worst_failing": json_safe(self.worst_failing) if self.worst_failing else None,
             "distribution": json_safe(self.distribution) if self.distribution else None,
             "routing": self.routing,
+            **({"role": self.role} if self.role else {}),
+            **({"call_site": self.call_site} if self.call_site else {}),
             **({"twin": self.twin.to_json()} if self.twin is not None else {}),
             "notes": self.notes,
             **({"oracle": self.oracle} if self.oracle is not None else {}),
@@ -146,6 +153,8 @@ class Report:
     twin: dict[str, Any] | None = None
     #: one line that answers the question of the run (verdict.headline)
     headline: str = ""
+    #: whom the first divergence blames, from recorded inputs and parameters (compare/attribution.py)
+    attribution: dict[str, Any] | None = None
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -184,7 +193,8 @@ class Report:
                 "outcomes": {k: counts[k] for k in OUTCOMES},
                 "statistics_based": self.statistics_based,
             },
-            "first_divergence": ({**first.to_json(), "positions": self.first_positions}
+            "first_divergence": ({**first.to_json(), "positions": self.first_positions,
+                                  **({"attribution": json_safe(self.attribution)} if self.attribution else {})}
                                  if first else None),
             "baseline": self.baseline, "target": self.target,
             **({"oracle": self.oracle} if self.oracle is not None else {}),

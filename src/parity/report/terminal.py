@@ -211,6 +211,11 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             console.print(f"  layer {_layer(first)}: twin rule: d {g(e.distance)} vs precision noise {g(e.noise)} "
                           f"(x{g(e.ratio)}; bound {g(e.bound)}); target error {g(e.target_error)}, "
                           f"twin error {g(e.twin_error)}")
+        if report.attribution:
+            console.print(Text(f"  layer {_layer(first)}: blame ({report.attribution['verdict']}): ", style="bold")
+                          + Text(str(report.attribution["text"])))
+        for frame in (first.call_site or [])[:2]:
+            console.print(f"  layer {_layer(first)}: called from {frame}")
         for note in first.notes:
             console.print(f"  layer {_layer(first)}: note: {note}")
 
