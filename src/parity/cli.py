@@ -30,6 +30,7 @@ def cli() -> None:
     parity diff                      run the built-in tiny model fp32/eager vs bf16/sdpa
     parity compare BASE TARGET       compare two dump directories
     parity inspect DUMP              list what a dump holds
+    parity convert SRC DST           write a parity dump from an SGLang or msProbe dump
     parity matrix --target S ...     several targets against one baseline, one table
     parity scores                    encoder embeddings and similarity scores on two backends
     parity report REPORT.json        render a saved report as HTML, JUnit or Markdown
@@ -44,6 +45,7 @@ def cli() -> None:
 
 def _register_commands() -> None:
     from parity.commands.compare_cmds import compare_cmd, diff_cmd, inspect_cmd
+    from parity.commands.convert_cmd import convert_cmd
     from parity.commands.engine_cmds import matrix_cmd, scores_cmd
     from parity.commands.report_cmd import report_cmd
     from parity.commands.root_cause_cmds import explain_cmd, inject_cmd
@@ -51,7 +53,7 @@ def _register_commands() -> None:
     from parity.commands.watch_cmd import watch_cmd
 
     for command in (diff_cmd, compare_cmd, inspect_cmd, explain_cmd, inject_cmd, calibrate_cmd, matrix_cmd,
-                    scores_cmd, report_cmd, watch_cmd):
+                    scores_cmd, report_cmd, watch_cmd, convert_cmd):
         cli.add_command(command)
 
 

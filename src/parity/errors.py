@@ -38,6 +38,11 @@ class CorruptDataError(DumpError):
     """A tensor data file fails validation: truncated, bad header, offsets out of bounds."""
 
 
+class UnsafeFileError(DumpError):
+    """A file of an imported dump (SGLang, msProbe) that parity refuses to load: a pickle holding
+    more than plain tensor data (it could run code), an object array, an unknown file type."""
+
+
 class UsageError(ParityError):
     """Arguments that cannot work together, or an option value that cannot be parsed."""
 

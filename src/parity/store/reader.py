@@ -183,7 +183,9 @@ def load_run(path: str | Path, *, salvage: bool = False) -> Run:
     ``salvage`` (default False): a manifest line that is not valid (malformed JSON in the middle,
     an invalid or duplicated record, a malformed step line, a second header, a record without
     the checksum its format requires) is skipped and listed in ``Run.salvaged`` (and a note)
-    instead of refusing the whole dump; what is valid is read. Header problems stay fatal."""
+    instead of refusing the whole dump; what is valid is read. Header problems stay fatal.
+    A directory holding an SGLang dumper or msProbe dump instead is imported
+    (:func:`parity.store.importers.import_run`, in memory; ``salvage`` skips unreadable tensor files)."""
     root = Path(path)
     if not root.exists():
         raise DumpError(f"dump directory {root} does not exist")
@@ -191,7 +193,11 @@ def load_run(path: str | Path, *, salvage: bool = False) -> Run:
         raise DumpError(f"{root} is not a directory (expected a parity dump directory)")
     manifests = sorted(root.glob(MANIFEST_GLOB))
     if not manifests:
-        raise DumpError(f"{root} is not a parity dump: no {MANIFEST_GLOB} in it")
+        from parity.store.importers import detect_format, import_run
+
+        if detect_format(root) is not None:  # an SGLang or msProbe dump: read into memory
+            return import_run(root, salvage=salvage)
+        raise DumpError(f"{root} is not a parity dump: no {MANIFEST_GLOB} in it (nor an SGLang or msProbe dump)")
     headers: dict[int, RunHeader] = {}
     records: list[Record] = []
     steps: dict[tuple[int, int], dict[str, Any]] = {}

@@ -1,0 +1,131 @@
+"""Loading the tensor files of other tools' dumps without running code from them.
+
+SGLang's dumper and msProbe write ``.pt`` files (``torch.save``: a pickle) and msProbe also
+``.npy`` files. A pickle can run any code when loaded, so these are opened only in the two ways
+that cannot:
+
+- ``.pt`` / ``.pth``: ``torch.load(path, weights_only=True, map_location="cpu")`` — torch's
+  restricted unpickler, which builds tensors, containers and plain values and refuses every
+  other global (``os.system``, a class with ``__reduce__``) before calling it;
+- ``.npy``: ``numpy.load(path, allow_pickle=False)`` — object arrays (pickles) are refused.
+
+Every other suffix is refused. Before opening, the file must be a regular file inside the dump
+directory (a symlink out of it, a FIFO or a device is refused without opening it) and at most
+:data:`MAX_FILE_BYTES` (default 64 GiB) long. A refusal is an
+:class:`~parity.errors.UnsafeFileError`; a file that is truncated or not what its suffix says is
+a :class:`~parity.errors.CorruptDataError`; both name the file, on one line.
+"""
+
+from __future__ import annotations
+
+import stat
+import warnings
+from pathlib import Path
+from typing import Any
+
+from parity.errors import CorruptDataError, DumpError, UnsafeFileError
+
+#: Suffixes read with ``torch.load(weights_only=True)``.
+TORCH_SUFFIXES = (".pt", ".pth")
+#: Suffixes read with ``numpy.load(allow_pickle=False)``.
+NUMPY_SUFFIXES = (".npy",)
+#: The largest tensor file opened (64 GiB): a bound, not a guess at real sizes.
+MAX_FILE_BYTES = 64 << 30
+
+
+def checked_file(path: Path, root: Path) -> Path:
+    """``path`` resolved, once it is a regular file inside ``root`` of at most
+    :data:`MAX_FILE_BYTES`; raises :class:`UnsafeFileError` / :class:`DumpError` otherwise."""
+    try:
+        resolved = path.resolve(strict=True)
+        inside = resolved == root.resolve() or root.resolve() in resolved.parents
+        info = resolved.stat()
+    except FileNotFoundError:
+        raise DumpError(f"tensor file {path} is missing") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
+        raise DumpError(f"cannot open tensor file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not inside:
+        raise UnsafeFileError(f"tensor file {path} is a link to a file outside the dump directory {root}")
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFileError(f"tensor file {path} is not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise UnsafeFileError(f"tensor file {path} is {info.st_size} bytes, beyond the {MAX_FILE_BYTES} parity opens")
+    return resolved
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception message, shortened (torch's are paragraphs)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line.split(". ")[0][:200]
+    return type(exc).__name__
+
+
+#: Words of torch's restricted unpickler when it refuses an object (not the bytes) of a pickle.
+_REFUSED = ("GLOBAL", "Unsupported global", "not an allowed global", "Unsupported class", "blocked")
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """What torch's restricted unpickler refused ("unsupported GLOBAL posix.system ..."), or None
+    when the error is about the bytes (garbage, a truncated pickle) rather than what they build."""
+    for line in str(exc).splitlines():
+        if any(word in line for word in _REFUSED):
+            return line.strip().rstrip(".")[:200]
+    return None
+
+
+def load_tensor_file(path: Path, root: Path) -> Any:
+    """The object stored in a ``.pt``/``.pth`` file (tensors, dicts, lists, plain values: whatever
+    ``weights_only`` allows) or the array of a ``.npy`` file. See the module docstring."""
+    suffix = path.suffix.lower()
+    if suffix not in TORCH_SUFFIXES + NUMPY_SUFFIXES:
+        raise UnsafeFileError(f"{path}: parity reads only {', '.join(TORCH_SUFFIXES + NUMPY_SUFFIXES)} tensor files "
+                              f"(with torch.load(weights_only=True) / numpy.load(allow_pickle=False)), not {suffix or 'a file without suffix'}")
+    resolved = checked_file(path, root)
+    if suffix in NUMPY_SUFFIXES:
+        return _load_npy(path, resolved)
+    return _load_pt(path, resolved)
+
+
+def _load_pt(path: Path, resolved: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": noise for the user
+            warnings.simplefilter("ignore")
+            return torch.load(resolved, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        refused = _refusal(exc)
+        if refused is not None:
+            raise UnsafeFileError(
+                f"{path} holds more than tensor data and was not loaded ({refused}); parity loads torch files "
+                "only with torch.load(weights_only=True), which runs no code",
+                hint="re-save it as plain tensors, or convert it with the tool that wrote it") from None
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), _first_line(exc))
+        raise CorruptDataError(f"{path} is not a torch.save file parity can load safely: corrupted, truncated or "
+                               f"a plain pickle ({detail[:200]})") from None
+    except Exception as exc:  # truncated zip, garbage bytes, an unknown storage: torch raises many types
+        raise CorruptDataError(f"{path} is not a readable torch.save file: truncated or corrupted "
+                               f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _load_npy(path: Path, resolved: Path) -> Any:
+    import numpy as np
+
+    try:
+        array = np.load(resolved, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise UnsafeFileError(f"{path} is an object array (a pickle) and was not loaded; parity loads .npy files "
+                                  "only with numpy.load(allow_pickle=False)") from None
+        raise CorruptDataError(f"{path} is not a readable .npy file: {_first_line(exc)}") from None
+    except Exception as exc:  # truncated, a bad header, an .npz or pickle under the .npy name
+        raise CorruptDataError(f"{path} is not a readable .npy file: truncated or corrupted "
+                               f"({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for zip data
+        getattr(array, "close", lambda: None)()
+        raise CorruptDataError(f"{path} is not a .npy array file (numpy read a {type(array).__name__})")
+    return array
