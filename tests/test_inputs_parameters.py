@@ -141,3 +141,17 @@ def test_blame_shown_in_terminal_and_dump_round_trip(tiny_model_dir, tmp_path, b
     text = out.getvalue()
     assert "blame (module): model.layers.1.mlp is blamed" in text
     assert "called from" in text and "modeling_llama.py" in text
+
+
+def test_argument_passed_on_one_side_only_is_reported_not_failing(tiny_model_dir, baseline):
+    """Eager attention gets a 4-D mask, sdpa None: a kwarg one side lacks is not a divergence."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    eager = _load(tiny_model_dir)
+    eager.config._attn_implementation = "eager"
+    report = parity.compare(_capture(eager), _capture(sdpa))
+    one_sided = [o for o in report.outcomes if o.kind.startswith("missing")]
+    assert one_sided and all(o.allowed and o.role == "input" and ".kwargs.attention_mask" in o.name
+                             for o in one_sided)
+    assert report.verdict == "pass"
