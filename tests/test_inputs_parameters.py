@@ -141,6 +141,13 @@ def test_blame_shown_in_terminal_and_dump_round_trip(tiny_model_dir, tmp_path, b
     text = out.getvalue()
     assert "blame (module): model.layers.1.mlp is blamed" in text
     assert "called from" in text and "modeling_llama.py" in text
+    from parity.report.html import render_html
+    from parity.report.markdown import render_markdown
+
+    page = render_html(report.to_json())
+    assert 'id="blame"' in page and "model.layers.1.mlp is blamed" in page and 'id="call-site"' in page
+    markdown = render_markdown(report.to_json())
+    assert "blame (module)" in markdown and "modeling_llama.py" in markdown
 
 
 def test_argument_passed_on_one_side_only_is_reported_not_failing(tiny_model_dir, baseline):

@@ -242,7 +242,10 @@ def _pair_rows(data: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
                      pair.get("outcome"), bool(pair.get("allowed")), m.get("rel_l2"), m.get("max_abs"),
                      m.get("cosine"), m.get("mismatch_fraction"), needed.get("atol"), needed.get("rtol"),
                      tol.get("rtol"), tol.get("atol"), src, pair.get("reason", ""),
-                     "; ".join(str(n) for n in pair.get("notes") or [])])
+                     "; ".join([str(n) for n in pair.get("notes") or []]
+                               + [f"{pair['role']} record" for _ in [0] if pair.get("role")]
+                               + [f"called from {site[0]}" for site in [pair.get("call_site")]
+                                  if isinstance(site, list) and site])])
     return rows, sources
 
 
@@ -332,6 +335,13 @@ def _first_html(data: dict[str, Any]) -> str:
         parts.append(f'<li>rel L2 {_e(_g(metrics.get("rel_l2")))}, cosine {_e(cos_text)}, '
                      f'SQNR {_e(_g(metrics.get("sqnr_db")))} dB, mean |Δ| {_e(_g(metrics.get("mean_abs")))}, '
                      f'max rel {_e(_g(metrics.get("max_rel")))}</li>')
+    blame = first.get("attribution")
+    if isinstance(blame, dict):
+        parts.append(f'<li id="blame"><b>blame ({_e(blame.get("verdict"))})</b>: {_e(blame.get("text"))}</li>')
+    site = first.get("call_site")
+    if isinstance(site, list) and site:
+        frames = "".join(f"<li><code>{_e(frame)}</code></li>" for frame in site)
+        parts.append(f'<li id="call-site">called from<ul class="frames">{frames}</ul></li>')
     for note in first.get("notes") or []:
         parts.append(f'<li class="note">note: {_e(note)}</li>')
     parts.append("</ul></section>")

@@ -131,6 +131,12 @@ def render_markdown(data: dict[str, Any], top: int = TOP) -> str:
             cos_text = f"{cos:.6f}" if cos is not None and math.isfinite(cos) else _g(cos)
             out.append(f"- rel L2 {_g(metrics.get('rel_l2'))}, max abs error {_g(metrics.get('max_abs'))}, "
                        f"cosine {cos_text}")
+        blame = first.get("attribution")
+        if isinstance(blame, dict):
+            out.append(f"- blame ({text(blame.get('verdict', ''))}): {text(blame.get('text', ''))}")
+        site = first.get("call_site")
+        if isinstance(site, list) and site:
+            out.append(f"- called from {code(site[0])}")
         out.append("")
     else:
         out += ["No divergence: every pair passed or was allowed.", ""]
