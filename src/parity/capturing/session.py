@@ -3,7 +3,12 @@
 Policy (defaults in brackets):
 
 - The hook thread only copies a tensor (``detach`` + contiguous copy to CPU) and queues it.
-  Statistics and file writes happen on one background writer thread.
+  Statistics and file writes happen on one background writer thread. A CUDA tensor is not
+  waited for: its copy into pinned host memory (full mode) or its statistics on the device
+  (stats mode) are started on the current stream with an event, which the writer thread waits
+  for (:mod:`parity.capturing.device_copy`: pinned memory bounded by ``max_pending_bytes``;
+  synchronous copy as the fallback). Records produced during CUDA graph capture are skipped
+  with a note.
 - The queue is bounded by bytes [``max_pending_bytes`` = 512 MiB]. When the writer falls
   behind, the hook thread **blocks** until there is room (a single item larger than the bound
   is still accepted when the queue is empty). Memory never grows without bound; nothing is
@@ -47,6 +52,7 @@ from typing import Any
 
 import torch
 
+from parity.capturing.device_copy import DeviceCopier, Pending, PendingStats, PendingTensor
 from parity.capturing.stats import SAMPLE_SIZE, sample_values, tensor_stats
 from parity.capturing.taps import layer_of
 from parity.errors import DumpError, UsageError
@@ -130,6 +136,7 @@ class CaptureSession:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             spec=spec or {}, model=model_info or {}, env=environment())
         self.max_pending_bytes = max_pending_bytes
+        self._copier = DeviceCopier(max_pending_bytes)  # CUDA tensors: copies that do not stall the GPU
         self.error: str | None = None
         self._failed_step = -1
         self.skipped: set[str] = set()
@@ -213,10 +220,11 @@ class CaptureSession:
             if tensor.layout != torch.strided:
                 self.note_once(f"{name}: a {str(tensor.layout).removeprefix('torch.')} tensor, recorded dense")
                 tensor = tensor.to_dense()
-            copy = tensor.detach()
-            copy = copy.to("cpu", copy=True) if copy.device.type != "cpu" else copy.clone(
-                memory_format=torch.contiguous_format)
-            copy = copy.contiguous()
+            source = tensor.detach()
+            if source.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self.note_once(f"{name}: produced during CUDA graph capture, which a copy would break; "
+                               "not recorded (capture the model without CUDA graphs)")
+                return
             layer = layer_of(name)
             all_tags: dict[str, Any] = {} if layer is None else {"layer": layer}
             if tags:
@@ -226,15 +234,17 @@ class CaptureSession:
                 if annotation is not None:
                     all_tags["shard"] = annotation
             record = Record(name=unique, step=step, rank=self.header.rank, order=self._order,
-                            shape=tuple(copy.shape), dtype=dtype, file=None,
+                            shape=tuple(source.shape), dtype=dtype, file=None,
                             key=f"{step}/{self._order}/{unique}", stats={}, tags=all_tags)
             try:  # the reader's own validation: what it would refuse is not written
                 parse_record(record.to_json(), "capture")
             except DumpError as exc:
                 self.note_once(f"not recorded: {str(exc).removeprefix('capture: ')}")
                 return
+            value = self._copy_out(source)
             self._order += 1
-            self._put("record", (record, copy), record.nbytes)
+            if not self._put("record", (record, value), record.nbytes) and isinstance(value, Pending):
+                value.discard()  # capture stopped meanwhile: hand the pinned buffer back
         except Exception as exc:  # this value only: capture goes on with the others
             self.note_once(f"cannot record {name[:200]!r}: {type(exc).__name__}: {exc}")
 
@@ -260,6 +270,24 @@ class CaptureSession:
             self._put("fingerprint", record, 0)
         except Exception as exc:  # this parameter only
             self.note_once(f"cannot fingerprint {name[:200]!r}: {type(exc).__name__}: {exc}")
+
+    def _copy_out(self, source: torch.Tensor) -> torch.Tensor | Pending:
+        """What the writer thread gets for ``source``: a contiguous CPU clone of a CPU tensor;
+        for a CUDA tensor, a copy (full mode) or its statistics (stats mode) started on the device
+        without waiting for it (:mod:`parity.capturing.device_copy`; synchronous copy as fallback)."""
+        if source.device.type == "cpu":
+            return source.clone(memory_format=torch.contiguous_format).contiguous()
+        if self.mode == "stats":
+            return self._copier.start_stats(source, self.sample)
+        return self._copier.start_copy(source)
+
+    @property
+    def device_copies(self) -> dict[str, Any]:
+        """How device tensors were copied so far: ``async`` / ``sync`` record counts and the
+        pinned pool's figures (bytes held at peak, allocations, reuses, refusals, drops, problem)."""
+        pool = self._copier.pool
+        return {**self._copier.counts, "pinned_peak_bytes": pool.peak_bytes, "allocations": pool.allocations,
+                "reuses": pool.reuses, "refusals": pool.refusals, "dropped": pool.dropped, "problem": pool.problem}
 
     def _annotation(self, name: str) -> str | None:
         """The sharding annotation of tap ``name`` (rules matched once per name: names repeat every step)."""
@@ -296,12 +324,20 @@ class CaptureSession:
         self.error = reason
         self._failed_step = self.step
         log.warning("parity capture turned itself off: %s", reason)
+        dropped: list[tuple[str, Any]] = []
         with self._cond:
             if not drain:
+                dropped = list(self._queue)
                 self._handled += len(self._queue)
                 self._queue.clear()
                 self._pending = 0
             self._cond.notify_all()
+        for kind, payload in dropped:  # device copies in flight: wait for them, hand their buffers back
+            if kind == "record" and isinstance(payload[1], Pending):
+                try:
+                    payload[1].discard()
+                except Exception:
+                    pass
 
     def close(self) -> None:
         """Write everything queued and close the dump. Safe to call twice."""
@@ -316,6 +352,7 @@ class CaptureSession:
             self._writer.close()
         except Exception as exc:
             self.fail(f"cannot close dump: {getattr(exc, 'message', exc)}")
+        self._copier.close()
 
     @property
     def run(self) -> Any:
@@ -370,11 +407,15 @@ class CaptureSession:
             nbytes = 0
             try:
                 if kind == "record":
-                    record, tensor = payload
+                    record, value = payload
                     nbytes = record.nbytes
-                    stats = tensor_stats(tensor)
-                    if self.sample:
-                        stats["sample"] = sample_values(tensor, self.sample)
+                    if isinstance(value, PendingStats):  # computed on the device; waits for it
+                        tensor, stats = None, value.result()
+                    else:
+                        tensor = value.result() if isinstance(value, PendingTensor) else value
+                        stats = tensor_stats(tensor)
+                        if self.sample:
+                            stats["sample"] = sample_values(tensor, self.sample)
                     record = Record(**{**record.__dict__, "stats": stats})
                     self._writer.add(record, tensor if self.mode == "full" else None)
                 elif kind == "fingerprint":  # statistics and digests, no data (already computed)

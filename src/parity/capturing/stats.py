@@ -12,12 +12,24 @@ when the minimum or maximum is not finite (statistics-only capture stays cheap: 
 statistics (:data:`SAMPLE_SIZE` elements by default): one element per ``numel // k`` segment
 of the flat tensor, at a varying offset (:func:`~parity.store.format.sample_positions`), so
 two captures of tensors of one size sample the same positions.
+
+:func:`stats_vector` and :func:`stats_from_vector` split the same statistics in two for a tensor
+on an accelerator: the first queues every reduction on the tensor's device and returns one small
+float64 tensor there (no ``.item()``, no host synchronization: the hook of a GPU model can call
+it), the second turns that tensor's values, once on the host, into the dictionary
+:func:`tensor_stats` returns. On the same device and data both give the same numbers, bit for bit:
+for a finite tensor they run the very operations of :func:`tensor_stats`; with NaN or Inf,
+:func:`tensor_stats` itself goes through them (the non-finite elements replaced by a finite
+element of the tensor for the minimum and maximum, and by 0 for the sums, instead of being
+removed: the same values, with no data-dependent size, which a device could not compute
+without waiting; mean and L2 may differ in the last bit from the compacting version before).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -35,14 +47,9 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     stats["zero"] = numel - int(torch.count_nonzero(x))
     lo, hi = torch.aminmax(x)
     lo_f, hi_f = float(lo), float(hi)
-    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN or Inf somewhere: the slow path
-        stats["nan"] = int(torch.isnan(x).sum())
-        stats["inf"] = int(torch.isinf(x).sum())
-        x = x[torch.isfinite(x)]
-        if x.numel() == 0:
-            return stats
-        lo, hi = torch.aminmax(x)
-        lo_f, hi_f = float(lo), float(hi)
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN or Inf somewhere: the masked path
+        vector, layout = stats_vector(x)
+        return stats_from_vector(vector.tolist(), layout)
     total, squares = _sums(x)
     stats.update(min=lo_f, max=hi_f, abs_max=max(abs(lo_f), abs(hi_f)), mean=total / x.numel(),
                  l2=math.sqrt(squares))
@@ -79,3 +86,74 @@ def sample_values(t: torch.Tensor, k: int) -> list[float]:
         return []
     index = torch.tensor(positions, dtype=torch.int64, device=flat.device)
     return flat.index_select(0, index).to("cpu", torch.float64).tolist()
+
+
+@dataclass(frozen=True)
+class StatsLayout:
+    """Where each value sits in a :func:`stats_vector`: ``[nan, finite, nonzero, min, max]``, then
+    ``chunks`` pairs of (sum, sum of squares), then ``samples`` sampled values; ``sampled``: a
+    sample was asked for (an empty tensor's is the empty list)."""
+
+    numel: int
+    chunks: int
+    samples: int
+    sampled: bool = False
+
+
+def stats_vector(t: torch.Tensor, sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, StatsLayout]:
+    """Every reduction :func:`tensor_stats` needs, queued on ``t``'s device, as one float64 1-D
+    tensor on that device, with its layout; nothing waits for the device (no ``.item()``,
+    ``float()`` or data-dependent shapes). ``sample_index`` (default None: no sample) is an int64
+    tensor of flat positions on ``t``'s device (:func:`~parity.store.format.sample_positions`):
+    the values there are appended, as :func:`sample_values` takes them. Counts are exact up to
+    2^53 elements. An empty ``t`` gives an empty tensor. Finite and non-finite tensors run the
+    same operations: NaN/Inf are replaced by a finite element of ``t`` (the first) for the
+    minimum and maximum, and by 0 for the sums, which run in :data:`SUM_CHUNK` chunks widened to
+    float64, as in :func:`tensor_stats`."""
+    numel = t.numel()
+    sampled = sample_index is not None
+    samples = 0 if sample_index is None or numel == 0 else sample_index.numel()
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float64, device=t.device), StatsLayout(0, 0, 0, sampled)
+    x = t if t.is_floating_point() else t.to(torch.float64)
+    finite = torch.isfinite(x)
+    flat = x.reshape(-1)
+    fill = flat.index_select(0, finite.reshape(-1).to(torch.uint8).argmax().reshape(1))  # a finite element
+    lo, hi = torch.aminmax(torch.where(finite, x, fill))  # == aminmax(x) when every element is finite
+    parts = [torch.isnan(x).sum().reshape(1), finite.sum().reshape(1), torch.count_nonzero(x).reshape(1),
+             lo.reshape(1), hi.reshape(1)]
+    clean = torch.where(finite, x, 0).reshape(-1)  # == x when every element is finite
+    chunks = 0
+    for start in range(0, numel, SUM_CHUNK):
+        chunk = clean[start:start + SUM_CHUNK].to(torch.float64)
+        parts += [chunk.sum().reshape(1), torch.dot(chunk, chunk).reshape(1)]
+        chunks += 1
+    if samples:
+        parts.append(t.reshape(-1).index_select(0, sample_index))
+    return torch.cat(parts).to(torch.float64), StatsLayout(numel, chunks, samples, sampled)
+
+
+def stats_from_vector(values: Sequence[float], layout: StatsLayout) -> dict[str, Any]:
+    """The statistics of :func:`tensor_stats` (and, when the vector holds a sample, ``"sample"``)
+    from the host values of a :func:`stats_vector`: the chunk sums are added in order, as
+    :func:`tensor_stats` adds them."""
+    numel = layout.numel
+    stats: dict[str, Any] = {"min": None, "max": None, "mean": None, "abs_max": None, "l2": None,
+                             "nan": 0, "inf": 0, "zero": 0, "numel": numel}
+    if numel == 0:
+        if layout.sampled:
+            stats["sample"] = []
+        return stats
+    nan, finite = int(values[0]), int(values[1])
+    stats.update(nan=nan, inf=numel - nan - finite, zero=numel - int(values[2]))
+    if finite:
+        lo, hi = float(values[3]), float(values[4])
+        total = squares = 0.0
+        for i in range(layout.chunks):
+            total += values[5 + 2 * i]
+            squares += values[6 + 2 * i]
+        stats.update(min=lo, max=hi, abs_max=max(abs(lo), abs(hi)), mean=total / finite, l2=math.sqrt(squares))
+    if layout.sampled:
+        start = 5 + 2 * layout.chunks
+        stats["sample"] = [float(v) for v in values[start:start + layout.samples]]
+    return stats
