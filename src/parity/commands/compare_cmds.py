@@ -36,8 +36,11 @@ from parity.errors import UsageError
 @click.option("--salvage", is_flag=True,
               help="Read damaged dumps as far as they go: invalid manifest lines are skipped and noted, a pair "
                    "whose data is corrupted is reported as 'corrupt' (it fails the run) instead of stopping.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with a tokenizer.json to show token text beside positions "
+                   "(default: the model folder recorded in BASE_DIR, when it has one).")
 @compare_options
-def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
+def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None, **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
 
     Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
@@ -47,8 +50,11 @@ def compare_cmd(base_dir: str, target_dir: str, **options: Any) -> int:
     Multi-rank dumps (torchrun) are rebuilt into full tensors from their sharding annotations
     (--shard overrides them); --align tokens pairs tokens across different step layouts.
     """
+    from parity.commands.tokens import decoder_for
+
+    decode = decoder_for(tokenizer_dir, base_dir)
     with Progress() as progress:
-        return compare_and_report(base_dir, target_dir, progress=progress, **options)
+        return compare_and_report(base_dir, target_dir, progress=progress, decode=decode, **options)
 
 
 @click.command("diff", context_settings=CONTEXT)

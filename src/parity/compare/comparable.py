@@ -61,6 +61,35 @@ def _input_difference(base: Any, target: Any, decode: Any = None) -> str | None:
     return None
 
 
+#: Differing positions listed per step by :func:`input_differences` (the count is always given).
+MAX_LISTED = 32
+
+
+def input_differences(base: Any, target: Any, decode: Any = None) -> list[dict[str, Any]]:
+    """Per step whose ``input_ids`` differ between the runs: ``step``, ``lengths`` (baseline,
+    target), ``count`` of differing positions (over the common length), ``positions`` (the first
+    :data:`MAX_LISTED`), and the ids there (``baseline_ids``, ``target_ids``) with, when
+    ``decode(token_id)`` is given, their text (``baseline_tokens``, ``target_tokens``)."""
+    found = []
+    for step in sorted({r.step for r in base.records} & {r.step for r in target.records}):
+        a, b = _flat(base.step_tags(step).get("input_ids")), _flat(target.step_tags(step).get("input_ids"))
+        if a is None or b is None or a == b:
+            continue
+        differing = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        listed = differing[:MAX_LISTED]
+        item: dict[str, Any] = {"step": step, "lengths": [len(a), len(b)], "count": len(differing),
+                                "positions": listed, "baseline_ids": [a[i] for i in listed],
+                                "target_ids": [b[i] for i in listed]}
+        if decode is not None:
+            try:
+                item["baseline_tokens"] = [decode(a[i]) for i in listed]
+                item["target_tokens"] = [decode(b[i]) for i in listed]
+            except Exception:  # a tokenizer that cannot decode an id must not stop the report
+                pass
+        found.append(item)
+    return found
+
+
 def _token(token: int, decode: Any) -> str:
     if decode is None:
         return str(token)

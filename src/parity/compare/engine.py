@@ -719,6 +719,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
     outcomes: list[Outcome] = []
     positions = None
     attribution = None
+    differences: list[dict[str, Any]] = []
     twin_context = None
     try:
         if twin is not None:
@@ -726,6 +727,10 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
         from parity.compare.comparable import check_comparable
 
         incomparable = check_comparable(base_run, target_run, align=align, allow=allow_incomparable, decode=decode)
+        if incomparable and align == "steps":
+            from parity.compare.comparable import input_differences
+
+            differences = input_differences(base_run, target_run, decode)
         check_patterns({p.name for p in pairs} | ({"tokens"} if alignment is not None else set()),
                        allow_missing=allow_missing, allow_failed=allow_failed, policy=policy)
         if (workers > 1 and len(pairs) > 1) or distributed:
@@ -790,6 +795,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                     first_positions=positions or None,
                     twin=describe_run(twin_context.run) if twin_context is not None else None)
     report.attribution = attribution
+    report.input_differences = differences or None
     report.headline = headline(outcomes, baseline=_label(report.baseline), target=_label(report.target),
                                twin=_label(report.twin) if report.twin is not None else None)
     return report

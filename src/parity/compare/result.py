@@ -155,6 +155,9 @@ class Report:
     headline: str = ""
     #: whom the first divergence blames, from recorded inputs and parameters (compare/attribution.py)
     attribution: dict[str, Any] | None = None
+    #: steps whose input token ids differ (compared anyway: allow_incomparable), see
+    #: compare/comparable.input_differences
+    input_differences: list[dict[str, Any]] | None = None
 
     @property
     def first_divergence(self) -> Outcome | None:
@@ -202,6 +205,7 @@ class Report:
             "tolerance": self.tolerance,
             "layers": [layer.to_json() for layer in self.layers],
             **({"end_to_end": self.end_to_end} if self.end_to_end is not None else {}),
+            **({"input_differences": json_safe(self.input_differences)} if self.input_differences else {}),
             "notes": self.notes,
             "pairs": [o.to_json() for o in self.outcomes],
         }

@@ -348,6 +348,29 @@ def _first_html(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _input_differences_html(data: dict[str, Any]) -> str:
+    """Steps whose input token ids differ (compared anyway), as a card; empty when none."""
+    items = data.get("input_differences")
+    if not isinstance(items, list) or not items:
+        return ""
+    rows = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("positions"), list):
+            continue
+        for k, position in enumerate(item["positions"]):
+            cells = []
+            for side in ("baseline", "target"):
+                ids, tokens = item.get(f"{side}_ids") or [], item.get(f"{side}_tokens") or []
+                token = f" {tokens[k]!r}" if k < len(tokens) else ""
+                cells.append(f"<td>{_e(ids[k] if k < len(ids) else '?')}{_e(token)}</td>")
+            rows.append(f"<tr><td>{_e(item.get('step'))}</td><td>{_e(position)}</td>{''.join(cells)}</tr>")
+    counts = "; ".join(f"step {_e(i.get('step'))}: {_e(i.get('count'))} positions"
+                       for i in items if isinstance(i, dict))
+    return (f'<section id="input-differences" class="card bad"><h2>Inputs differ</h2><p>The runs were given '
+            f'different token ids (compared anyway): {counts}.</p><table><thead><tr><th>step</th><th>position</th>'
+            f'<th>baseline</th><th>target</th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
+
+
 def _tolerance_html(data: dict[str, Any]) -> str:
     tol = data.get("tolerance") or {}
     rows = "".join(f"<tr><td>{_e(dtype)}</td><td>{_e(_g(v.get('rtol')))}</td><td>{_e(_g(v.get('atol')))}</td></tr>"
@@ -392,7 +415,7 @@ def render_html(data: dict[str, Any]) -> str:
     e2e_nav = '<a href="#end-to-end">End to end</a>' if _end_to_end(data) else ""
     caption = _DEPTH_CAPTION_ORACLE if isinstance(data.get("oracle"), dict) else _DEPTH_CAPTION
     parts = {"TITLE": _e(title), "DEPTHCAPTION": caption, "CSS": _CSS, "SUMMARY": _summary_html(data),
-             "FIRST": _first_html(data), "TOLERANCE": _tolerance_html(data), "E2ENAV": e2e_nav,
+             "FIRST": _input_differences_html(data) + _first_html(data), "TOLERANCE": _tolerance_html(data), "E2ENAV": e2e_nav,
              "DATA": script_json(page_data(data)), "JS": _JS}
     # One pass over the template: text from the report can never be taken for a placeholder.
     return re.sub(r"@([A-Z0-9]+)@", lambda m: parts[m.group(1)], _TEMPLATE)

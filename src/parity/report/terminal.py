@@ -42,6 +42,39 @@ def make_console(file: Any = None) -> Console:
     return console
 
 
+#: Token positions of the first divergence shown (the largest errors).
+WORST_POSITIONS = 3
+
+
+def _token_text(ids: list, tokens: list | None, i: int) -> str:
+    label = f"#{ids[i]}" if i < len(ids) else "?"
+    return f"{label} {tokens[i]!r}" if tokens and i < len(tokens) else label
+
+
+def _render_positions(report: Report, console: Console, prefix: str) -> None:
+    """The first divergence's worst token positions, with the tokens there (when decoded)."""
+    pos = report.first_positions
+    if not pos or not pos.get("rel_l2"):
+        return
+    rel, ids, tokens = pos["rel_l2"], pos.get("token_ids") or [], pos.get("tokens")
+    worst = sorted(range(len(rel)), key=lambda i: -rel[i])[:WORST_POSITIONS]
+    parts = [f"{i} {_token_text(ids, tokens, i)} rel L2 {g(rel[i])}" for i in worst]
+    console.print(Text(f"{prefix}worst positions of {len(rel)}: " + "; ".join(parts)))
+
+
+def _render_input_differences(report: Report, console: Console) -> None:
+    """Steps whose token ids differ between the runs (compared anyway), with the tokens."""
+    for item in report.input_differences or []:
+        tokens_b, tokens_t = item.get("baseline_tokens"), item.get("target_tokens")
+        shown_pairs = [f"{p}: {_token_text(item['baseline_ids'], tokens_b, k)} vs "
+                       f"{_token_text(item['target_ids'], tokens_t, k)}" for k, p in enumerate(item["positions"][:5])]
+        more = f" (+{item['count'] - len(shown_pairs)} more)" if item["count"] > len(shown_pairs) else ""
+        lengths = item["lengths"]
+        length = f"; {lengths[0]} vs {lengths[1]} tokens" if lengths[0] != lengths[1] else ""
+        console.print(Text("inputs differ: ", style="bold yellow") + Text(
+            f"step {item['step']}: {item['count']} token positions{length}: " + "; ".join(shown_pairs) + more))
+
+
 def _render_routing(report: Report, console: Console) -> None:
     """One line per MoE model: the top-k expert-set agreement of each layer's router (all steps)."""
     per_layer: dict[int, list[dict[str, Any]]] = {}
@@ -172,6 +205,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
         console.print(table)
 
     _render_routing(report, console)
+    _render_input_differences(report, console)
     first = report.first_divergence
     if first is not None:
         console.print(Text("first divergence: ", style="bold red") + Text(
@@ -218,6 +252,7 @@ def _render_body(report: Report, console: Console, *, show: int, show_all: bool)
             console.print(f"  layer {_layer(first)}: called from {frame}")
         for note in first.notes:
             console.print(f"  layer {_layer(first)}: note: {note}")
+        _render_positions(report, console, f"  layer {_layer(first)}: ")
 
     if any(o.oracle for o in report.outcomes):
         _render_oracle(report, console)
