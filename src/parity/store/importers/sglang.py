@@ -21,6 +21,9 @@ Mapping (defaults in brackets):
 - the token aligner's aux tensors ``input_ids``, ``positions``, ``seq_lens`` and ``rids``
   become the step metadata ``input_ids``, ``positions``, ``seq_lens``, ``request_ids``
   (``--align tokens`` reads them) instead of records; ``req_pool_indices`` is dropped (noted).
+  SGLang's ``seq_lens`` count each sequence's whole length, parity's the tokens it has in the
+  step: with ``positions`` they are converted (``seq_lens[i] - positions[first token of i]``),
+  else kept only when they add up to the step's tokens (dropped with a note otherwise).
 - ``dims`` onto the ``shard`` tag of a multi-rank dump: a dim marked ``[tp]`` at index i ->
   ``split:i``, ``[tp:partial]`` -> ``sum``, no parallel marker -> ``replicated``; markers of other
   axes (cp, sp, ep, dp ...) are not mapped (noted; ``--shard`` at compare time fills the gap).
@@ -181,12 +184,52 @@ def read(path: Path) -> ImportedDump:
             continue
         if name in STEP_TENSORS:
             value = _value(file, folder)[0]
-            dump.steps.setdefault((step, rank), {})[STEP_TENSORS[name]] = _plain(value)
+            # the first one of a step wins: the model runner dumps them before the forward pass
+            # (a model's own input_ids keyword, seen again by the non-intrusive hooks, comes later)
+            dump.steps.setdefault((step, rank), {}).setdefault(STEP_TENSORS[name], _plain(value))
             continue
         dump.entries.append(Entry(name=record_name(tags), step=step, rank=rank,
                                   load=_loader(file, folder)))
+    for (step, rank), tags in dump.steps.items():
+        _step_seq_lens(tags, step, rank, dump.notes)
     _read_parallel_facts(dump, files, folder, max_rank)
     return dump
+
+
+def _flat(value: list[Any]) -> list[Any]:
+    """A nested list's leaves in order ([[1, 2], [3]] -> [1, 2, 3])."""
+    return [leaf for item in value for leaf in (_flat(item) if isinstance(item, list) else [item])]
+
+
+def _step_seq_lens(tags: dict[str, Any], step: int, rank: int, notes: list[str]) -> None:
+    """SGLang's ``seq_lens`` are whole sequence lengths (cached prefix + this step's tokens);
+    parity's are the tokens each sequence has in the step. With ``positions`` (the first token
+    of sequence i sits at position ``prefix_i``) each count is ``seq_lens[i] - prefix_i``;
+    without them, seq_lens are kept only when they add up to the step's tokens (a prefill)."""
+    lens, ids, positions = tags.get("seq_lens"), tags.get("input_ids"), tags.get("positions")
+    if not isinstance(lens, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lens):
+        tags.pop("seq_lens", None)
+        return
+    tokens = len(_flat(ids)) if isinstance(ids, list) else None
+    positions = _flat(positions) if isinstance(positions, list) else None
+    if isinstance(positions, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+        counts, start = [], 0
+        for total in lens:
+            if start >= len(positions):
+                break
+            count = total - positions[start]
+            if count < 1:
+                break
+            counts.append(count)
+            start += count
+        if len(counts) == len(lens) and start == len(positions) and tokens in (None, start):
+            tags["seq_lens"] = counts
+            return
+    if tokens is not None and sum(lens) == tokens:
+        return
+    tags.pop("seq_lens")
+    notes.append(f"step {step} rank {rank}: SGLang seq_lens {lens[:8]} do not fit the step's tokens; dropped "
+                 "(the token aligner treats the step as one sequence)")
 
 
 def _value(file: Path, folder: Path) -> tuple[Any, dict[str, Any]]:
