@@ -24,7 +24,8 @@ from parity.compare.metrics import error_distribution, pair_metrics, worst_faili
 from parity.compare.pairing import Pair, RenameRule, pair_records
 from parity.compare.result import LayerError, Outcome, Report, Side
 from parity.compare.tolerance import Tolerance, TolerancePolicy, lower_precision
-from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, OK_GRADES, TwinEvidence, grade_with_twin, headline,
+from parity.compare.verdict import (DEFAULT_M, FIRST_DEPARTURE_U, OK_GRADES, TwinEvidence, declared_dtype,
+                                    dtype_mismatch, grade_with_twin, headline,
                                     locate_jump, precision_rank, twin_eps)
 from parity.errors import CorruptDataError, DumpError, UsageError
 from parity.store.format import FLOAT_DTYPES, Record, sample_positions
@@ -421,6 +422,21 @@ def _evaluate_pair(pair: Pair, base: Run, target: Run, policy: TolerancePolicy, 
     return outcome
 
 
+def _mark_dtype_mismatches(outcomes: list[Outcome], declared: tuple[str | None, str | None],
+                           allow_failed: Sequence[Tap]) -> None:
+    """Make pairs whose float dtypes differ although both runs declare one dtype the outcome
+    ``dtype_mismatch`` (:func:`~parity.compare.verdict.dtype_mismatch`); the value verdict stays
+    in the reason. Structural outcomes (missing, shape, corrupt) are left as they are."""
+    for o in outcomes:
+        if o.baseline is None or o.target is None or o.kind not in ("identical", "pass", "noise", "anomalous", "fail"):
+            continue
+        why = dtype_mismatch(o.baseline.dtype, o.target.dtype, declared)
+        if why is not None:
+            o.reason = f"{why}; values: {o.kind}, {o.reason}"
+            o.kind = "dtype_mismatch"
+            o.allowed = _matches(allow_failed, o.name)
+
+
 def _mark_jump(outcomes: list[Outcome], first: int, allow_failed: Sequence[Tap]) -> int:
     """Make the tap where the error jumps (verdict.locate_jump) the first divergence, when it comes
     before the first failing pair; returns the index of the first divergence."""
@@ -747,6 +763,8 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(index + 1, len(pairs), pair.name)
+        _mark_dtype_mismatches(outcomes, (declared_dtype(base_run.header.spec), declared_dtype(target_run.header.spec)),
+                               failed_taps)
         attach_routing(outcomes, pairs, base_run, target_run)
         if distributions:
             for outcome, pair in zip(outcomes, pairs):

@@ -14,8 +14,8 @@ Grades of a pair (``Outcome.kind``), best first:
   elements may still be within the tolerance (a fault that a loose 16-bit tolerance hides;
   when the lower dtype is float32, its tolerance is tight and decides: within it is ``pass``).
 - ``fail``: elements outside the tolerance and not explained by precision (no twin, or the
-  twin rule says so); ``degenerate``, ``nonfinite``, ``shape_mismatch`` and ``missing_*``
-  are failures with a named reason.
+  twin rule says so); ``degenerate``, ``nonfinite``, ``shape_mismatch``, ``missing_*`` and
+  ``dtype_mismatch`` (:func:`dtype_mismatch`) are failures with a named reason.
 
 The first divergence is where the error jumps (:func:`locate_jump`), not only where it first
 crosses the tolerance: a 1e-4 relative change of one fp32 MLP stays inside the fp32 tolerance
@@ -76,7 +76,7 @@ UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0 ** -53, "float32": 2.0 ** -24,
                                    "bfloat16": 2.0 ** -8}
 #: Every outcome kind, best first: the grades, then the structural failures.
 OUTCOMES = ("identical", "pass", "noise", "anomalous", "fail", "shape_mismatch", "missing_in_target",
-            "missing_in_baseline", "nonfinite", "degenerate", "corrupt")
+            "missing_in_baseline", "nonfinite", "degenerate", "corrupt", "dtype_mismatch")
 #: Grades that do not fail a run.
 OK_GRADES = frozenset({"identical", "pass", "noise"})
 #: The twin rule's factor: d <= m * noise + eps.
@@ -88,6 +88,30 @@ FIRST_DEPARTURE_U = 2.0
 ONE_ROUNDING_DTYPES = frozenset({"bfloat16", "float16"})
 #: A tap whose error is this many times every earlier one's (of its step) is where the error jumps.
 JUMP = 4.0
+
+
+def declared_dtype(spec: Any) -> str | None:
+    """The compute dtype a run header's ``spec`` declares (``dtype=bfloat16``), or None."""
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    return dtype if isinstance(dtype, str) and dtype in UNIT_ROUNDOFF else None
+
+
+def dtype_mismatch(baseline_dtype: str, target_dtype: str, declared: tuple[str | None, str | None]) -> str | None:
+    """Why a pair's dtypes are a finding of their own, or None.
+
+    Float tensors of two dtypes are compared in float64 either way; that is expected when the
+    runs were *declared* at different precisions (a float32 run against a bfloat16 one) or when a
+    run declares nothing. When both runs declare the same dtype, a pair whose float dtypes differ
+    means one of them computed that tap at another precision (an upcast or a downcast the other
+    does not do): the outcome ``dtype_mismatch`` (a failure that ``--allow-failed`` can excuse),
+    whatever the values. Integer and bool tensors (ids, masks) are never a dtype mismatch."""
+    floats = set(UNIT_ROUNDOFF)
+    if baseline_dtype == target_dtype or baseline_dtype not in floats or target_dtype not in floats:
+        return None
+    if declared[0] is None or declared[0] != declared[1]:
+        return None
+    return (f"dtypes differ: baseline {baseline_dtype}, target {target_dtype}, while both runs are declared "
+            f"{declared[0]} (one computes this tap at another precision)")
 
 
 def outcome_ok(kind: str | None, allowed: bool | None = False) -> bool:

@@ -506,7 +506,7 @@ table.runs td.path{word-break:break-all;color:var(--muted)}
 .badge{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap;border:1px solid transparent}
 .o-pass,.o-identical,.o-noise{background:var(--passbg);color:var(--pass);border-color:#aceebb}
 .o-fail,.o-anomalous,.o-nonfinite,.o-degenerate{background:var(--failbg);color:var(--fail);border-color:#ffcecb}
-.o-shape_mismatch{background:#fbefff;color:#8250df;border-color:#eccbff}
+.o-shape_mismatch,.o-dtype_mismatch{background:#fbefff;color:#8250df;border-color:#eccbff}
 .o-missing_in_target,.o-missing_in_baseline{background:#fff8c5;color:var(--warn);border-color:#f5e0a0}
 .o-allowed{opacity:.65}
 .tolgrid{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start}

@@ -29,7 +29,8 @@ UNBOUNDED = 1000
 
 STYLE = {"identical": "green", "pass": "green", "noise": "cyan", "anomalous": "bold red", "fail": "red",
          "shape_mismatch": "magenta", "missing_in_target": "yellow",
-         "missing_in_baseline": "yellow", "nonfinite": "bold red", "degenerate": "bold red", "corrupt": "bold magenta"}
+         "missing_in_baseline": "yellow", "nonfinite": "bold red", "degenerate": "bold red", "corrupt": "bold magenta",
+         "dtype_mismatch": "magenta"}
 
 
 def make_console(file: Any = None) -> Console:
