@@ -75,12 +75,13 @@ def resolve_model_dir(model_dir: str | os.PathLike[str] | None) -> Path:
 
 @dataclass
 class LoadedModel:
-    """A model and tokenizer loaded under a spec."""
+    """A model and tokenizer loaded under a spec; ``chat``: prompts go through the chat template."""
 
     model: object
     tokenizer: object
     spec: Spec
     path: Path
+    chat: bool = False
 
 
 def load(model_dir: str | os.PathLike[str], spec: Spec) -> LoadedModel:
@@ -133,16 +134,20 @@ def _quantize(model: object, quant: str) -> None:
     quantize_(model, config, filter_fn=only_decoder_linears)
 
 
-def generate(loaded: LoadedModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5) -> list:
-    """Greedy generation of ``new_tokens`` per prompt (batch 1), with top-k logprobs per position."""
+def generate(loaded: LoadedModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5,
+             chat: bool = False) -> list:
+    """Greedy generation of ``new_tokens`` per prompt (batch 1), with top-k logprobs per position;
+    ``chat`` (default False): prompts through the tokenizer's chat template
+    (:func:`parity.backends.generation.encode_prompt`)."""
     import torch
 
-    from parity.backends.generation import Generation
+    from parity.backends.generation import Generation, encode_prompt
 
     out = []
     tok = loaded.tokenizer
+    eos = _eos_ids(loaded.model, tok)
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids.to(loaded.spec.device)
+        ids = torch.tensor([encode_prompt(tok, prompt, chat=chat)], device=loaded.spec.device)
         with torch.inference_mode():
             result = loaded.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                                            return_dict_in_generate=True, pad_token_id=tok.pad_token_id or 0)
@@ -154,8 +159,22 @@ def generate(loaded: LoadedModel, prompts: Sequence[str], *, new_tokens: int, to
             entry = {int(i): float(v) for i, v in zip(indices, values)}
             entry.setdefault(tokens[position], float(logprobs[tokens[position]]))
             topk.append(entry)
-        out.append(Generation(prompt=prompt, prompt_ids=ids[0].tolist(), tokens=tokens, topk=topk))
+        out.append(Generation(prompt=prompt, prompt_ids=ids[0].tolist(), tokens=tokens, topk=topk,
+                              ended_at_eos=bool(tokens) and tokens[-1] in eos, chat=chat))
     return out
+
+
+def _eos_ids(model: object, tokenizer: object) -> set[int]:
+    """The token ids that end a generation: the generation config's ``eos_token_id`` (int or list)
+    and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
 
 
 def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], out_dir: str | os.PathLike[str], *,
@@ -169,7 +188,7 @@ def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], o
     model = loaded.model
     info = {**model_identity(loaded.path), "architecture": type(model).__name__}
     if canonical:
-        from parity.align.canonical import rules_for, supported
+        from parity.align.canonical import logits_transform, rules_for, supported
         from parity.capturing.canonical_hooks import capture_canonical
 
         model_type = getattr(model.config, "model_type", "")
@@ -177,7 +196,8 @@ def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], o
         if rules is None:
             raise BackendError(f"no canonical taps for architecture {model_type!r} (supported: {supported()})")
         context = capture_canonical(model, out_dir, rules, num_layers=model.config.num_hidden_layers, mode=mode,
-                                    spec=loaded.spec.to_dict(), model_info=info)
+                                    spec=loaded.spec.to_dict(), model_info=info,
+                                    logits_transform=logits_transform(model.config))
     else:
         context = capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info)
     with context as session:
@@ -199,5 +219,7 @@ def run_and_capture(loaded: LoadedModel, prompts: Sequence[str], out_dir: str | 
 
     Raises :class:`BackendError` when capture turned itself off (the dump would be incomplete).
     """
-    sequences = [loaded.tokenizer(prompt).input_ids for prompt in prompts]
+    from parity.backends.generation import encode_prompt
+
+    sequences = [encode_prompt(loaded.tokenizer, prompt) for prompt in prompts]
     return capture_sequences(loaded, sequences, out_dir, taps=taps, mode=mode, progress=progress)

@@ -43,12 +43,14 @@ def twin_spec(baseline: Spec, target: Spec) -> Spec | None:
 
 @dataclass
 class DiffRun:
-    """What the captures produced: the shared tokenizer and, when generated, both generations."""
+    """What the captures produced: the shared tokenizer, whether the prompts went through its chat
+    template and, when generated, both generations."""
 
     tokenizer: Any
     canonical: bool
     baseline_generations: list | None = None
     target_generations: list | None = None
+    chat: bool = False
 
 
 def _load(model_path: Path, spec: Spec) -> Any:
@@ -73,14 +75,14 @@ def _generating(label: str, spec: Spec) -> str:
     return f"generating {label}" + (" (the first call compiles)" if spec.compile else "")
 
 
-def _generate(side: Any, prompts: Sequence[str], new_tokens: int) -> list:
+def _generate(side: Any, prompts: Sequence[str], new_tokens: int, chat: bool) -> list:
     if side.spec.engine == "vllm":
         from parity.backends import vllm
 
-        return vllm.generate(side, prompts, new_tokens=new_tokens)
+        return vllm.generate(side, prompts, new_tokens=new_tokens, chat=chat)
     from parity.backends import hf
 
-    return hf.generate(side, prompts, new_tokens=new_tokens)
+    return hf.generate(side, prompts, new_tokens=new_tokens, chat=chat)
 
 
 def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: bool, taps: Sequence[str] | None,
@@ -97,19 +99,27 @@ def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: boo
 
 def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], base_dir: Path, *,
                      new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
-                     task: ProgressFactory) -> tuple[Any, list | None, list[list[int]]]:
-    """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences)."""
+                     task: ProgressFactory, chat: bool | None = False) -> tuple[Any, list | None, list[list[int]]]:
+    """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences).
+
+    ``chat``: prompts through the baseline tokenizer's chat template (True), raw (False, the
+    default here), or chat exactly when the tokenizer has a template (None, ``parity diff``'s default);
+    see :func:`parity.backends.generation.uses_chat`. The choice is ``base.chat``."""
+    from parity.backends.generation import encode_prompt, uses_chat
+
     base = _timed(task, "loading baseline", lambda: _load(model_path, baseline))
+    base.chat = uses_chat(base.tokenizer, chat)
     if taps and baseline.engine == "hf":  # a mistyped --taps pattern stops here, before any generation
         from parity.capturing.taps import model_taps
 
         model_taps(base.model, taps)
     if new_tokens > 0:
-        base_gen = _timed(task, _generating("baseline", baseline), lambda: _generate(base, prompts, new_tokens))
+        base_gen = _timed(task, _generating("baseline", baseline),
+                          lambda: _generate(base, prompts, new_tokens, base.chat))
         sequences = [g.sequence for g in base_gen]
     else:
         base_gen = None
-        sequences = [base.tokenizer(p).input_ids for p in prompts]
+        sequences = [encode_prompt(base.tokenizer, p, chat=base.chat) for p in prompts]
     _capture(base, sequences, base_dir, canonical=canonical, taps=taps, mode=mode,
              progress=task("capturing baseline", len(sequences)))
     return base, base_gen, sequences
@@ -117,10 +127,11 @@ def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], b
 
 def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], sequences: list[list[int]],
                    target_dir: Path, *, new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
-                   task: ProgressFactory, label: str = "target") -> list | None:
-    """Load and run one target: its generations (or None); its capture is teacher-forced on ``sequences``."""
+                   task: ProgressFactory, label: str = "target", chat: bool = False) -> list | None:
+    """Load and run one target: its generations (or None; ``chat``: prompts through the chat template,
+    default False); its capture is teacher-forced on ``sequences``."""
     side = _timed(task, f"loading {label}", lambda: _load(model_path, target))
-    generations = (_timed(task, _generating(label, target), lambda: _generate(side, prompts, new_tokens))
+    generations = (_timed(task, _generating(label, target), lambda: _generate(side, prompts, new_tokens, chat))
                    if new_tokens > 0 else None)
     _capture(side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
              progress=task(f"capturing {label}", len(sequences)))
@@ -130,14 +141,21 @@ def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], seque
 def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
               target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
               taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory,
-              twin: Spec | None = None, twin_dir: Path | None = None) -> DiffRun:
+              twin: Spec | None = None, twin_dir: Path | None = None, chat: bool | None = None) -> DiffRun:
     """Load, generate and capture both sides (and a float64 oracle of the baseline, and the twin
-    ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences)."""
+    ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences).
+    ``chat`` (default None: when the baseline's tokenizer has a chat template): prompts through the
+    chat template, on both sides."""
     canonical = "vllm" in (baseline.engine, target.engine)
+    if canonical:  # a config vLLM cannot load stops here, before the baseline runs
+        from parity.backends.vllm import check_config
+
+        check_config(model_path)
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, base_dir, new_tokens=new_tokens,
-                                                 canonical=canonical, taps=taps, mode=mode, task=task)
+                                                 canonical=canonical, taps=taps, mode=mode, task=task,
+                                                 chat=chat)
     target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
-                                canonical=canonical, taps=taps, mode=mode, task=task)
+                                canonical=canonical, taps=taps, mode=mode, task=task, chat=base.chat)
     if oracle_dir is not None:
         oracle = _timed(task, "loading oracle",
                         lambda: _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none")))
@@ -147,4 +165,4 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
         _capture(_timed(task, "loading twin", lambda: _load(model_path, twin)), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode,
                  progress=task("capturing twin", len(sequences)))
     return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
-                   target_generations=target_gen)
+                   target_generations=target_gen, chat=base.chat)

