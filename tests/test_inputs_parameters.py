@@ -162,3 +162,28 @@ def test_argument_passed_on_one_side_only_is_reported_not_failing(tiny_model_dir
     assert one_sided and all(o.allowed and o.role == "input" and ".kwargs.attention_mask" in o.name
                              for o in one_sided)
     assert report.verdict == "pass"
+
+
+def test_explain_without_replay_blames_from_the_records(tiny_model_dir, tmp_path):
+    """Dumps that name no model (as vLLM's or imported ones cannot be replayed) are explained from
+    their inputs and parameters; without them explain says how to record them, in one line."""
+    import subprocess
+    import sys
+
+    model = _load(tiny_model_dir)
+    _capture(model, tmp_path / "b")
+    model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * 1.001)
+    _capture(model, tmp_path / "t")
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "explain", str(tmp_path / "b"), str(tmp_path / "t")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "without replay" in result.stdout
+    assert "blame (module): model.layers.1.mlp is blamed" in result.stdout
+    plain_b, plain_t = tmp_path / "pb", tmp_path / "pt"
+    for out in (plain_b, plain_t):
+        with torch.no_grad(), parity.capture(model, out):
+            model(IDS)
+    refused = subprocess.run([sys.executable, "-m", "parity.cli", "explain", str(plain_b), str(plain_t)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--inputs --parameters" in refused.stderr

@@ -184,9 +184,46 @@ def prepare_out(out: Path) -> tuple[Path, Path, Path, Path]:
     return dirs
 
 
+def _replay_problem(run: Any) -> str | None:
+    """Why ``parity explain`` cannot replay the model of ``run``, or None when it can."""
+    if run.world_size > 1:
+        return f"{run.path} is a {run.world_size}-rank run; explain replays single-process transformers runs"
+    spec, model = run.header.spec, run.header.model
+    if not model.get("path") or not {"dtype", "attn"} <= set(spec):
+        return (f"{run.path} does not say which model and spec made it; explain replays dumps written by "
+                "`parity diff` (or with spec/model_info)")
+    if spec.get("engine", "hf") != "hf":
+        return f"{run.path} was made by {spec.get('engine')}; explain replays transformers models only"
+    return None
+
+
+def _explain_from_records(base_dir: str | Path, target_dir: str | Path, why: str, *, policy: Any,
+                          json_path: str | None, progress: Progress) -> int:
+    """Explain from the dumps' recorded inputs and parameters (no replay): the comparison and
+    its blame (:mod:`parity.compare.attribution`), after a line saying why there is no replay."""
+    import json as _json
+
+    from parity.compare.engine import compare
+    from parity.report.terminal import make_console, render
+
+    report = compare(base_dir, target_dir, policy=policy, progress=progress.task("comparing"))
+    progress.__exit__(None, None, None)
+    if json_path:
+        try:
+            Path(json_path).write_text(_json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+    console = make_console()
+    console.print(f"explained from the recorded inputs and parameters, without replay ({why})")
+    render(report, console)
+    return 0 if report.verdict == "pass" else 1
+
+
 def explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, json_path: str | None,
-                   progress: Progress) -> int:
-    """Reload the models the two dumps name and explain their divergence (see parity.explain)."""
+                  progress: Progress) -> int:
+    """Reload the models the two dumps name and explain their divergence (see parity.explain); when
+    they cannot be replayed (vLLM, several ranks, no model recorded) but hold inputs and parameter
+    fingerprints, explain from those records instead (the comparison's blame)."""
     import json as _json
 
     from parity.backends.hf import check_model_dir, load
@@ -197,15 +234,16 @@ def explain_dumps(base_dir: str | Path, target_dir: str | Path, *, policy: Any, 
     from parity.store.reader import load_run
 
     runs = load_run(base_dir), load_run(target_dir)
+    problems = [problem for run in runs if (problem := _replay_problem(run))]
+    if problems:
+        if any(record.tags.get("role") in ("input", "parameter") for run in runs for record in run.records):
+            return _explain_from_records(base_dir, target_dir, problems[0], policy=policy, json_path=json_path,
+                                         progress=progress)
+        raise UsageError(problems[0], hint="parity compare names the first divergent tap; dumps captured with inputs "
+                                           "and parameters (--inputs --parameters) are explained without replay")
     specs, paths = [], []
     for run in runs:
-        if run.world_size > 1:
-            raise UsageError(f"{run.path} is a {run.world_size}-rank run; explain replays single-process "
-                             "transformers runs", hint="parity compare names the first divergent tap and rank")
         spec, model = run.header.spec, run.header.model
-        if not model.get("path") or not {"dtype", "attn"} <= set(spec):
-            raise UsageError(f"{run.path} does not say which model and spec made it; "
-                             "explain needs dumps written by `parity diff` (or with spec/model_info)")
         try:
             specs.append(Spec(**{k: spec[k] for k in ("engine", "dtype", "attn", "device", "quant") if k in spec},
                               compile=bool(spec.get("compile", 0))))
