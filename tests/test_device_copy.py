@@ -151,6 +151,17 @@ def test_pool_drops_free_buffers_of_other_sizes_least_recently_used_first():
     assert pool.held_bytes == 0 and pool.in_use_bytes == 0
 
 
+def test_pool_buffers_made_under_inference_mode_take_copies_outside_it_later():
+    pool = PinnedPool(1 << 20, allocate=_cpu_buffer)
+    with torch.inference_mode():
+        buffer = pool.acquire(64)
+    assert not buffer.is_inference()
+    pool.release(buffer)
+    again = pool.acquire(64)  # the next session may run without inference_mode
+    again[:16].view(torch.float32).copy_(torch.arange(4.0))
+    assert again is buffer
+
+
 def test_pool_that_cannot_allocate_says_why_and_refuses_from_then_on():
     calls = []
 
@@ -315,6 +326,24 @@ def test_cuda_copy_holds_the_value_at_the_hook_even_when_it_is_overwritten_or_fr
     junk = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(4)]  # memory reuse
     assert torch.equal(pending.result(), expected)
     del junk
+
+
+@cuda
+def test_cuda_copies_and_statistics_never_synchronize_the_host():
+    copier = DeviceCopier(64 << 20)
+    x = torch.randn(64, 1024, device="cuda")
+    copier.start_stats(x, 32).result()  # first use: pool buffers and the sample index exist
+    copier.start_copy(x).result()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call in the hook's path raises
+    try:
+        with torch.inference_mode():
+            pending = [copier.start_copy(x), copier.start_stats(x, 32), copier.start_stats(x.to(torch.bfloat16), 0)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(isinstance(p, (PendingTensor, PendingStats)) for p in pending)
+    assert torch.equal(pending[0].result(), x.cpu()) and pending[1].result()["numel"] == x.numel()
+    pending[2].result()
 
 
 @cuda

@@ -119,7 +119,8 @@ class PinnedPool:
             self.in_use_bytes += size
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         try:
-            buffer = self._allocate(size)
+            with torch.inference_mode(False):  # a normal tensor: copied into under any grad mode, later too
+                buffer = self._allocate(size)
         except Exception as exc:
             with self._lock:
                 self.held_bytes -= size
