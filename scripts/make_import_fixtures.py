@@ -12,8 +12,10 @@ Tools (never installed into parity's own venv; the test suite does not need them
 - SGLang: the dumper module of ``sglang==0.5.23`` run from its source (the package itself
   needs CUDA): ``pip download --no-deps sglang==0.5.23 -d /tmp/sgl-src`` and unzip
   ``sglang/srt/debug_utils/`` from the wheel into ``/tmp/sgl-src``. ``dumper.py`` imports a few
-  server modules at the top (a ZMQ socket helper, the runtime context, ``get_device``); they
-  are stubbed here with what a single CPU process needs (``get_device() == "cpu"``); the
+  server modules (a ZMQ socket helper, the runtime context, ``get_device``, the server types
+  its SGLang plugin checks values against); they are stubbed here with what a CPU process
+  needs: ``get_device() == "cpu"`` and a parallel state in which every rank is one
+  tensor-parallel rank (so ``meta`` carries ``sglang_parallel_info`` as on a server). The
   dumper's own code (file names, ``torch.save({"value", "meta"})``, steps, non-intrusive
   module hooks, ``dims``) runs unchanged.
 
@@ -25,7 +27,8 @@ Run: ``/tmp/msprobe-venv/bin/python scripts/make_import_fixtures.py --sglang-src
   forward pass. msProbe also saves every module's weights (``parameters``); they are removed
   from the fixture (files and ``dump.json`` entries) to keep it small — parity does not import
   them. The ``proc<PID>`` folder is renamed ``proc0`` so regeneration gives the same paths.
-- ``msprobe-stats/step{0,1}/proc0/``: ``task="statistics"``, level L0, two forward passes.
+- ``msprobe-stats/step{0,1}/proc0/``: ``task="statistics"``, level L0, ``data_mode=["output"]``,
+  two forward passes of the prompt.
 - both keep ``dump.json`` and ``construct.json``; ``stack.json`` (call stacks, not read by
   parity) is dropped for size.
 - ``sglang-llama/``: the dumper's non-intrusive hooks (mode ``all``, a ``filter`` keeping the
@@ -34,7 +37,7 @@ Run: ``/tmp/msprobe-venv/bin/python scripts/make_import_fixtures.py --sglang-src
   ``seq_lens``, ``rids``) dumped under the names SGLang's model runner gives them.
 - ``sglang-tp2/`` and ``sglang-tp1/``: one small layer (column-parallel linear, row-parallel
   linear before and after its all-reduce) run with 2 ranks (gloo) and with 1, with ``dims``
-  (``t h[tp]``, ``t h[tp:partial]``, ``t h``) as SGLang annotates them.
+  (``t h[tp]``, ``t h[tp:partial]``, ``t h # tp:replicated``) as SGLang annotates them.
 - ``meta.json``: tool versions and the prompt.
 """
 
@@ -91,7 +94,7 @@ def _msprobe_run(task: str, out: Path, steps: int, data_mode: list[str]) -> Path
 
 
 #: msProbe fixtures: name -> (task, forward passes, data_mode).
-MSPROBE_RUNS = {"msprobe-tensor": ("tensor", 1, ["output"]), "msprobe-stats": ("statistics", 2, ["all"])}
+MSPROBE_RUNS = {"msprobe-tensor": ("tensor", 1, ["output"]), "msprobe-stats": ("statistics", 2, ["output"])}
 
 
 def make_msprobe(out_root: Path, name: str) -> None:
@@ -131,13 +134,38 @@ def import_dumper(sglang_src: Path) -> types.ModuleType:
     def unavailable(*_args, **_kwargs):
         raise RuntimeError("not available outside an SGLang server")
 
+    def parallel() -> types.SimpleNamespace:
+        """The server's parallel state for a plain tensor-parallel run: every rank one TP rank."""
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return types.SimpleNamespace(tp_rank=rank, tp_size=world, pp_rank=0, pp_size=1, moe_ep_rank=0,
+                                     moe_ep_size=1, moe_tp_rank=rank, moe_tp_size=world, moe_dp_rank=0,
+                                     attn_tp_rank=rank, attn_tp_size=world, attn_dp_rank=0, attn_dp_size=1,
+                                     attn_cp_rank=0, attn_cp_size=1)
+
+    class _Never:  # server types the dumper's SGLang plugin tests values against: never seen here
+        pass
+
     stub("sglang", __path__=[str(sglang_src / "sglang")])
     stub("sglang.srt", __path__=[str(sglang_src / "sglang" / "srt")])
     stub("sglang.srt.managers", __path__=[])
     stub("sglang.srt.managers.io_struct", sock_recv=unavailable, sock_send=unavailable, wrap_as_pickle=unavailable)
-    stub("sglang.srt.runtime_context", get_parallel=unavailable, get_server_args=lambda: None,
+    stub("sglang.srt.runtime_context", get_parallel=parallel, get_server_args=lambda: None,
          get_serving=unavailable)
     stub("sglang.srt.utils", get_device=lambda: "cpu")
+    # what the dumper's SGLang plugin imports, so it records sglang_parallel_info as a server does
+    sys.modules["sglang.srt"].distributed = stub("sglang.srt.distributed")
+    stub("sglang.srt.layers", __path__=[])
+    stub("sglang.srt.layers.dp_attention", is_dp_attention_enabled=lambda: False, get_moe_cp_size=lambda: 1)
+    sys.modules["sglang.srt.layers"].dp_attention = sys.modules["sglang.srt.layers.dp_attention"]
+    stub("sglang.srt.layers.logits_processor", LogitsProcessorOutput=_Never)
+    stub("sglang.srt.model_executor", __path__=[])
+    stub("sglang.srt.model_executor.forward_batch_info", ForwardBatch=_Never, PPProxyTensors=_Never)
+    stub("sglang.srt.layers.layer_boundary", __path__=[])
+    stub("sglang.srt.layers.layer_boundary.output", UnreducedOutput=_Never)
+    stub("sglang.srt.layers.layer_boundary.residual", __path__=[])
+    stub("sglang.srt.layers.layer_boundary.residual.stream", OwedOutput=_Never)
     path = sglang_src / "sglang" / "srt" / "debug_utils" / "dumper.py"
     spec = importlib.util.spec_from_file_location("sglang.srt.debug_utils.dumper", path)
     module = importlib.util.module_from_spec(spec)
@@ -201,7 +229,7 @@ def _tp_layer(rank: int, world: int, out: Path, sglang_src: Path) -> None:
         dumper.dump("mlp_down_partial", partial, dims="t h[tp:partial]", layer_id=0)
         if world > 1:
             dist.all_reduce(partial)
-        dumper.dump("mlp_out", partial, dims="t h", layer_id=0)
+        dumper.dump("mlp_out", partial, dims="t h # tp:replicated", layer_id=0)
         dumper.step()
 
 
