@@ -187,3 +187,23 @@ def test_explain_without_replay_blames_from_the_records(tiny_model_dir, tmp_path
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "--inputs --parameters" in refused.stderr
+
+
+def test_diff_records_inputs_and_parameters_on_request(tmp_path):
+    """`parity diff --inputs --parameters` on the built-in model: both dumps hold them, the run
+    passes (bf16 weights are the fp32 ones rounded); against vLLM the options are refused."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--inputs", "--parameters", "--new-tokens", "2",
+                             "--out", str(out), "--json", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pairs = json.loads((tmp_path / "r.json").read_text())["pairs"]
+    parameters = [p for p in pairs if p.get("role") == "parameter"]
+    assert parameters and all(p["outcome"] == "pass" for p in parameters)
+    assert any(p.get("role") == "input" for p in pairs)
+    refused = subprocess.run([sys.executable, "-m", "parity.cli", "diff", "--parameters", "--target", "engine=vllm",
+                              "--out", str(tmp_path / "v")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "canonical taps only" in refused.stderr

@@ -179,8 +179,11 @@ def _eos_ids(model: object, tokenizer: object) -> set[int]:
 
 def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], out_dir: str | os.PathLike[str], *,
                       canonical: bool = False, taps: Sequence[str] | None = None, mode: str = "full",
+                      extras: dict[str, bool] | None = None,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
-    """One teacher-forced forward pass per token sequence under capture (module or canonical taps)."""
+    """One teacher-forced forward pass per token sequence under capture (module or canonical taps);
+    ``extras`` (default none): the opt-in records of :func:`parity.capture` (``inputs``,
+    ``parameters``, ``call_sites``), for module taps."""
     import torch
 
     from parity.capturing.hooks import capture
@@ -199,7 +202,8 @@ def capture_sequences(loaded: LoadedModel, sequences: Sequence[Sequence[int]], o
                                     spec=loaded.spec.to_dict(), model_info=info,
                                     logits_transform=logits_transform(model.config))
     else:
-        context = capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info)
+        context = capture(model, out_dir, taps, mode=mode, spec=loaded.spec.to_dict(), model_info=info,
+                          **(extras or {}))
     with context as session:
         with torch.inference_mode():
             for index, seq in enumerate(sequences):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parity.backends.spec import Spec
+from parity.errors import UsageError
 
 ProgressFactory = Callable[[str, int | None], Callable[..., None]]
 
@@ -86,7 +87,13 @@ def _generate(side: Any, prompts: Sequence[str], new_tokens: int, chat: bool) ->
 
 
 def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: bool, taps: Sequence[str] | None,
-             mode: str, progress: Callable[..., None]) -> None:
+             mode: str, progress: Callable[..., None], extras: dict[str, bool] | None = None) -> None:
+    """Capture ``sequences`` teacher-forced on one side; ``extras`` (default none) are the opt-in
+    records of :func:`parity.capture` (``inputs``, ``parameters``, ``call_sites``), for
+    transformers models under their own module names only."""
+    if extras and (canonical or side.spec.engine == "vllm"):
+        raise UsageError("--inputs, --parameters and --call-sites record transformers modules under their own "
+                         "names; runs against vLLM record the canonical taps only")
     if side.spec.engine == "vllm":
         from parity.backends import vllm
 
@@ -94,11 +101,13 @@ def _capture(side: Any, sequences: list[list[int]], out: Path, *, canonical: boo
     else:
         from parity.backends import hf
 
-        hf.capture_sequences(side, sequences, out, canonical=canonical, taps=taps, mode=mode, progress=progress)
+        hf.capture_sequences(side, sequences, out, canonical=canonical, taps=taps, mode=mode, progress=progress,
+                             extras=extras)
 
 
 def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], base_dir: Path, *,
                      new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
+                     extras: dict[str, bool] | None = None,
                      task: ProgressFactory, chat: bool | None = False) -> tuple[Any, list | None, list[list[int]]]:
     """Load and run the baseline: (loaded side, its generations or None, the teacher-forcing sequences).
 
@@ -120,20 +129,21 @@ def capture_baseline(model_path: Path, baseline: Spec, prompts: Sequence[str], b
     else:
         base_gen = None
         sequences = [encode_prompt(base.tokenizer, p, chat=base.chat) for p in prompts]
-    _capture(base, sequences, base_dir, canonical=canonical, taps=taps, mode=mode,
+    _capture(base, sequences, base_dir, canonical=canonical, taps=taps, mode=mode, extras=extras,
              progress=task("capturing baseline", len(sequences)))
     return base, base_gen, sequences
 
 
 def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], sequences: list[list[int]],
                    target_dir: Path, *, new_tokens: int, canonical: bool, taps: Sequence[str] | None, mode: str,
+                   extras: dict[str, bool] | None = None,
                    task: ProgressFactory, label: str = "target", chat: bool = False) -> list | None:
     """Load and run one target: its generations (or None; ``chat``: prompts through the chat template,
     default False); its capture is teacher-forced on ``sequences``."""
     side = _timed(task, f"loading {label}", lambda: _load(model_path, target))
     generations = (_timed(task, _generating(label, target), lambda: _generate(side, prompts, new_tokens, chat))
                    if new_tokens > 0 else None)
-    _capture(side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode,
+    _capture(side, sequences, target_dir, canonical=canonical, taps=taps, mode=mode, extras=extras,
              progress=task(f"capturing {label}", len(sequences)))
     return generations
 
@@ -141,6 +151,7 @@ def capture_target(model_path: Path, target: Spec, prompts: Sequence[str], seque
 def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[str], *, base_dir: Path,
               target_dir: Path, oracle_dir: Path | None = None, new_tokens: int = 16,
               taps: Sequence[str] | None = None, mode: str = "full", task: ProgressFactory,
+              extras: dict[str, bool] | None = None,
               twin: Spec | None = None, twin_dir: Path | None = None, chat: bool | None = None) -> DiffRun:
     """Load, generate and capture both sides (and a float64 oracle of the baseline, and the twin
     ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences).
@@ -152,17 +163,17 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
 
         check_config(model_path)
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, base_dir, new_tokens=new_tokens,
-                                                 canonical=canonical, taps=taps, mode=mode, task=task,
+                                                 canonical=canonical, taps=taps, mode=mode, extras=extras, task=task,
                                                  chat=chat)
     target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
-                                canonical=canonical, taps=taps, mode=mode, task=task, chat=base.chat)
+                                canonical=canonical, taps=taps, mode=mode, extras=extras, task=task, chat=base.chat)
     if oracle_dir is not None:
         oracle = _timed(task, "loading oracle",
                         lambda: _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none")))
-        _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode,
+        _capture(oracle, sequences, oracle_dir, canonical=canonical, taps=taps, mode=mode, extras=extras,
                  progress=task("capturing oracle", len(sequences)))
     if twin is not None and twin_dir is not None:
-        _capture(_timed(task, "loading twin", lambda: _load(model_path, twin)), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode,
+        _capture(_timed(task, "loading twin", lambda: _load(model_path, twin)), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode, extras=extras,
                  progress=task("capturing twin", len(sequences)))
     return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
                    target_generations=target_gen, chat=base.chat)

@@ -81,10 +81,19 @@ def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None
 @click.option("--chat/--raw", "chat", default=None,
               help="Prompts as a user turn of the tokenizer's chat template, or raw text. "
                    "Default: chat when the tokenizer has a chat template.")
+@click.option("--inputs", "record_inputs", is_flag=True,
+              help="Also record each tapped module's tensor arguments (NAME.input.K, NAME.kwargs.KEY): the report "
+                   "then tells a module's own error from what it received (transformers runs).")
+@click.option("--parameters", "record_parameters", is_flag=True,
+              help="Also record a fingerprint (statistics and digests) of each tapped module's parameters: "
+                   "differing weights become their own finding (transformers runs).")
+@click.option("--call-sites", "record_call_sites", is_flag=True,
+              help="Also record the code that called each tapped module (shown with the first divergence).")
 @compare_options
 def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompts: str | None, out: str,
              taps: Sequence[str], oracle: str | None, use_twin: bool, explain_too: bool, stats_only: bool,
-             new_tokens: int, chat: bool | None, **options: Any) -> int:
+             new_tokens: int, chat: bool | None, record_inputs: bool, record_parameters: bool,
+             record_call_sites: bool, **options: Any) -> int:
     """Run a model under two backend SPECs, capture every tap, compare, report.
 
     Both sides generate --new-tokens greedy tokens, then both run the baseline's sequences
@@ -113,6 +122,9 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
         raise UsageError("--explain replays transformers modules: both sides must be engine=hf")
     if "vllm" in (specs[0].engine, specs[1].engine) and taps:
         raise UsageError("--taps does not apply when a side runs vLLM: both sides use the canonical taps")
+    if "vllm" in (specs[0].engine, specs[1].engine) and (record_inputs or record_parameters or record_call_sites):
+        raise UsageError("--inputs, --parameters and --call-sites record transformers modules under their own names; "
+                         "runs against vLLM record the canonical taps only")
     out_path = Path(out)
     base_dir, target_dir, oracle_dir, twin_dir = prepare_out(out_path)
     twin = twin_spec(*specs) if use_twin and not oracle and not stats_only else None
@@ -120,7 +132,9 @@ def diff_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, prompt
         run = run_sides(model_path, specs[0], specs[1], prompt_list, base_dir=base_dir, target_dir=target_dir,
                         oracle_dir=oracle_dir if oracle else None, new_tokens=new_tokens,
                         taps=list(taps) or None, mode="stats" if stats_only else "full", task=progress.task,
-                        twin=twin, twin_dir=twin_dir, chat=chat)
+                        twin=twin, twin_dir=twin_dir, chat=chat,
+                        extras={k: True for k, on in (("inputs", record_inputs), ("parameters", record_parameters),
+                                                      ("call_sites", record_call_sites)) if on})
         tokenizer = run.tokenizer
         generations = ((run.baseline_generations, run.target_generations)
                        if run.baseline_generations is not None else None)
