@@ -318,3 +318,39 @@ def test_salvage_skips_an_unreadable_tensor_file(capsys, tmp_path):
     assert len(run.salvaged) == 1 and "mlp_out" in run.salvaged[0]
     assert sorted(r.step for r in run.records if r.name == "layers.0.mlp_out") == [1]  # step 0's was broken
     assert any("salvage" in note for note in run.notes)
+
+
+# ------------------------------------------------------------------------------ name mapping files
+def test_a_layer_mapping_file_lines_up_module_trees_of_another_framework(capsys, tmp_path):
+    renamed = copy_fixture("msprobe-tensor", tmp_path)
+    dump_json = renamed / "step0/proc0/dump.json"
+    data = json.loads(dump_json.read_text())
+    data["data"] = {k.replace("Module.model.", "Module.network.").replace(".self_attn.", ".attention."): v
+                    for k, v in data["data"].items()}
+    dump_json.write_text(json.dumps(data))
+    mapping = tmp_path / "layer_mapping.yaml"
+    mapping.write_text("TopLayer:\n  network: model\nLlamaDecoderLayer:\n  attention: self_attn\n")
+    base = str(FIXTURES / "msprobe-tensor")
+    code, out, err = cli(capsys, "compare", base, str(renamed))
+    assert code == 1 and "missing" in out, out + err
+    code, out, err = cli(capsys, "compare", base, str(renamed), "--map", str(mapping))
+    assert code == 0, out + err
+    prefixes = tmp_path / "prefixes.json"
+    prefixes.write_text(json.dumps({"network": "model"}))
+    code, out, err = cli(capsys, "compare", base, str(renamed), "--map", str(prefixes),
+                         "--rename", r"\.attention(?=\.|$)=.self_attn")
+    assert code == 0, out + err
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("A:\n  attention: self_attn\nB:\n  attention: attn\n", "parity renames by name, not class"),
+    ("a: [1, 2]\n", "values must be all objects"),
+    ("a: 'x=y'\n", "is not a dotted module name"),
+    ("a: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+])
+def test_a_bad_mapping_file_is_one_error_line(capsys, tmp_path, text, needle):
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text(text)
+    base = str(FIXTURES / "sglang-tp1")
+    code, _, err = cli(capsys, "compare", base, base, "--map", str(mapping))
+    assert_one_error_line(code, err, needle)

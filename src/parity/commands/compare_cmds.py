@@ -39,8 +39,13 @@ from parity.errors import UsageError
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), default=None,
               help="Folder with a tokenizer.json to show token text beside positions "
                    "(default: the model folder recorded in BASE_DIR, when it has one).")
+@click.option("--map", "map_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Name mapping file for whole module trees (msProbe layer mapping YAML, or TARGET_PREFIX: "
+                   "BASELINE_PREFIX pairs; JSON or YAML), applied to target names before --rename "
+                   "(see docs/importing.md).")
 @compare_options
-def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None, **options: Any) -> int:
+def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None, map_file: str | None = None,
+                **options: Any) -> int:
     """Compare two dumps: BASE_DIR is the reference, TARGET_DIR the run under test.
 
     Pairs records by (name, step, rank), computes metrics in float64, applies the tolerance rule
@@ -49,9 +54,14 @@ def compare_cmd(base_dir: str, target_dir: str, tokenizer_dir: str | None = None
     costs is graded "within precision noise" and does not fail the run.
     Multi-rank dumps (torchrun) are rebuilt into full tensors from their sharding annotations
     (--shard overrides them); --align tokens pairs tokens across different step layouts.
+    Either side may be an SGLang dumper or msProbe dump folder (imported in memory).
     """
     from parity.commands.tokens import decoder_for
 
+    if map_file is not None:
+        from parity.store.importers.mapping import mapping_renames
+
+        options["rename"] = (*mapping_renames(map_file), *options["rename"])
     decode = decoder_for(tokenizer_dir, base_dir)
     with Progress() as progress:
         return compare_and_report(base_dir, target_dir, progress=progress, decode=decode, **options)
