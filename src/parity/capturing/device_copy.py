@@ -188,7 +188,9 @@ class PendingTensor(Pending):
         """The copied tensor in ordinary (pageable) host memory, contiguous; waits for the device."""
         try:
             self._wait()
-            return self._host.clone()
+            out = torch.empty(self._host.shape, dtype=self._host.dtype)  # pageable, whatever clone would keep
+            out.copy_(self._host)
+            return out
         finally:
             self._release()
 

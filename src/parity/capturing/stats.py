@@ -109,23 +109,24 @@ def stats_vector(t: torch.Tensor, sample_index: torch.Tensor | None = None) -> t
     2^53 elements. An empty ``t`` gives an empty tensor. Finite and non-finite tensors run the
     same operations: NaN/Inf are replaced by a finite element of ``t`` (the first) for the
     minimum and maximum, and by 0 for the sums, which run in :data:`SUM_CHUNK` chunks widened to
-    float64, as in :func:`tensor_stats`."""
+    float64, as in :func:`tensor_stats`. Device memory it takes for a moment: a bool mask and
+    one copy of ``t`` (for the minimum and maximum), then 8 bytes per element of one chunk."""
     numel = t.numel()
     sampled = sample_index is not None
     samples = 0 if sample_index is None or numel == 0 else sample_index.numel()
     if numel == 0:
         return torch.empty(0, dtype=torch.float64, device=t.device), StatsLayout(0, 0, 0, sampled)
     x = t if t.is_floating_point() else t.to(torch.float64)
-    finite = torch.isfinite(x)
     flat = x.reshape(-1)
-    fill = flat.index_select(0, finite.reshape(-1).to(torch.uint8).argmax().reshape(1))  # a finite element
-    lo, hi = torch.aminmax(torch.where(finite, x, fill))  # == aminmax(x) when every element is finite
-    parts = [torch.isnan(x).sum().reshape(1), finite.sum().reshape(1), torch.count_nonzero(x).reshape(1),
+    finite = torch.isfinite(flat)
+    fill = flat.index_select(0, finite.to(torch.uint8).argmax().reshape(1))  # a finite element, if any
+    lo, hi = torch.aminmax(torch.where(finite, flat, fill))  # == aminmax(x) when every element is finite
+    parts = [torch.isnan(flat).sum().reshape(1), finite.sum().reshape(1), torch.count_nonzero(flat).reshape(1),
              lo.reshape(1), hi.reshape(1)]
-    clean = torch.where(finite, x, 0).reshape(-1)  # == x when every element is finite
     chunks = 0
-    for start in range(0, numel, SUM_CHUNK):
-        chunk = clean[start:start + SUM_CHUNK].to(torch.float64)
+    for start in range(0, numel, SUM_CHUNK):  # NaN/Inf as 0 (== x when every element is finite), chunk by chunk
+        end = start + SUM_CHUNK
+        chunk = torch.where(finite[start:end], flat[start:end], 0).to(torch.float64)
         parts += [chunk.sum().reshape(1), torch.dot(chunk, chunk).reshape(1)]
         chunks += 1
     if samples:
