@@ -82,3 +82,14 @@ def test_tokenizer_option_must_point_at_a_tokenizer(dumps, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no tokenizer.json" in result.stderr
+
+
+def test_token_alignment_names_the_differing_tokens(dumps, tmp_path):
+    report_path = tmp_path / "r.json"
+    result = subprocess.run([*PARITY, "compare", str(dumps["base"]), str(dumps["other"]), "--align", "tokens",
+                             "--json", str(report_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    tokens = [p for p in json.loads(report_path.read_text())["pairs"] if p["name"] == "tokens"]
+    new_token = dumps["decode"]([dumps["other_ids"][3]])
+    assert tokens and "token ids differ from position 3 on" in tokens[0]["reason"]
+    assert repr(new_token) in tokens[0]["reason"]

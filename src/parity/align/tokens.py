@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -280,8 +280,9 @@ def _prefix(a: Request, b: Request) -> int:
     return count
 
 
-def align_runs(baseline: Any, target: Any) -> Alignment:
-    """Pair the real tokens of two runs (see the module docstring). Raises DumpError without metadata."""
+def align_runs(baseline: Any, target: Any, decode: Callable[[int], str] | None = None) -> Alignment:
+    """Pair the real tokens of two runs (see the module docstring). Raises DumpError without
+    metadata. ``decode(token_id)`` (default None) adds the text of the first differing tokens."""
     for run in (baseline, target):
         if run.mode == "stats":
             raise DumpError(f"{run.path} is a statistics-only dump: --align tokens needs tensors "
@@ -323,11 +324,23 @@ def align_runs(baseline: Any, target: Any) -> Alignment:
         split = next((i for i, p in enumerate(common) if b.tokens[p].token_id != t.tokens[p].token_id), len(common))
         pairs.extend((b.tokens[p], t.tokens[p]) for p in common[:split])
         if split < len(common):
+            at = common[split]
             differing.append(f"{b.key} positions {_ranges(common[split:])} (token ids differ from "
-                             f"position {common[split]} on)")
+                             f"position {at} on: baseline {_token(b.tokens[at].token_id, decode)}, "
+                             f"target {_token(t.tokens[at].token_id, decode)})")
     return Alignment(pairs, baseline_only, target_only, differing, (base_pad, target_pad),
                      (base_layouts, target_layouts), (len(base_req), len(target_req)),
                      [f"baseline {n}" for n in base_notes] + [f"target {n}" for n in target_notes])
+
+
+def _token(token_id: int, decode: Callable[[int], str] | None) -> str:
+    """A token id, with its text when ``decode`` can give it."""
+    if decode is None:
+        return str(token_id)
+    try:
+        return f"{token_id} {decode(token_id)!r}"
+    except Exception:  # a tokenizer that cannot decode an id must not stop the alignment
+        return str(token_id)
 
 
 def _token_axis(shape: tuple[int, ...], slots: int, dims: int) -> int | None:

@@ -642,7 +642,7 @@ def as_run(source: Any, *, salvage: bool = False) -> Any:
 
 
 def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), shards: Sequence[str] = (),
-            align: str = "steps") -> tuple[Any, Any, list[Pair], Any]:
+            align: str = "steps", decode: Callable[[int], str] | None = None) -> tuple[Any, Any, list[Pair], Any]:
     """Open both runs as the comparison sees them and pair their records.
 
     Returns (baseline view, target view, pairs, token alignment or None). Multi-rank runs become
@@ -661,7 +661,7 @@ def prepare(baseline: Any, target: Any, *, renames: Sequence[RenameRule] = (), s
     if align == "tokens":
         from parity.align.tokens import AlignedRun, align_runs
 
-        alignment = align_runs(base_run, target_run)
+        alignment = align_runs(base_run, target_run, decode)
         base_run, target_run = AlignedRun(base_run, alignment, 0), AlignedRun(target_run, alignment, 1)
     for run in (base_run, target_run):
         if not run.records:
@@ -728,7 +728,7 @@ def compare(baseline: str | Path | Run, target: str | Path | Run, *,
 
         require_torchrun()
     base_run, target_run, pairs, alignment = prepare(baseline, target, renames=renames, shards=shards,
-                                                     align=align)
+                                                     align=align, decode=decode)
     policy = policy or TolerancePolicy()
     missing_taps = [compile_tap(p) for p in allow_missing]
     failed_taps = [compile_tap(p) for p in allow_failed]
