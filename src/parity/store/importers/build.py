@@ -196,6 +196,10 @@ def to_run(dump: ImportedDump, *, salvage: bool = False) -> ImportedRun:
     steps = {k: v for w in writers.values() for k, v in w.steps.items()}
     notes = [n for w in writers.values() for n in w.notes]
     headers = {rank: w.header for rank, w in writers.items()}
+    loaded = sum(1 for r in records if r.file is not None)
+    notes.insert(0, f"imported from a {dump.tool} dump: {loaded} tensors loaded with torch.load(weights_only=True) / "
+                    "numpy.load(allow_pickle=False) and held in memory" if loaded else
+                 f"imported from a {dump.tool} dump (statistics only)")
     return ImportedRun(path=dump.source, headers=headers, records=records, steps=steps, notes=notes,
                        salvaged=skipped, arrays=arrays)
 
