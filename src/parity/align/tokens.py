@@ -326,14 +326,14 @@ def align_runs(baseline: Any, target: Any, decode: Callable[[int], str] | None =
         if split < len(common):
             at = common[split]
             differing.append(f"{b.key} positions {_ranges(common[split:])} (token ids differ from "
-                             f"position {at} on: baseline {_token(b.tokens[at].token_id, decode)}, "
-                             f"target {_token(t.tokens[at].token_id, decode)})")
+                             f"position {at} on: baseline {token_label(b.tokens[at].token_id, decode)}, "
+                             f"target {token_label(t.tokens[at].token_id, decode)})")
     return Alignment(pairs, baseline_only, target_only, differing, (base_pad, target_pad),
                      (base_layouts, target_layouts), (len(base_req), len(target_req)),
                      [f"baseline {n}" for n in base_notes] + [f"target {n}" for n in target_notes])
 
 
-def _token(token_id: int, decode: Callable[[int], str] | None) -> str:
+def token_label(token_id: int, decode: Callable[[int], str] | None) -> str:
     """A token id, with its text when ``decode`` can give it."""
     if decode is None:
         return str(token_id)

@@ -201,18 +201,14 @@ def _explain_from_records(base_dir: str | Path, target_dir: str | Path, why: str
                           json_path: str | None, progress: Progress) -> int:
     """Explain from the dumps' recorded inputs and parameters (no replay): the comparison and
     its blame (:mod:`parity.compare.attribution`), after a line saying why there is no replay."""
-    import json as _json
-
     from parity.compare.engine import compare
+    from parity.report.json_report import write_json
     from parity.report.terminal import make_console, render
 
     report = compare(base_dir, target_dir, policy=policy, progress=progress.task("comparing"))
     progress.__exit__(None, None, None)
     if json_path:
-        try:
-            Path(json_path).write_text(_json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
-        except OSError as exc:
-            raise UsageError(f"cannot write {json_path}: {exc.strerror}") from None
+        write_json(report, json_path)
     console = make_console()
     console.print(f"explained from the recorded inputs and parameters, without replay ({why})")
     render(report, console)

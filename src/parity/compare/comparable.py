@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from parity.align.tokens import token_label
 from parity.errors import UsageError
 
 HINT = ("if they are one sequence in other layouts (padding, packing, chunks), --align tokens pairs its tokens; "
@@ -53,8 +54,8 @@ def _input_difference(base: Any, target: Any, decode: Any = None) -> str | None:
             continue
         position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         if position < min(len(a), len(b)):
-            what = f"first differing token at position {position}: baseline {_token(a[position], decode)}, " \
-                   f"target {_token(b[position], decode)}"
+            what = f"first differing token at position {position}: baseline {token_label(a[position], decode)}, " \
+                   f"target {token_label(b[position], decode)}"
         else:
             what = f"{len(a)} vs {len(b)} tokens, equal up to position {position}"
         return f"the runs had different inputs at step {step} ({what})"
@@ -88,15 +89,6 @@ def input_differences(base: Any, target: Any, decode: Any = None) -> list[dict[s
                 pass
         found.append(item)
     return found
-
-
-def _token(token: int, decode: Any) -> str:
-    if decode is None:
-        return str(token)
-    try:
-        return f"{token} {decode(token)!r}"
-    except Exception:  # a tokenizer that cannot decode an id must not hide the message
-        return str(token)
 
 
 def check_comparable(base: Any, target: Any, *, align: str = "steps", allow: bool = False,
