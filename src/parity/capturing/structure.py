@@ -3,7 +3,7 @@
 :data:`parity.capturing.taps.DECODER_LM_TAPS` names the transformers Llama layout
 (``model.layers.N.self_attn``…). Other families name the same parts differently — GPT-2
 (``transformer.h.N.ln_1/attn/ln_2/mlp``, ``transformer.ln_f``), GPT-NeoX
-(``gpt_neox.layers.N.attention``, ``final_layer_norm``, ``embed_out``), Falcon, Phi, MPT….
+(``gpt_neox.layers.N.attention``, ``final_layer_norm``, ``lm_head``; transformers 4: ``embed_out``), Falcon, Phi, MPT….
 :func:`structural_taps` finds them from the module tree instead of a table per family:
 
 - the **layer stack**: the ``ModuleList`` with the most children (at least two), all of one class;
