@@ -231,7 +231,9 @@ def test_pending_stats_resolve_on_the_host_and_hand_their_buffer_back():
     buffer = pool.acquire(vector.numel() * 8)
     host = buffer[:vector.numel() * 8].view(torch.float64)
     host.copy_(vector)
-    assert _same(PendingStats(None, host, buffer, pool, None, layout).result(), _reference(t, 8))
+    pending = PendingStats(None, host, buffer, pool, (None, vector), layout)
+    assert pending.held_bytes == MIN_BUFFER + vector.numel() * 8  # what it counts against max_pending_bytes
+    assert _same(pending.result(), _reference(t, 8))
     assert pool.in_use_bytes == 0
     buffer = pool.acquire(8)
     PendingStats(None, buffer.view(torch.float64)[:0], buffer, pool, None, layout).discard()

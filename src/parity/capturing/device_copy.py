@@ -198,12 +198,16 @@ class PendingTensor(Pending):
 class PendingStats(Pending):
     """Statistics computed on the device, their values being copied to pinned memory."""
 
-    __slots__ = ("_layout",)
+    __slots__ = ("_layout", "held_bytes")
 
     def __init__(self, event: Any, host: torch.Tensor, buffer: torch.Tensor | None, pool: PinnedPool | None,
                  keep: Any, layout: StatsLayout) -> None:
         super().__init__(event, host, buffer, pool, keep)
         self._layout = layout
+        #: Memory this holds until resolved: the host values' buffer, and device tensors kept alive.
+        self.held_bytes = (0 if buffer is None else buffer.numel()) + sum(
+            t.numel() * t.element_size() for t in (keep if isinstance(keep, tuple) else (keep,))
+            if isinstance(t, torch.Tensor))
 
     def result(self) -> dict[str, Any]:
         """The statistics, as :func:`~parity.capturing.stats.tensor_stats` gives them (with

@@ -104,6 +104,12 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _queued_bytes(record: Record, value: Any) -> int:
+    """What a queued record counts against ``max_pending_bytes``: its data, or, for statistics
+    computed on the device, the few bytes it holds (plus the tensor, when it had to be held)."""
+    return value.held_bytes if isinstance(value, PendingStats) else record.nbytes
+
+
 class CaptureSession:
     """Receives tensors from hooks and explicit dumps; owns the background writer."""
 
@@ -243,7 +249,7 @@ class CaptureSession:
                 return
             value = self._copy_out(source)
             self._order += 1
-            if not self._put("record", (record, value), record.nbytes) and isinstance(value, Pending):
+            if not self._put("record", (record, value), _queued_bytes(record, value)) and isinstance(value, Pending):
                 value.discard()  # capture stopped meanwhile: hand the pinned buffer back
         except Exception as exc:  # this value only: capture goes on with the others
             self.note_once(f"cannot record {name[:200]!r}: {type(exc).__name__}: {exc}")
@@ -408,7 +414,7 @@ class CaptureSession:
             try:
                 if kind == "record":
                     record, value = payload
-                    nbytes = record.nbytes
+                    nbytes = _queued_bytes(record, value)
                     if isinstance(value, PendingStats):  # computed on the device; waits for it
                         tensor, stats = None, value.result()
                     else:

@@ -121,17 +121,17 @@ def stats_vector(t: torch.Tensor, sample_index: torch.Tensor | None = None) -> t
     finite = torch.isfinite(flat)
     fill = flat.index_select(0, finite.to(torch.uint8).argmax().reshape(1))  # a finite element, if any
     lo, hi = torch.aminmax(torch.where(finite, flat, fill))  # == aminmax(x) when every element is finite
-    parts = [torch.isnan(flat).sum().reshape(1), finite.sum().reshape(1), torch.count_nonzero(flat).reshape(1),
-             lo.reshape(1), hi.reshape(1)]
+    scalars = [torch.isnan(flat).sum(), finite.sum(), torch.count_nonzero(flat), lo, hi]
     chunks = 0
     for start in range(0, numel, SUM_CHUNK):  # NaN/Inf as 0 (== x when every element is finite), chunk by chunk
         end = start + SUM_CHUNK
         chunk = torch.where(finite[start:end], flat[start:end], 0).to(torch.float64)
-        parts += [chunk.sum().reshape(1), torch.dot(chunk, chunk).reshape(1)]
+        scalars += [chunk.sum(), torch.dot(chunk, chunk)]
         chunks += 1
+    vector = torch.stack(scalars)  # float64: the sums are, and stack promotes (counts exact below 2^53)
     if samples:
-        parts.append(t.reshape(-1).index_select(0, sample_index))
-    return torch.cat(parts).to(torch.float64), StatsLayout(numel, chunks, samples, sampled)
+        vector = torch.cat([vector, t.reshape(-1).index_select(0, sample_index)])
+    return vector, StatsLayout(numel, chunks, samples, sampled)
 
 
 def stats_from_vector(values: Sequence[float], layout: StatsLayout) -> dict[str, Any]:
