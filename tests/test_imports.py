@@ -354,3 +354,16 @@ def test_a_bad_mapping_file_is_one_error_line(capsys, tmp_path, text, needle):
     base = str(FIXTURES / "sglang-tp1")
     code, _, err = cli(capsys, "compare", base, base, "--map", str(mapping))
     assert_one_error_line(code, err, needle)
+
+
+def test_a_dumped_value_that_is_not_a_tensor_is_skipped_with_a_note(tmp_path):
+    import torch
+
+    from parity.store.reader import load_run
+
+    torch.save({"value": 3, "meta": {}}, tmp_path / "step=0___rank=0___dump_index=1___name=count.pt")
+    torch.save({"value": torch.ones(2), "meta": {}}, tmp_path / "step=0___rank=0___dump_index=2___name=x.pt")
+    torch.save(torch.zeros(3), tmp_path / "forward_pass_id=1___rank=0___dump_index=3___name=y.pt")  # older release
+    run = load_run(tmp_path)
+    assert [(r.name, r.step) for r in run.records] == [("x", 0), ("y", 1)]
+    assert any("count: holds a int, not a tensor; skipped" in note for note in run.notes)

@@ -99,9 +99,9 @@ def _tensor_of(entry: Entry, note: Callable[[str], None]) -> Any | None:
     import torch
 
     tensor = entry.load() if entry.load is not None else None
-    if not isinstance(tensor, torch.Tensor):
-        raise DumpError(f"{entry.name} (step {entry.step}, rank {entry.rank}): the file holds a "
-                        f"{type(tensor).__name__}, not a tensor")
+    if not isinstance(tensor, torch.Tensor):  # the SGLang dumper dumps any value (ints, lists, None)
+        note(f"{entry.name}: holds a {type(tensor).__name__}, not a tensor; skipped")
+        return None
     dtype = torch_dtype_name(tensor)
     if dtype not in DTYPES:
         note(f"{entry.name}: dtype {dtype} is not stored by parity; skipped")
