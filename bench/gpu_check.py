@@ -26,6 +26,8 @@ What it does (each part says what it measured and on which model)
    bfloat16 with sdpa and eager attention, graded precision-aware (bfloat16 targets against
    their twin, the CPU run in bfloat16), the built-in prompts, 8 greedy tokens. Without CUDA:
    one CPU bfloat16 target on one prompt, 2 tokens, to show the path runs.
+5. The tests of ``tests/test_device_copy.py`` (its CUDA tests run where CUDA is), with pytest
+   in a subprocess, when pytest is installed (``--skip-tests`` leaves them out).
 
 Everything printed is also written as JSON to ``OUT/gpu_check.json`` (``--out``, default
 ``$OUT`` when set, else a temporary folder); dumps go to a temporary folder, removed at the end.
@@ -33,7 +35,8 @@ Everything printed is also written as JSON to ``OUT/gpu_check.json`` (``--out``,
 Running it
     ``python bench/gpu_check.py`` from the repository root (parity is imported from ``src/``
     when not installed). ``--repeat N`` (default 20 rounds on CUDA), ``--skip-matrix``,
-    ``--skip-synthetic``. Takes about 2-4 minutes on one H100 with the tiny model (budget: under
+    ``--skip-synthetic``, ``--skip-tests``. On a lent GPU machine:
+    ``PYTHONUNBUFFERED=1 python3 bench/gpu_check.py`` (writes ``$OUT/gpu_check.json``). Takes about 2-4 minutes on one H100 with the tiny model (budget: under
     8); well under a minute without a GPU. The CUDA tests of ``tests/test_device_copy.py`` run
     with ``PYTHONPATH=src python -m pytest tests/test_device_copy.py -q``.
 
@@ -282,6 +285,28 @@ def comparison(cuda: bool, path: Path, label: str, work: Path) -> None:
                              "rows": [{k: v for k, v in row.items() if k != "report"} for row in rows]}
 
 
+# ------------------------------------------------------------------ part 5: the tests
+def run_tests() -> bool:
+    """``tests/test_device_copy.py`` under pytest in a subprocess (parity from ``src/``); True when
+    it passed or pytest is not installed."""
+    import subprocess
+
+    if importlib.util.find_spec("pytest") is None:
+        say("\n--- tests: pytest is not installed: tests/test_device_copy.py not run")
+        return True
+    say("\n--- tests: tests/test_device_copy.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_device_copy.py", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    for line in (lines if done.returncode else lines[-1:]):
+        say(f"  {line}")
+    say(f"  ({time.perf_counter() - t0:.0f} s, exit {done.returncode})")
+    RESULTS["tests"] = {"exit": done.returncode, "summary": lines[-1] if lines else done.stderr[-500:]}
+    return done.returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where gpu_check.json goes (default $OUT, else a temp dir)")
     parser.add_argument("--skip-matrix", action="store_true", help="leave out the cross-device comparison")
     parser.add_argument("--skip-synthetic", action="store_true", help="leave out the 160M synthetic model's overhead")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out tests/test_device_copy.py")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     say(f"parity GPU check (issue 18), {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}")
@@ -320,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         overhead(cuda, path, label, args.repeat if cuda else 3, work, synthetic=cuda and not args.skip_synthetic)
         if not args.skip_matrix:
             comparison(cuda, path, label, work)
+        if not args.skip_tests:
+            ok &= run_tests()
     except Exception:
         traceback.print_exc()
         ok = False
