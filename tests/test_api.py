@@ -111,3 +111,19 @@ def test_error_distributions_for_the_first_divergence_or_for_every_pair(baseline
     every = parity.compare(baseline_dump, bf16_dump, atol=0.01, distributions=True)
     assert all(o.distribution for o in every.outcomes if o.metrics is not None)
     assert every.to_json()["pairs"][0]["distribution"]["elements"] > 0
+
+
+def test_in_memory_runs_report_a_shape_mismatch():
+    """Shapes that differ between two in-memory captures are an outcome, not an error about files."""
+    import torch
+
+    import parity
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    sessions = []
+    for size in (3, 5):
+        with parity.capture(model) as session:
+            parity.dump("probe", torch.zeros(size))
+        sessions.append(session)
+    report = parity.compare(*sessions)
+    assert [o.kind for o in report.outcomes if o.name == "probe"] == ["shape_mismatch"]

@@ -51,6 +51,11 @@ class MemoryRun(Run):
             return super().raw(record)  # the statistics-only error
         return self.arrays[record.key]
 
+    def locate(self, record: Record) -> np.ndarray:
+        """The record's array: held in memory, it cannot disagree with a file (raises like a
+        dump's ``locate`` for a statistics-only record)."""
+        return self.raw(record)
+
     def release(self, record: Record) -> None:
         """Nothing to give back: the data is the capture's own memory."""
 
