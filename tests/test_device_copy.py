@@ -162,6 +162,14 @@ def test_pool_buffers_made_under_inference_mode_take_copies_outside_it_later():
     assert again is buffer
 
 
+def test_pool_forgets_a_buffer_without_reusing_it():
+    pool = PinnedPool(4096, allocate=_cpu_buffer)
+    buffer = pool.acquire(1024)
+    pool.forget(buffer)  # a copy into it may still be in flight
+    assert pool.held_bytes == pool.in_use_bytes == 0
+    assert pool.acquire(1024) is not buffer
+
+
 def test_pool_that_cannot_allocate_says_why_and_refuses_from_then_on():
     calls = []
 

@@ -139,6 +139,14 @@ class PinnedPool:
             self._free.setdefault(size, []).append(buffer)
             self._free.move_to_end(size)
 
+    def forget(self, buffer: torch.Tensor) -> None:
+        """Stop counting a buffer from :meth:`acquire` without reusing it (a copy into it may still
+        be in flight: torch's caching host allocator then waits for that copy before reusing it)."""
+        size = buffer.numel()
+        with self._lock:
+            self.in_use_bytes -= size
+            self.held_bytes -= size
+
     def clear(self) -> None:
         """Let every free buffer go (buffers in use stay counted until released)."""
         with self._lock:
@@ -271,15 +279,24 @@ class DeviceCopier:
             self._async_ok(tensor)
             return self._sync_copy(tensor)
         host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
-        try:
-            stream = torch.cuda.current_stream(tensor.device)
-            host.copy_(tensor, non_blocking=True)
-            event, keep = self._fence(tensor, stream)
-        except Exception:
-            self.pool.release(buffer)  # nothing was queued on the device with it, or the copy failed to queue
-            raise
+        event, keep = self._start(host, tensor, tensor, buffer)
         self.counts["async"] += 1
         return PendingTensor(event, host, buffer, self.pool, keep)
+
+    def _start(self, host: torch.Tensor, value: torch.Tensor, source: torch.Tensor,
+               buffer: torch.Tensor) -> tuple[Any, Any]:
+        """Queue the copy of ``value`` into ``host`` (a view of ``buffer``) on the current stream of
+        ``source``'s device and fence it; on an error the buffer goes back to the pool, or, when
+        the copy may already be queued, is forgotten (never reused while a copy could land in it)."""
+        queued = False
+        try:
+            stream = torch.cuda.current_stream(source.device)
+            queued = True
+            host.copy_(value, non_blocking=True)
+            return self._fence(source, stream)
+        except Exception:
+            (self.pool.forget if queued else self.pool.release)(buffer)
+            raise
 
     def _sync_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         self.counts["sync"] += 1
@@ -302,13 +319,7 @@ class DeviceCopier:
             self.counts["sync"] += 1
             return PendingStats(None, vector.to("cpu"), None, None, None, layout)
         host = buffer[:nbytes].view(torch.float64)
-        try:
-            stream = torch.cuda.current_stream(tensor.device)
-            host.copy_(vector, non_blocking=True)
-            event, keep = self._fence(tensor, stream)
-        except Exception:
-            self.pool.release(buffer)
-            raise
+        event, keep = self._start(host, vector, tensor, buffer)
         self.counts["async"] += 1
         return PendingStats(event, host, buffer, self.pool, (keep, vector), layout)
 
