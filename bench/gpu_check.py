@@ -36,9 +36,10 @@ Running it
     ``python bench/gpu_check.py`` from the repository root (parity is imported from ``src/``
     when not installed). ``--repeat N`` (default 20 rounds on CUDA), ``--skip-matrix``,
     ``--skip-synthetic``, ``--skip-tests``. On a lent GPU machine:
-    ``PYTHONUNBUFFERED=1 python3 bench/gpu_check.py`` (writes ``$OUT/gpu_check.json``). Takes about 2-4 minutes on one H100 with the tiny model (budget: under
-    8); well under a minute without a GPU. The CUDA tests of ``tests/test_device_copy.py`` run
-    with ``PYTHONPATH=src python -m pytest tests/test_device_copy.py -q``.
+    ``PYTHONUNBUFFERED=1 python3 bench/gpu_check.py`` (writes ``$OUT/gpu_check.json``). Sized
+    for a few minutes on one H100 with the tiny model (budget: under 8; not yet run on a GPU);
+    about a minute on two shared CPU cores without a GPU (part 5 included). The tests alone:
+    ``PYTHONPATH=src python -m pytest tests/test_device_copy.py -q``.
 
 Exit status: 0 when every part ran (goals missed are reported, not failed), 1 when a
 correctness check failed (outputs changed, a record differs, a hook synchronized), 2 when a
