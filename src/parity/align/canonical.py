@@ -29,7 +29,7 @@ canonical tap               meaning
 
 One structural mapping (:class:`Layout`: the module names of embeddings, layer stack, norms,
 attention, MLP, final norm, head) is turned into rules by each engine's conventions
-(:func:`_hf_rules`, :func:`_vllm_rules`); families differ only by small adjustments in
+(:func:`_rules`); families differ only by small adjustments in
 :data:`FAMILIES`. A rule says which module feeds a tap and how: ``select`` takes element k of
 a tuple output; ``sum_pair`` adds elements 0 and 1 (vLLM's un-summed layer output; a single
 tensor is taken as it is); ``scale_by`` multiplies by a buffer of the model (vLLM's Gemma
@@ -101,34 +101,25 @@ def _layer(layout: Layout, part: str | None = None) -> str:
     return re.escape(layout.layers) + r"\.(\d+)" + (r"\." + re.escape(part) if part else "")
 
 
-def _hf_rules(layout: Layout) -> tuple[Rule, ...]:
-    """transformers: every module returns ``[batch, seq, hidden]``; attention and layers return
-    tuples (element 0); the head's output is the logits."""
-    rules = [Rule("embeddings", re.escape(layout.embeddings)),
-             Rule("layers.{i}.attn", _layer(layout, layout.attn), select=0),
-             Rule("layers.{i}.mlp", _layer(layout, layout.mlp)),
-             Rule("layers.{i}", _layer(layout), select=0),
-             Rule("final_norm", re.escape(layout.final_norm)),
-             Rule("logits", re.escape(layout.head))]
-    rules += [Rule(c, _layer(layout, part)) for c, part in (("layers.{i}.input_norm", layout.input_norm),
-                                                            ("layers.{i}.post_attn_norm", layout.mlp_norm)) if part]
-    if layout.router:
-        rules.append(Rule("layers.{i}.router", _layer(layout, layout.router), select=0))
-    rules += [Rule(f"layers.{{i}}.attn.{part}", _layer(layout, module), select=0) for part, module in layout.attn_parts]
-    return tuple(rules)
-
-
-def _vllm_rules(layout: Layout) -> tuple[Rule, ...]:
-    """vLLM: fused norms return ``(normed, residual)`` (element 0), decoder layers
-    ``(hidden, residual)`` un-summed (see :class:`Layout`), logits are derived from the final norm."""
+def _rules(layout: Layout, engine: str) -> tuple[Rule, ...]:
+    """The rules of ``layout`` under one engine's conventions. transformers (``hf``): every module
+    returns ``[batch, seq, hidden]``, attention and layers return tuples (element 0), the head's
+    output is the logits. vLLM: fused norms return ``(normed, residual)`` (element 0), decoder
+    layers ``(hidden, residual)`` un-summed (see :class:`Layout`), logits are derived from the
+    final norm."""
+    vllm = engine == "vllm"
+    norm = 0 if vllm else None
+    layer = (Rule("layers.{i}", _layer(layout), sum_pair=True) if vllm and layout.layer_output == "pair"
+             else Rule("layers.{i}", _layer(layout), select=0))
+    logits = (Rule("logits", re.escape(layout.final_norm), select=0, logits_from=(layout.head, layout.embeddings))
+              if vllm else Rule("logits", re.escape(layout.head)))
     rules = [Rule("embeddings", re.escape(layout.embeddings), scale_by=layout.embed_scale),
              Rule("layers.{i}.attn", _layer(layout, layout.attn), select=0),
              Rule("layers.{i}.mlp", _layer(layout, layout.mlp)),
-             Rule("layers.{i}", _layer(layout), sum_pair=layout.layer_output == "pair",
-                  select=0 if layout.layer_output == "first" else None),
-             Rule("final_norm", re.escape(layout.final_norm), select=0),
-             Rule("logits", re.escape(layout.final_norm), select=0, logits_from=(layout.head, layout.embeddings))]
-    rules += [Rule(c, _layer(layout, part), select=0)
+             layer,
+             Rule("final_norm", re.escape(layout.final_norm), select=norm),
+             logits]
+    rules += [Rule(c, _layer(layout, part), select=norm)
               for c, part in (("layers.{i}.input_norm", layout.input_norm),
                               ("layers.{i}.post_attn_norm", layout.mlp_norm)) if part]
     if layout.router:
@@ -179,8 +170,8 @@ FAMILIES: dict[str, tuple[Layout, Layout]] = {
 ALIASES = {"gemma3_text": "gemma3"}
 
 RULES: dict[tuple[str, str], tuple[Rule, ...]] = {
-    **{("hf", arch): _hf_rules(hf) for arch, (hf, _) in FAMILIES.items()},
-    **{("vllm", arch): _vllm_rules(vllm) for arch, (_, vllm) in FAMILIES.items()},
+    **{("hf", arch): _rules(hf, "hf") for arch, (hf, _) in FAMILIES.items()},
+    **{("vllm", arch): _rules(vllm, "vllm") for arch, (_, vllm) in FAMILIES.items()},
 }
 
 

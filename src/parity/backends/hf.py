@@ -105,7 +105,11 @@ def load(model_dir: str | os.PathLike[str], spec: Spec) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, spec.dtype), attn_implementation=spec.attn)
     except Exception as exc:  # transformers raises many types for a bad folder
-        raise BackendError(f"cannot load model from {path} under {spec}: {type(exc).__name__}: {exc}") from None
+        hint = ("vLLM's transformers backend patched this model's classes in this process: run the "
+                "transformers side first (as the baseline), or in its own process"
+                if "vLLM config is not set" in str(exc) else None)
+        raise BackendError(f"cannot load model from {path} under {spec}: {type(exc).__name__}: {exc}",
+                           hint=hint) from None
     model.eval().to(spec.device)
     if spec.quant != "none":
         _quantize(model, spec.quant)

