@@ -38,7 +38,7 @@ import pytest
 TOKENIZER = Path(__file__).resolve().parent.parent / "src" / "parity" / "assets" / "tiny-llama"
 EXTRA = {"qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32},
          "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 32},
-         "granite": {"head_dim": 32}, "olmo2": {"head_dim": 32},
+         "granite": {"head_dim": 32, "logits_scaling": 4.0}, "olmo2": {"head_dim": 32},
          "gemma": {"head_dim": 32, "tie_word_embeddings": True},
          "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
          "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64, "tie_word_embeddings": True},
@@ -101,6 +101,8 @@ def test_hf_vs_vllm_canonical_taps_pass_and_localize_a_fault(tmp_path, model_typ
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["summary"]["pairs"] >= 12 * 3  # every layer's taps, on every prompt
+    if model_type == "granite":  # logits divided by logits_scaling on both sides: what is sampled
+        assert any("logits: compared after the model's scaling by 0.25" in n for n in report["notes"])
     routers = [p for p in report["pairs"] if p["name"].endswith(".router")]
     if model_type in ("qwen3_moe", "mixtral"):  # MoE: both engines' router logits, top-2 sets all equal
         assert len({p["name"] for p in routers}) == 3
