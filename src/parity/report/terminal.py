@@ -329,10 +329,17 @@ def _render_oracle(report: Report, console: Console) -> None:
 def _render_e2e(e2e: dict[str, Any], console: Console) -> None:
     """Generated tokens and next-token distributions (see compare/e2e.py)."""
     v = e2e["verdicts"]
+    prompts = len(e2e["prompts"])
+    compared = e2e.get("tokens_compared")
+    what = (f"{compared} greedy tokens over {prompts} {'chat ' if e2e.get('chat') else ''}prompts (up to "
+            f"{e2e['new_tokens']} each)" if isinstance(compared, int)
+            else f"{e2e['new_tokens']} greedy tokens x {prompts} prompts")
+    eos = e2e.get("ended_at_eos")
+    if isinstance(eos, dict) and (eos.get("baseline") or eos.get("target")):
+        what += f", ended at EOS: baseline {eos.get('baseline', 0)}, target {eos.get('target', 0)}"
     console.print(Text("end to end: ", style="bold") + Text(
-        f"{e2e['new_tokens']} greedy tokens x {len(e2e['prompts'])} prompts: token match "
-        f"{100 * e2e['token_match_rate']:.1f}%; identical {v['identical']}, benign flip {v['benign flip']}, "
-        f"real {v['real divergence']}"))
+        f"{what}: token match {100 * e2e['token_match_rate']:.1f}%; identical {v['identical']}, "
+        f"benign flip {v['benign flip']}, real {v['real divergence']}"))
     dist = e2e.get("distributions")
     if dist:
         console.print(f"  teacher-forced, {dist['positions']} positions: KL(b||t) mean {g(dist['kl_mean'])}, "
