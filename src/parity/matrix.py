@@ -23,8 +23,11 @@ from parity.errors import UsageError
 
 
 def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompts: Sequence[str], out: Path, *,
-               new_tokens: int, policy: Any, task: ProgressFactory) -> list[dict[str, Any]]:
-    """Run the matrix; returns one JSON-ready row per target."""
+               new_tokens: int, policy: Any, task: ProgressFactory, chat: bool | None = None) -> list[dict[str, Any]]:
+    """Run the matrix; returns one JSON-ready row per target. ``chat`` as in ``parity diff``
+    (default None: through the chat template when the tokenizer has one). Twins run right after
+    the baseline, before any target (vLLM's transformers backend patches some transformers
+    classes for the rest of the process, see :func:`parity.backends.runner.run_sides`)."""
     from parity.compare.e2e import distribution_metrics, end_to_end
     from parity.compare.engine import compare
     from parity.report.json_report import write_json
@@ -37,18 +40,21 @@ def run_matrix(model_path: Path, baseline: Spec, targets: Sequence[Spec], prompt
     for d in dirs:
         _fresh(d)
     base, base_gen, sequences = capture_baseline(model_path, baseline, prompts, dirs[0], new_tokens=new_tokens,
-                                                 canonical=canonical, taps=None, mode="full", task=task)
+                                                 canonical=canonical, taps=None, mode="full", task=task, chat=chat)
     rows = []
     twins: dict[Spec, Path] = {}
-    for k, spec in enumerate(targets, start=1):
-        target_dir = dirs[k]
-        gen = capture_target(model_path, spec, prompts, sequences, target_dir, new_tokens=new_tokens,
-                             canonical=canonical, taps=None, mode="full", task=task, label=f"target {k}")
+    for spec in targets:
         twin = twin_spec(baseline, spec)
         if twin is not None and twin not in twins:
             twins[twin] = _fresh(out / f"twin-{len(twins) + 1}")
             capture_target(model_path, twin, prompts, sequences, twins[twin], new_tokens=0, canonical=canonical,
-                           taps=None, mode="full", task=task, label=f"twin {len(twins)}")
+                           taps=None, mode="full", task=task, label=f"twin {len(twins)}", chat=base.chat)
+    for k, spec in enumerate(targets, start=1):
+        target_dir = dirs[k]
+        gen = capture_target(model_path, spec, prompts, sequences, target_dir, new_tokens=new_tokens,
+                             canonical=canonical, taps=None, mode="full", task=task, label=f"target {k}",
+                             chat=base.chat)
+        twin = twin_spec(baseline, spec)
         report = compare(dirs[0], target_dir, policy=policy, twin=twins[twin] if twin is not None else None)
         if base_gen and gen:
             e2e = report.end_to_end = end_to_end(dirs[0], target_dir, base_gen, gen, decode=base.tokenizer.decode)

@@ -109,9 +109,12 @@ def scores_cmd(model_dir: str | None, baseline_spec: str, target_spec: str, pair
 @click.option("--atol", type=float, default=None, help="Absolute floor for every pair.")
 @click.option("--profile", type=click.Path(dir_okay=False), default=None, help="Tolerance profile.")
 @click.option("--backend", default=None, metavar="NAME", help="Backend name for the profile.")
+@click.option("--chat/--raw", "chat", default=None,
+              help="Prompts as a user turn of the tokenizer's chat template, or raw text. "
+                   "Default: chat when the tokenizer has a chat template.")
 def matrix_cmd(model_dir: str | None, baseline_spec: str, target_specs: Sequence[str], prompts: str | None,
                new_tokens: int, out: str, json_path: str | None, rtol: float | None, atol: float | None,
-               profile: str | None, backend: str | None) -> int:
+               profile: str | None, backend: str | None, chat: bool | None) -> int:
     """Run several targets against one baseline (captured once) and print one table.
 
     Per target: verdict, first divergence, worst relative L2 error over taps, mean logits KL and
@@ -129,7 +132,7 @@ def matrix_cmd(model_dir: str | None, baseline_spec: str, target_specs: Sequence
     policy = make_policy(rtol, atol, (), profile, backend)
     with Progress() as progress:
         rows = run_matrix(model_path, baseline, targets, prompt_list, Path(out), new_tokens=new_tokens,
-                          policy=policy, task=progress.task)
+                          policy=policy, task=progress.task, chat=chat)
     if json_path:
         write_rows(rows, json_path)
     render_matrix(baseline, rows, make_console())
