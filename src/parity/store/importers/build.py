@@ -225,5 +225,8 @@ def finite_or_none(value: Any) -> float | None:
     """``value`` as a float when it is a finite number, else None (for foreign statistics)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range (JSON allows 10**400)
+        return None
     return value if math.isfinite(value) else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,22 @@ from parity.errors import UsageError
 
 MAX_BYTES = 1 << 20
 MAX_RULES = 10_000
-_NAME = re.compile(r"[^\s=\\]+")
+#: A dotted name: no whitespace, ``=``, backslash, control character or invisible/bidi mark.
+_NAME = re.compile(r"[^\s=\\\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]+")
 
 
 def _read(path: Path) -> Any:
     try:
-        if path.stat().st_size > MAX_BYTES:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end
+            raise UsageError(f"--map {path}: not a regular file")
+        if info.st_size > MAX_BYTES:
             raise UsageError(f"--map {path}: larger than {MAX_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:  # at most MAX_BYTES + 1, whatever the size said
+            raw = handle.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise UsageError(f"--map {path}: larger than {MAX_BYTES} bytes")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise UsageError(f"--map {path}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -52,6 +61,8 @@ def _read(path: Path) -> Any:
             return json.loads(text)
         except ValueError as exc:
             raise UsageError(f"--map {path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise UsageError(f"--map {path}: not a mapping file (nested too deeply)") from None
     try:
         import yaml
     except ImportError:
@@ -61,11 +72,13 @@ def _read(path: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(f"--map {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    except RecursionError:
+        raise UsageError(f"--map {path}: not a mapping file (nested too deeply)") from None
 
 
 def _name(value: Any, path: Path, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value.startswith(".") or value.endswith("."):
-        raise UsageError(f"--map {path}: {what} {value!r} is not a dotted module name (no spaces, '=' or backslashes)")
+        raise UsageError(f"--map {path}: {what} {value!r} is not a dotted module name (no spaces, '=', backslashes or control characters)")
     return value
 
 

@@ -166,10 +166,14 @@ def _stats(item: dict, shape: tuple[int, ...]) -> dict[str, Any]:
 
 
 def _number(value: Any) -> Any:
-    """A statistic as stored: a number (NaN/Inf kept: the manifest writes them as strings) or None."""
+    """A statistic as a float (NaN/Inf kept: the manifest writes them as strings) or None when it
+    is not a number; an integer beyond float range (JSON allows 10**400) is ±inf, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return value
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _shape(item: dict, where: str) -> tuple[int, ...]:
@@ -198,6 +202,8 @@ def _loader(file: Path, root: Path, shape: tuple[int, ...], where: str) -> Any:
             if value.dtype.kind not in "biuf" or value.dtype.str.lstrip("<>|=") not in (
                     "f8", "f4", "f2", "i8", "i4", "i2", "i1", "u1", "b1"):
                 raise CorruptDataError(f"{file}: array dtype {value.dtype} is not one parity stores")
+            if not value.dtype.isnative:  # a big-endian .npy: torch takes native byte order only
+                value = value.astype(value.dtype.newbyteorder("="))
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
             raise CorruptDataError(f"{file} holds a {type(value).__name__}, not a tensor")

@@ -31,6 +31,12 @@ TORCH_SUFFIXES = (".pt", ".pth")
 NUMPY_SUFFIXES = (".npy",)
 #: The largest tensor file opened (64 GiB): a bound, not a guess at real sizes.
 MAX_FILE_BYTES = 64 << 30
+#: How many bytes a loaded tensor may hold beyond its file's size once made dense and contiguous
+#: (default 256 MiB): a stored view or sparse tensor can declare a shape far beyond the bytes it
+#: stores (stride 0), and copying it would allocate that shape.
+MAX_EXPANSION_BYTES = 256 << 20
+#: How deep and how many objects of a loaded file are walked to check its tensors' sizes.
+MAX_WALK_DEPTH, MAX_WALK_ITEMS = 64, 1_000_000
 
 
 def checked_file(path: Path, root: Path) -> Path:
@@ -85,7 +91,35 @@ def load_tensor_file(path: Path, root: Path) -> Any:
     resolved = checked_file(path, root)
     if suffix in NUMPY_SUFFIXES:
         return _load_npy(path, resolved)
-    return _load_pt(path, resolved)
+    value = _load_pt(path, resolved)
+    _check_tensor_sizes(value, path, resolved.stat().st_size)
+    return value
+
+
+def _check_tensor_sizes(value: Any, path: Path, file_bytes: int) -> None:
+    """Refuse a loaded object whose tensors, made dense, would hold more than the file's size plus
+    :data:`MAX_EXPANSION_BYTES`, or that nests deeper than :data:`MAX_WALK_DEPTH` / holds more than
+    :data:`MAX_WALK_ITEMS` objects (a memory or recursion bomb, not a dump)."""
+    import torch
+
+    limit = file_bytes + MAX_EXPANSION_BYTES
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > MAX_WALK_DEPTH or seen > MAX_WALK_ITEMS:
+            raise CorruptDataError(f"{path} nests deeper than {MAX_WALK_DEPTH} levels or holds more than "
+                                   f"{MAX_WALK_ITEMS} objects: not a tensor dump parity reads")
+        if isinstance(item, torch.Tensor):
+            dense = item.numel() * item.element_size()
+            if dense > limit:
+                raise CorruptDataError(f"{path} holds a tensor of shape {list(item.shape)} ({dense} bytes) in a "
+                                       f"{file_bytes}-byte file: a view or sparse tensor far beyond the data stored")
+        elif isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def _load_pt(path: Path, resolved: Path) -> Any:
@@ -115,6 +149,7 @@ def _load_pt(path: Path, resolved: Path) -> Any:
 def _load_npy(path: Path, resolved: Path) -> Any:
     import numpy as np
 
+    _check_npy_header(path, resolved)
     try:
         array = np.load(resolved, allow_pickle=False)
     except ValueError as exc:
@@ -129,3 +164,34 @@ def _load_npy(path: Path, resolved: Path) -> Any:
         getattr(array, "close", lambda: None)()
         raise CorruptDataError(f"{path} is not a .npy array file (numpy read a {type(array).__name__})")
     return array
+
+
+def _check_npy_header(path: Path, resolved: Path) -> None:
+    """Refuse a ``.npy`` file whose header declares more data than the file holds (numpy would
+    allocate the declared shape before finding the file short). Other header problems are left
+    to ``numpy.load``; files that are not ``.npy`` (an ``.npz``) pass through to it."""
+    import numpy as np
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(resolved, "rb") as handle:
+            if handle.read(6) != npy_format.MAGIC_PREFIX:
+                return
+            handle.seek(0)
+            version = npy_format.read_magic(handle)
+            reader = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+            if reader is None:
+                return
+            shape, _, dtype = reader(handle)
+            offset = handle.tell()
+        size = resolved.stat().st_size
+    except Exception:  # a bad header: numpy.load says what is wrong with it
+        return
+    if dtype.hasobject:
+        return  # refused by numpy.load(allow_pickle=False) before any allocation
+    if any(int(d) < 0 for d in shape):
+        raise CorruptDataError(f"{path} declares a negative shape {list(shape)}: corrupted .npy file")
+    declared = int(np.prod([int(d) for d in shape], dtype=object)) * dtype.itemsize
+    if declared > size - offset:
+        raise CorruptDataError(f"{path} declares shape {list(shape)} ({declared} bytes of {dtype}) but holds "
+                               f"{max(size - offset, 0)} bytes of data: truncated or corrupted .npy file")

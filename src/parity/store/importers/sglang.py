@@ -154,11 +154,14 @@ def shard_of_dims(dims: str) -> str | None:
 
 
 def _plain(value: Any) -> Any:
-    """A tensor or list turned into JSON-ready values (step metadata)."""
+    """A tensor or list turned into JSON-ready values (step metadata); None for a tensor of more
+    than 2**20 elements or of a dtype step metadata cannot hold (complex: not JSON numbers)."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() <= 1 << 20 else None
+        if value.numel() > 1 << 20 or value.is_complex() or value.layout != torch.strided:
+            return None
+        return value.tolist()
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
