@@ -21,7 +21,8 @@ fixture and applies one seeded mutation:
 
 Commands per case, in this process (strict UTF-8 streams, an alarm of :data:`CASE_SECONDS`):
 ``parity compare PRISTINE MUTANT``, ``parity compare CONVERTED MUTANT``, ``parity inspect
-MUTANT`` and ``parity convert MUTANT OUT`` (``--map`` cases: ``parity compare --map FILE``).
+MUTANT`` and ``parity convert MUTANT OUT``, and outside quick runs ``parity compare --salvage`` and
+``parity convert --salvage`` (``--map`` cases: ``parity compare --map FILE``).
 
 A case is **handled** when every command exits 0 or 1, or exits 2 with one ``error:`` line on
 stderr. It **fails** on a traceback, an ``internal error``, another exit code, a hang, a
@@ -79,6 +80,7 @@ class Mutant:
     must_refuse: bool = False      # every command must exit 2 (a file no reader may accept)
     map_file: Path | None = None   # --map cases: the mapping file
     marker: Path | None = None     # a file a pickle payload would create if it ran
+    align: bool = False            # also run compare --align tokens
 
 
 @dataclass
@@ -317,7 +319,95 @@ def _items(output: object) -> list:
     return []
 
 
+def _sglang_meta(path: Path, rng: random.Random) -> Mutant:
+    """A dumper file's ``meta`` (dims, parallel info, world size) or its value's shape/dtype changed,
+    the file still a valid ``{"value", "meta"}`` save."""
+    import torch
+
+    file = rng.choice([f for f in _sglang_files(path) if "name=mlp" in f.name] or _sglang_files(path))
+    obj = torch.load(file, weights_only=True)
+    if not isinstance(obj, dict):
+        obj = {"value": obj, "meta": {}}
+    meta = dict(obj.get("meta") or {})
+    value = obj["value"]
+    op = rng.choice(["dims", "parallel info", "world size", "shape", "dtype", "non-finite", "drop meta"])
+    if op == "dims":
+        meta["dims"] = rng.choice(["a b c d e f[tp]", "t h[tp] d[tp]", "t[tp:partial] h", "t h[cp]", "", "[tp]",
+                                   "t h[tp", "t h[tp:partial+sharded]", "t " * 20 + "h[tp]", "t h # [tp]", "t[ep] h[tp]",
+                                   "t h[tp]" if rng.random() < 0.5 else "h[tp] t"])
+    elif op == "parallel info":
+        meta["sglang_parallel_info"] = rng.choice([{"tp_rank": 5, "tp_size": 2}, {"tp_rank": -1, "tp_size": 2},
+                                                   {"tp_rank": "0", "tp_size": 2}, {"tp_rank": 0, "tp_size": 2**70},
+                                                   {"tp_rank": 1, "tp_size": 1}, [], None])
+    elif op == "world size":
+        meta["world_size"] = rng.choice([0, 1, 2, 3, 64, 2**31, -1, True, 1.5])
+    elif op == "shape" and isinstance(value, torch.Tensor):
+        value = rng.choice([value.flatten(), value[..., :1], value.unsqueeze(0), torch.zeros(0), value.reshape(-1, 1)])
+    elif op == "dtype" and isinstance(value, torch.Tensor):
+        value = value.to(rng.choice([torch.float64, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.bool,
+                                     torch.int64, torch.uint16 if hasattr(torch, "uint16") else torch.int16]))
+    elif op == "non-finite" and isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+        value = value.clone()
+        value.view(-1)[rng.randrange(value.numel())] = rng.choice([float("nan"), float("inf"), -float("inf"), 3e38])
+    elif op == "drop meta":
+        obj = value
+    if isinstance(obj, dict):
+        obj = {"value": value, "meta": meta}
+    file.write_bytes(_torch_bytes(obj))
+    return Mutant("sglang meta/value", f"{file.name[:60]}: {op}")
+
+
+def _sglang_aux(path: Path, rng: random.Random) -> Mutant:
+    """The token aligner's aux tensors (input_ids, positions, seq_lens, rids) with hostile values;
+    the case also runs ``compare --align tokens``."""
+    import torch
+
+    files = [f for f in _sglang_files(path)
+             if any(f"name={aux}___" in f.name for aux in ("input_ids", "positions", "seq_lens", "rids"))]
+    if not files:
+        return Mutant("sglang aux", "no aux file (no change)", align=True)
+    file = rng.choice(files)
+    value = rng.choice([torch.tensor([2**62, -5, 0]), torch.tensor([[1, 2], [3, 4]]), torch.zeros(0, dtype=torch.long),
+                        torch.tensor([1.5, float("nan")]), torch.tensor([0, 0, 0]), torch.tensor([-1]),
+                        torch.tensor([10**9]), torch.arange(5000), [["a", ["b"]], None], ["\ud800", "\x1b[2J"],
+                        "rid", 3, None, {"k": torch.ones(2)}, torch.ones(3, dtype=torch.bool), [1, 2.5, "x"],
+                        torch.tensor(7), [[[[1]]]]])
+    file.write_bytes(_torch_bytes({"value": value, "meta": {}}))
+    return Mutant("sglang aux", f"{file.name[:50]}: {type(value).__name__}", align=True)
+
+
+def _sglang_ranks(path: Path, rng: random.Random) -> Mutant:
+    """Files of one rank or step removed, a rank or step renumbered."""
+    files = _sglang_files(path)
+    op = rng.choice(["drop rank file", "drop step of a rank", "rank 7", "step gap", "only aux"])
+    if op == "drop rank file":
+        rng.choice(files).unlink()
+    elif op == "drop step of a rank":
+        for file in files:
+            if "step=1___rank=0" in file.name:
+                file.unlink()
+    elif op == "rank 7":
+        file = rng.choice(files)
+        file.rename(path / file.name.replace("rank=0", "rank=7").replace("rank=1", "rank=7"))
+    elif op == "step gap":
+        for file in files:
+            if file.name.startswith("step=1___"):
+                file.rename(path / file.name.replace("step=1___", "step=90___"))
+    else:
+        for file in files:
+            if not any(f"name={aux}___" in file.name for aux in ("input_ids", "positions", "seq_lens", "rids")):
+                file.unlink()
+    return Mutant("sglang ranks/steps", op)
+
+
 # --------------------------------------------------------------------------- msProbe json
+
+
+def parity_dtype_known(item: dict) -> bool:
+    """True when parity imports this tensor description's dtype (else it is skipped, not loaded)."""
+    from parity.store.importers.msprobe import parity_dtype
+
+    return parity_dtype(item.get("dtype")) is not None
 
 
 def _dump_json(path: Path, rng: random.Random) -> Mutant:
@@ -367,6 +457,9 @@ def _dump_json(path: Path, rng: random.Random) -> Mutant:
         count = rng.choice([2000, 5000]) if meta.get("task") == "statistics" else 300
         count = count // 10 if QUICK else count
         meta["data"].update({f"Module.extra.{i}.Linear.forward.0": call for i in range(count)})
+        # a tensor dump's entries naming one file again: refused (memory would be count x the file)
+        must_refuse = meta.get("task") == "tensor" and any(
+            isinstance(i, dict) and isinstance(i.get("data_name"), str) and parity_dtype_known(i) for i in items)
     elif op == "framework":
         meta["framework"] = rng.choice([None, 5, [], "\x1b[31mmindspore", "x" * 10000])
     elif op == "level":
@@ -591,7 +684,8 @@ MUTATIONS: list[tuple[Callable[[Path, random.Random], Mutant], float, tuple[str,
     (_pickle, 2.0, ALL_TENSOR_BASES), (_zip, 0.7, ALL_TENSOR_BASES), (_npy_file, 1.2, ("msprobe-tensor",)),
     (_dump_json, 2.5, MSPROBE), (_dump_json_raw, 0.8, MSPROBE), (_side_json, 0.3, MSPROBE),
     (_sglang_name, 2.0, SGLANG), (_filesystem, 1.0, (*ALL_TENSOR_BASES, "msprobe-stats")),
-    (_map_file, 1.0, ("msprobe-stats",)), (_folders, 0.7, MSPROBE),
+    (_map_file, 1.0, ("msprobe-stats",)), (_folders, 0.7, MSPROBE), (_sglang_meta, 1.2, SGLANG),
+    (_sglang_ranks, 0.6, SGLANG), (_sglang_aux, 1.0, SGLANG),
 ]
 
 
@@ -609,7 +703,7 @@ def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
         if len(lines) != 1 or ": error:" not in lines[0]:
             return f"exit 2 without one error line: {stderr.strip()[-300:]}"
         return None
-    if mutant.must_refuse:
+    if mutant.must_refuse and "--salvage" not in command:  # salvage skips unreadable tensor files (noted)
         return f"exit {code} on an input that must be refused (a silent pass)"
     return None
 
@@ -620,7 +714,10 @@ def _commands(base: str, pristine: Path, converted: Path, case: Path, out: Path,
     return [("compare imported", ["compare", str(pristine), str(case)]),
             ("compare converted", ["compare", str(converted), str(case)]),
             ("inspect", ["inspect", str(case)]),
-            ("convert", ["convert", str(case), str(out)])]
+            ("convert", ["convert", str(case), str(out)])] + ([] if QUICK else [
+            ("compare --salvage", ["compare", "--salvage", str(pristine), str(case)]),
+            ("convert --salvage", ["convert", "--salvage", str(case), str(out)])]) + ([
+            ("compare --align tokens", ["compare", "--align", "tokens", str(converted), str(case)])] if mutant.align else [])
 
 
 def converted_dumps(root: Path) -> dict[str, Path]:

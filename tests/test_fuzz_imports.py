@@ -86,6 +86,16 @@ def test_a_stored_view_far_larger_than_its_file_is_refused_not_allocated(tmp_pat
         _one_error_line(*_run(*args), "far beyond the data stored")
 
 
+def test_msprobe_entries_naming_one_tensor_file_again_are_refused(tmp_path):
+    dump = _copy("msprobe-tensor", tmp_path)
+    dump_json = dump / "step0" / "proc0" / "dump.json"
+    meta = json.loads(dump_json.read_text())
+    call = meta["data"]["Module.model.embed_tokens.Embedding.forward.0"]
+    meta["data"].update({f"Module.extra.{i}.Linear.forward.0": call for i in range(1000)})
+    dump_json.write_text(json.dumps(meta))
+    _one_error_line(*_run("inspect", dump), "is named by two tensors")
+
+
 def test_a_npy_header_declaring_more_than_the_file_holds_is_refused(tmp_path):
     import numpy as np
 

@@ -229,6 +229,7 @@ def read(path: Path) -> ImportedDump:
     dump = ImportedDump(source=path, tool="msprobe")
     tasks = set()
     skipped = {"inputs and parameters of calls": 0, "backward calls": 0, "unknown entries": 0, "dtypes parity does not store": 0}
+    data_files: set[Path] = set()
     for step, rank, folder in folders:
         where_json = folder / "dump.json"
         meta = _read_json(where_json)
@@ -265,6 +266,10 @@ def read(path: Path) -> ImportedDump:
                                               dtype=dtype, stats=_stats(item, shape)))
                 else:
                     file = _data_file(folder, item, where)
+                    if file in data_files:  # each tensor has its own file: a reuse multiplies memory
+                        raise CorruptDataError(f"{where}: data_name {file.name!r} is named by two tensors of "
+                                               f"{where_json} (each tensor of an msProbe dump has its own file)")
+                    data_files.add(file)
                     dump.entries.append(Entry(name=record_name, step=step, rank=rank, tags=tags,
                                               load=_loader(file, root, shape, where)))
         if step_tags:

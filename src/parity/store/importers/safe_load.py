@@ -31,10 +31,11 @@ TORCH_SUFFIXES = (".pt", ".pth")
 NUMPY_SUFFIXES = (".npy",)
 #: The largest tensor file opened (64 GiB): a bound, not a guess at real sizes.
 MAX_FILE_BYTES = 64 << 30
-#: How many bytes a loaded tensor may hold beyond its file's size once made dense and contiguous
-#: (default 256 MiB): a stored view or sparse tensor can declare a shape far beyond the bytes it
-#: stores (stride 0), and copying it would allocate that shape.
-MAX_EXPANSION_BYTES = 256 << 20
+#: How many times its file's size the tensors of one file may hold once made dense and
+#: contiguous (default 4): a stored view or sparse tensor can declare a shape far beyond the bytes
+#: it stores (stride 0), and copying it would allocate that shape. A tensor saved as itself holds
+#: its data in the file, so this keeps an import's memory within a few times the dump's size.
+MAX_EXPANSION = 4
 #: How deep and how many objects of a loaded file are walked to check its tensors' sizes.
 MAX_WALK_DEPTH, MAX_WALK_ITEMS = 64, 1_000_000
 
@@ -97,14 +98,14 @@ def load_tensor_file(path: Path, root: Path) -> Any:
 
 
 def _check_tensor_sizes(value: Any, path: Path, file_bytes: int) -> None:
-    """Refuse a loaded object whose tensors, made dense, would hold more than the file's size plus
-    :data:`MAX_EXPANSION_BYTES`, or that nests deeper than :data:`MAX_WALK_DEPTH` / holds more than
+    """Refuse a loaded object whose tensors, made dense, would hold more than :data:`MAX_EXPANSION`
+    times the file's size, or that nests deeper than :data:`MAX_WALK_DEPTH` / holds more than
     :data:`MAX_WALK_ITEMS` objects (a memory or recursion bomb, not a dump)."""
     import torch
 
-    limit = file_bytes + MAX_EXPANSION_BYTES
+    limit = MAX_EXPANSION * file_bytes
     stack: list[tuple[Any, int]] = [(value, 0)]
-    seen = 0
+    seen = dense = 0
     while stack:
         item, depth = stack.pop()
         seen += 1
@@ -112,10 +113,11 @@ def _check_tensor_sizes(value: Any, path: Path, file_bytes: int) -> None:
             raise CorruptDataError(f"{path} nests deeper than {MAX_WALK_DEPTH} levels or holds more than "
                                    f"{MAX_WALK_ITEMS} objects: not a tensor dump parity reads")
         if isinstance(item, torch.Tensor):
-            dense = item.numel() * item.element_size()
+            dense += item.numel() * item.element_size()
             if dense > limit:
-                raise CorruptDataError(f"{path} holds a tensor of shape {list(item.shape)} ({dense} bytes) in a "
-                                       f"{file_bytes}-byte file: a view or sparse tensor far beyond the data stored")
+                raise CorruptDataError(f"{path} holds tensors of {dense} bytes or more (one of shape "
+                                       f"{list(item.shape)}) in a {file_bytes}-byte file: a view or sparse tensor "
+                                       f"far beyond the data stored (parity reads at most {MAX_EXPANSION}x a file's size)")
         elif isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, (list, tuple)):
