@@ -232,7 +232,26 @@ def _pickle(path: Path, rng: random.Random) -> Mutant:
 def _zip(path: Path, rng: random.Random) -> Mutant:
     file = rng.choice(_tensor_files(path))
     buffer = io.BytesIO()
-    choice = rng.choice(["traversal", "empty", "no pickle", "huge declared", "duplicate", "nested zip"])
+    choice = rng.choice(["traversal", "empty", "no pickle", "huge declared", "duplicate", "nested zip", "deflated",
+                         "deflated bomb", "legacy format"])
+    if choice in ("deflated", "deflated bomb", "legacy format"):
+        import torch
+
+        original = torch.load(file, weights_only=True)
+        if choice == "deflated bomb":  # 64 MiB of zeros in a few KiB
+            original = {"value": torch.zeros(2**24), "meta": {}} if "___" in file.name else torch.zeros(2**24)
+        if choice == "legacy format":
+            legacy = io.BytesIO()
+            torch.save(original, legacy, _use_new_zipfile_serialization=False)
+            file.write_bytes(legacy.getvalue())
+            return Mutant("tensor file zip", f"{file.name}: {choice}")
+        source = zipfile.ZipFile(io.BytesIO(_torch_bytes(original)))
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for info in source.infolist():
+                archive.writestr(info.filename, source.read(info.filename))
+        file.write_bytes(buffer.getvalue())
+        # deflated members of a small tensor stay within the bound; a bomb is refused
+        return Mutant("tensor file zip", f"{file.name}: {choice}", must_refuse=choice == "deflated bomb")
     with zipfile.ZipFile(buffer, "w") as archive:
         if choice == "traversal":
             archive.writestr("../../outside/data.pkl", pickle.dumps({"value": 1}))

@@ -86,6 +86,24 @@ def test_a_stored_view_far_larger_than_its_file_is_refused_not_allocated(tmp_pat
         _one_error_line(*_run(*args), "far beyond the data stored")
 
 
+def test_a_deflated_zip_that_would_inflate_far_beyond_its_size_is_refused_before_loading(tmp_path):
+    import io
+    import zipfile
+
+    import torch
+
+    saved = io.BytesIO()
+    torch.save({"value": torch.zeros(2**24), "meta": {}}, saved)  # 64 MiB of zeros
+    source = zipfile.ZipFile(saved)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+    dump = _copy("sglang-tp1", tmp_path)
+    sorted(dump.glob("*name=mlp_out*"))[0].write_bytes(bomb.getvalue())  # about 66 KB
+    _one_error_line(*_run("inspect", dump), "members inflate to")
+
+
 def test_msprobe_entries_naming_one_tensor_file_again_are_refused(tmp_path):
     dump = _copy("msprobe-tensor", tmp_path)
     dump_json = dump / "step0" / "proc0" / "dump.json"

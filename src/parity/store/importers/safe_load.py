@@ -92,14 +92,35 @@ def load_tensor_file(path: Path, root: Path) -> Any:
     resolved = checked_file(path, root)
     if suffix in NUMPY_SUFFIXES:
         return _load_npy(path, resolved)
+    size = resolved.stat().st_size
+    _check_zip_members(path, resolved, size)
     value = _load_pt(path, resolved)
-    _check_tensor_sizes(value, path, resolved.stat().st_size)
+    _check_tensor_sizes(value, path, size)
     return value
 
 
+def _check_zip_members(path: Path, resolved: Path, file_bytes: int) -> None:
+    """Refuse a torch zip file whose members declare more than :data:`MAX_EXPANSION` times the
+    file's size uncompressed (torch writes members stored, not compressed; a deflated member
+    would be inflated, to the size it declares, before any tensor is checked). Files that are
+    not zips (the legacy format, garbage) are left to ``torch.load``."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(resolved):
+            return
+        with zipfile.ZipFile(resolved) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except Exception:  # a damaged directory: torch.load says what is wrong with it
+        return
+    if declared > MAX_EXPANSION * file_bytes:
+        raise CorruptDataError(f"{path} is a {file_bytes}-byte zip whose members inflate to {declared} bytes: "
+                               f"not a torch.save file (parity reads at most {MAX_EXPANSION}x a file's size)")
+
+
 def _check_tensor_sizes(value: Any, path: Path, file_bytes: int) -> None:
-    """Refuse a loaded object whose tensors, made dense, would hold more than :data:`MAX_EXPANSION`
-    times the file's size, or that nests deeper than :data:`MAX_WALK_DEPTH` / holds more than
+    """Refuse a loaded object whose tensors, made dense, plus the storages they view, would hold
+    more than :data:`MAX_EXPANSION` times the file's size, or that nests deeper than :data:`MAX_WALK_DEPTH` / holds more than
     :data:`MAX_WALK_ITEMS` objects (a memory or recursion bomb, not a dump)."""
     import torch
 
@@ -114,6 +135,8 @@ def _check_tensor_sizes(value: Any, path: Path, file_bytes: int) -> None:
                                    f"{MAX_WALK_ITEMS} objects: not a tensor dump parity reads")
         if isinstance(item, torch.Tensor):
             dense += item.numel() * item.element_size()
+            if item.layout == torch.strided:  # a small view of a huge (declared) storage holds it all
+                dense += item.untyped_storage().nbytes()
             if dense > limit:
                 raise CorruptDataError(f"{path} holds tensors of {dense} bytes or more (one of shape "
                                        f"{list(item.shape)}) in a {file_bytes}-byte file: a view or sparse tensor "
