@@ -45,6 +45,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,8 +218,8 @@ def _pickle(path: Path, rng: random.Random) -> Mutant:
     elif choice == "complex tensor":
         obj = torch.ones(4, dtype=torch.complex64)
     elif choice == "sparse":
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             obj = torch.sparse_coo_tensor(torch.tensor([[0, 2**20]]), torch.tensor([1.0, 2.0]), (2**21,))
     elif choice == "17 dims":
         obj = torch.zeros([1] * 17)
@@ -263,8 +264,8 @@ def _zip(path: Path, rng: random.Random) -> Mutant:
             archive.writestr("archive/data.pkl", pickle.dumps(1))
             archive.writestr("archive/data/0", b"\x00" * 16)
         elif choice == "duplicate":
-            with __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 archive.writestr("archive/data.pkl", pickle.dumps(1))
                 archive.writestr("archive/data.pkl", pickle.dumps(2))
         elif choice == "nested zip":
@@ -544,8 +545,8 @@ def _folders(path: Path, rng: random.Random) -> Mutant:
     step_dir = rank_dir.parent
     op = rng.choice(["rank name", "step name", "second rank", "same rank twice", "rank folder only"])
     if op == "rank name":
-        rank_dir.rename(step_dir / rng.choice(["rank" + "9" * 30, "rank-1", "rank01", "rank", "proc-5", "rank‮1",
-                                               "rank", "rank1 ", "rank" + "9" * 5000 if False else "rank4096"]))
+        rank_dir.rename(step_dir / rng.choice(["rank" + "9" * 30, "rank-1", "rank01", "rank", "proc-5", "rank\u202e1",
+                                               "rank\x1b", "rank1 ", "rank4096"]))
     elif op == "step name":
         step_dir.rename(path / rng.choice(["step" + "9" * 30, "step-1", "step01", "step", "stepx", "step4096"]))
     elif op == "second rank":
