@@ -54,8 +54,10 @@ FAMILIES: dict[str, dict] = {
 CONFIG_PATCH = {"deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}}
 
 
-def build(model_type: str, out: Path) -> Path:
-    """Save a tiny random-weight model of ``model_type`` with the built-in tokenizer into ``out``."""
+def build(model_type: str, out: Path, *, config_patch: bool = True) -> Path:
+    """Save a tiny random-weight model of ``model_type`` with the built-in tokenizer into ``out``;
+    ``config_patch`` (default True) adds :data:`CONFIG_PATCH`'s keys to its config.json. Also the
+    builder of ``tests/test_architectures.py``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -73,7 +75,7 @@ def build(model_type: str, out: Path) -> Path:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, out / name)
-    if model_type in CONFIG_PATCH:
+    if config_patch and model_type in CONFIG_PATCH:
         config_path = out / "config.json"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **CONFIG_PATCH[model_type]}))
     return out

@@ -374,17 +374,24 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     return code, out.buffer.getvalue().decode("utf-8"), err.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
 
 
-def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
-    """Why this command's result on this mutant is wrong, or None when it is handled."""
+def harness_failure(code: int, stderr: str, seconds: int = CASE_SECONDS) -> str | None:
+    """What is wrong whatever the input: a hang (``code`` -1), a traceback or internal error, an
+    exit code other than 0/1/2, an exit 2 without exactly one error line; None otherwise."""
     if code == -1:
-        return f"ran longer than {CASE_SECONDS} s"
+        return f"ran longer than {seconds} s"
     if "Traceback" in stderr or "internal error" in stderr or code not in (0, 1, 2):
         return f"exit {code}: {stderr.strip()[-300:]}"
     if code == 2:
         lines = stderr.strip().splitlines()
         if len(lines) != 1 or ": error:" not in lines[0]:
             return f"exit 2 without one error line: {stderr.strip()[-300:]}"
-        return None
+    return None
+
+
+def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
+    """Why this command's result on this mutant is wrong, or None when it is handled."""
+    if (why := harness_failure(code, stderr)) is not None or code == 2:
+        return why
     if mutant.data_changed and command in ("compare", "inspect --verify", "compare --salvage", "inspect --salvage") \
             and not (code == 1 and command.endswith("--salvage")):  # salvage reports corruption with exit 1
         return f"exit {code} on changed tensor bytes ({'a silent pass' if code == 0 else 'reported as a divergence'})"
@@ -429,20 +436,40 @@ def run_fuzz(cases: int, seed: int = 0, workdir: Path | None = None,
                 if why is not None:
                     failures.append(f"{command}: {why}")
             results.append(CaseResult(mutant, failures))
-            _remove(case)
+            remove_tree(case)
             if progress is not None:
                 progress(index + 1)
         return results
     finally:
         if own:
-            _remove(root)
+            remove_tree(root)
 
 
-def _remove(path: Path) -> None:
-    for fifo in path.rglob("*"):
-        if fifo.is_symlink() or (fifo.exists() and not fifo.is_dir() and not fifo.is_file()):
-            fifo.unlink()
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and what a mutant put in it (links and FIFOs first: rmtree would follow or block)."""
+    for item in path.rglob("*") if path.exists() else []:
+        if item.is_symlink() or (item.exists() and not item.is_dir() and not item.is_file()):
+            item.unlink()
     shutil.rmtree(path, ignore_errors=True)
+
+
+def print_summary(results: list, seed: int, width: int = 22) -> list:
+    """Print cases and failures per mutation kind (and seconds, when results carry ``seconds``);
+    returns the failing results."""
+    per_kind: Counter[str] = Counter()
+    failed_kind: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    timed = all(hasattr(r, "seconds") for r in results)
+    for result in results:
+        per_kind[result.mutant.kind] += 1
+        failed_kind[result.mutant.kind] += bool(result.failures)
+        seconds[result.mutant.kind] += getattr(result, "seconds", 0.0)
+    print(f"{'mutation':<{width}} {'cases':>6} {'failed':>7}" + (f" {'seconds':>8}" if timed else ""))
+    for kind in sorted(per_kind):
+        print(f"{kind:<{width}} {per_kind[kind]:>6} {failed_kind[kind]:>7}" + (f" {seconds[kind]:>8.1f}" if timed else ""))
+    failures = [r for r in results if r.failures]
+    print(f"{'all':<{width}} {len(results):>6} {len(failures):>7}   (seed {seed})")
+    return failures
 
 
 def main() -> int:
@@ -458,16 +485,7 @@ def main() -> int:
             print(f"  {done}/{args.cases} cases", file=sys.stderr, flush=True)
 
     results = run_fuzz(args.cases, args.seed, args.keep, tick)
-    per_kind: Counter[str] = Counter()
-    failed_kind: Counter[str] = Counter()
-    for result in results:
-        per_kind[result.mutant.kind] += 1
-        failed_kind[result.mutant.kind] += bool(result.failures)
-    print(f"{'mutation':<22} {'cases':>6} {'failed':>7}")
-    for kind in sorted(per_kind):
-        print(f"{kind:<22} {per_kind[kind]:>6} {failed_kind[kind]:>7}")
-    failures = [r for r in results if r.failures]
-    print(f"{'all':<22} {len(results):>6} {len(failures):>7}   (seed {args.seed})")
+    failures = print_summary(results, args.seed)
     for result in failures:
         print(f"- {result.mutant.kind} ({result.mutant.detail}): " + "; ".join(result.failures))
     return 1 if failures else 0

@@ -47,7 +47,6 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -715,15 +714,8 @@ MUTATIONS: list[tuple[Callable[[Path, random.Random], Mutant], float, tuple[str,
 
 def judge(mutant: Mutant, command: str, code: int, stderr: str) -> str | None:
     """Why this command's result on this mutant is wrong, or None when it is handled."""
-    if code == -1:
-        return f"ran longer than {CASE_SECONDS} s"
-    if "Traceback" in stderr or "internal error" in stderr or code not in (0, 1, 2):
-        return f"exit {code}: {stderr.strip()[-300:]}"
-    if code == 2:
-        lines = stderr.strip().splitlines()
-        if len(lines) != 1 or ": error:" not in lines[0]:
-            return f"exit 2 without one error line: {stderr.strip()[-300:]}"
-        return None
+    if (why := _fuzz_dumps().harness_failure(code, stderr, CASE_SECONDS)) is not None or code == 2:
+        return why
     if mutant.must_refuse and "--salvage" not in command:  # salvage skips unreadable tensor files (noted)
         return f"exit {code} on an input that must be refused (a silent pass)"
     return None
@@ -806,13 +798,11 @@ def run_fuzz(cases: int, seed: int = 0, workdir: Path | None = None,
 
 
 def _remove(path: Path) -> None:
-    for item in path.rglob("*") if path.exists() else []:
-        if item.is_symlink() or (item.exists() and not item.is_dir() and not item.is_file()):
-            item.unlink()
+    """:func:`fuzz_dumps.remove_tree`, and the links or files a mutant left beside ``path``."""
     for sibling in path.parent.glob(f"{path.name}-*"):
         if sibling.is_symlink() or not sibling.is_dir():
             sibling.unlink()
-    shutil.rmtree(path, ignore_errors=True)
+    _fuzz_dumps().remove_tree(path)
 
 
 def main() -> int:
@@ -828,19 +818,7 @@ def main() -> int:
             print(f"  {done}/{args.cases} cases", file=sys.stderr, flush=True)
 
     results = run_fuzz(args.cases, args.seed, args.keep, tick)
-    per_kind: Counter[str] = Counter()
-    failed_kind: Counter[str] = Counter()
-    for result in results:
-        per_kind[result.mutant.kind] += 1
-        failed_kind[result.mutant.kind] += bool(result.failures)
-    seconds: Counter[str] = Counter()
-    for result in results:
-        seconds[result.mutant.kind] += result.seconds
-    print(f"{'mutation':<24} {'cases':>6} {'failed':>7} {'seconds':>8}")
-    for kind in sorted(per_kind):
-        print(f"{kind:<24} {per_kind[kind]:>6} {failed_kind[kind]:>7} {seconds[kind]:>8.1f}")
-    failures = [r for r in results if r.failures]
-    print(f"{'all':<24} {len(results):>6} {len(failures):>7}   (seed {args.seed})")
+    failures = _fuzz_dumps().print_summary(results, args.seed, width=24)
     for result in failures:
         print(f"- [{result.base}] {result.mutant.kind} ({result.mutant.detail!r}): " + "; ".join(result.failures))
     return 1 if failures else 0

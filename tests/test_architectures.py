@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -35,41 +36,25 @@ from pathlib import Path
 
 import pytest
 
-TOKENIZER = Path(__file__).resolve().parent.parent / "src" / "parity" / "assets" / "tiny-llama"
-EXTRA = {"qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32},
-         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 32},
-         "granite": {"head_dim": 32, "logits_scaling": 4.0}, "olmo2": {"head_dim": 32},
-         "gemma": {"head_dim": 32, "tie_word_embeddings": True},
-         "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
-         "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64, "tie_word_embeddings": True},
-         "cohere": {"tie_word_embeddings": True},
-         "gpt_neox": {"num_key_value_heads": None},
-         "gpt2": {"n_positions": 256, "num_key_value_heads": None, "intermediate_size": None, "tie_word_embeddings": True},
-         "deepseek_v3": {"num_key_value_heads": 4, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32,
-                         "v_head_dim": 32, "q_lora_rank": None, "n_routed_experts": 4, "num_experts_per_tok": 2,
-                         "moe_intermediate_size": 64, "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1,
-                         "topk_group": 1}}
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "src" / "parity" / "assets" / "tiny-llama"
+
+
+@functools.cache
+def _bench():
+    """bench/architectures.py: its family sizes and model builder are the ones tested here."""
+    spec = importlib.util.spec_from_file_location("bench_architectures", ROOT / "bench" / "architectures.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def _build(model_type: str, out: Path, scale_norm: float | None = None) -> Path:
-    import torch
+    """A tiny random-weight model (bench/architectures.py's, config as transformers writes it), with
+    layer 1's post-attention norm weight scaled by ``scale_norm`` when given."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    sizes = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=3,
-                 tie_word_embeddings=False)
-    sizes = {k: v for k, v in {**sizes, **EXTRA[model_type]}.items() if v is not None or k == "q_lora_rank"}
-    config = AutoConfig.for_model(model_type, **sizes)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random norm weights: a scaled norm changes its output everywhere
-        for name, parameter in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                parameter.uniform_(0.5, 1.5)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER / name, out / name)
+    _bench().build(model_type, out, config_patch=False)
     if scale_norm is not None:
         weights = load_file(out / "model.safetensors")
         key = f"{NORM_PREFIX.get(model_type, 'model')}.layers.1.post_attention_layernorm.weight"

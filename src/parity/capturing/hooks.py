@@ -73,10 +73,11 @@ def _step_tags(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 #: Frames of the calling code kept per call site (innermost first).
 CALL_SITE_FRAMES = 4
-_SKIPPED_FRAMES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,) if m.__file__) + (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-    os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py",
-    os.path.dirname(contextlib.__file__) + os.sep + "threading.py")
+_STDLIB = os.path.dirname(contextlib.__file__) + os.sep
+#: Frames from these places are not call sites: torch, parity, and the standard library's context managers.
+_SKIPPED_FRAMES = (os.path.dirname(torch.__file__) + os.sep,
+                   os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                   _STDLIB + "contextlib.py", _STDLIB + "threading.py")
 
 
 def call_site(limit: int = CALL_SITE_FRAMES) -> list[str]:

@@ -33,8 +33,6 @@ from parity.capturing.session import CaptureSession
 CHECKED = ("RotaryEmbedding", "Rope")
 #: A kernel output further than this many unit roundoffs (relative L2) from its reference is noted.
 TOLERANCE_U = 64.0
-_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
-             torch.bfloat16: 2.0 ** -8}
 
 
 def _clone(value: Any) -> Any:
@@ -95,7 +93,8 @@ def self_check_hooks(model: torch.nn.Module, session: CaptureSession
                     if kernel is None or ref is None or kernel.shape != ref.shape:
                         continue
                     rel = _rel_l2(kernel, ref)
-                    bound = TOLERANCE_U * _ROUNDOFF.get(kernel.dtype, 2.0 ** -24)
+                    unit = torch.finfo(kernel.dtype).eps / 2 if kernel.is_floating_point() else 2.0 ** -24
+                    bound = TOLERANCE_U * unit
                     if not rel <= bound:
                         findings.append(f"output {index} {list(kernel.shape)} rel L2 {rel:.3g} (bound {bound:.2g})")
                 if findings:

@@ -47,30 +47,30 @@ def _model_difference(base: Any, target: Any) -> str | None:
 
 
 def _input_difference(base: Any, target: Any, decode: Any = None) -> str | None:
-    steps = sorted({r.step for r in base.records} & {r.step for r in target.records})
-    for step in steps:
-        a, b = _flat(base.step_tags(step).get("input_ids")), _flat(target.step_tags(step).get("input_ids"))
-        if a is None or b is None or a == b:
-            continue
-        position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        if position < min(len(a), len(b)):
-            what = f"first differing token at position {position}: baseline {token_label(a[position], decode)}, " \
-                   f"target {token_label(b[position], decode)}"
-        else:
-            what = f"{len(a)} vs {len(b)} tokens, equal up to position {position}"
-        return f"the runs had different inputs at step {step} ({what})"
-    return None
+    """The first step whose token ids differ, as one sentence (from :func:`input_differences`)."""
+    found = input_differences(base, target, decode, steps=1)
+    if not found:
+        return None
+    item = found[0]
+    if item["count"]:
+        what = (f"first differing token at position {item['positions'][0]}: baseline "
+                f"{token_label(item['baseline_ids'][0], decode)}, target {token_label(item['target_ids'][0], decode)}")
+    else:
+        lengths = item["lengths"]
+        what = f"{lengths[0]} vs {lengths[1]} tokens, equal up to position {min(lengths)}"
+    return f"the runs had different inputs at step {item['step']} ({what})"
 
 
 #: Differing positions listed per step by :func:`input_differences` (the count is always given).
 MAX_LISTED = 32
 
 
-def input_differences(base: Any, target: Any, decode: Any = None) -> list[dict[str, Any]]:
-    """Per step whose ``input_ids`` differ between the runs: ``step``, ``lengths`` (baseline,
-    target), ``count`` of differing positions (over the common length), ``positions`` (the first
-    :data:`MAX_LISTED`), and the ids there (``baseline_ids``, ``target_ids``) with, when
-    ``decode(token_id)`` is given, their text (``baseline_tokens``, ``target_tokens``)."""
+def input_differences(base: Any, target: Any, decode: Any = None, *, steps: int | None = None) -> list[dict[str, Any]]:
+    """Per step whose ``input_ids`` differ between the runs (the first ``steps`` such steps;
+    default all): ``step``, ``lengths`` (baseline, target), ``count`` of differing positions (over
+    the common length), ``positions`` (the first :data:`MAX_LISTED`), and the ids there
+    (``baseline_ids``, ``target_ids``) with, when ``decode(token_id)`` is given, their text
+    (``baseline_tokens``, ``target_tokens``)."""
     found = []
     for step in sorted({r.step for r in base.records} & {r.step for r in target.records}):
         a, b = _flat(base.step_tags(step).get("input_ids")), _flat(target.step_tags(step).get("input_ids"))
@@ -88,6 +88,8 @@ def input_differences(base: Any, target: Any, decode: Any = None) -> list[dict[s
             except Exception:  # a tokenizer that cannot decode an id must not stop the report
                 pass
         found.append(item)
+        if steps is not None and len(found) >= steps:
+            break
     return found
 
 
