@@ -224,6 +224,17 @@ def _end_to_end(data: dict[str, Any]) -> dict[str, Any] | None:
                                "top_k") if _num(dist.get(k)) is not None}}
 
 
+def _pair_notes(pair: dict[str, Any]) -> list[str]:
+    """A pair's notes, then what kind of record it is (inputs, parameters) and where it was called from."""
+    notes = [str(n) for n in pair.get("notes") or []]
+    if pair.get("role"):
+        notes.append(f"{pair['role']} record")
+    site = pair.get("call_site")
+    if isinstance(site, list) and site:
+        notes.append(f"called from {site[0]}")
+    return notes
+
+
 def _pair_rows(data: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
     sources: list[str] = []
     index: dict[str, int] = {}
@@ -242,10 +253,7 @@ def _pair_rows(data: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
                      pair.get("outcome"), bool(pair.get("allowed")), m.get("rel_l2"), m.get("max_abs"),
                      m.get("cosine"), m.get("mismatch_fraction"), needed.get("atol"), needed.get("rtol"),
                      tol.get("rtol"), tol.get("atol"), src, pair.get("reason", ""),
-                     "; ".join([str(n) for n in pair.get("notes") or []]
-                               + [f"{pair['role']} record" for _ in [0] if pair.get("role")]
-                               + [f"called from {site[0]}" for site in [pair.get("call_site")]
-                                  if isinstance(site, list) and site])])
+                     "; ".join(_pair_notes(pair))])
     return rows, sources
 
 
